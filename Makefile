@@ -1,0 +1,35 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch lies on this machine's disk; installing it first keeps pip from pulling a
+# multi-GB CUDA build. GPU users can install any torch >= 2.3 before `pip install -e .`.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: test demo venv lint clean bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)" numpy
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+demo: venv
+	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp zoo build tms-5-2 --device cpu --overwrite
+	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp evaluate tms-5-2
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	$(PY) benchmarks/decompose.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,253 @@
+"""The ``spd-mcp`` command. Arguments are checked before torch is imported."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spd-mcp", description="SPD decompositions and the tools to investigate them."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("decompose", help="decompose a target model from a YAML/JSON config")
+    d.add_argument("config", type=Path)
+    d.add_argument("--out", type=Path, help="run directory (default: $SPD_MCP_HOME/runs/NAME)")
+    d.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
+    d.add_argument("--steps", type=int, help="override the config's SPD steps")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    z = sub.add_parser("zoo", help="built-in targets")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    zsub.add_parser("list", help="list built-in targets")
+    zb = zsub.add_parser("build", help="train a zoo target and decompose it")
+    zb.add_argument("name")
+    zb.add_argument("--out", type=Path, help="run directory (default: $SPD_MCP_HOME/runs/NAME)")
+    zb.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
+    zb.add_argument("--steps", type=int, help="SPD steps (default: the zoo config's)")
+    zb.add_argument("--target-steps", type=int, help="target training steps (default: zoo's)")
+    zb.add_argument("--seed", type=int, help="override the config seed")
+    zb.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    zb.add_argument("--print-config", action="store_true", help="print the config and exit")
+
+    e = sub.add_parser("evaluate", help="evaluate a run (ground truth for toys)")
+    e.add_argument("run", help="run directory or name")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+
+    sub.add_parser("runs", help="list local and shipped runs")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"spd-mcp: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "decompose" and not args.config.is_file():
+        return _fail(f"config file not found: {args.config}")
+    if getattr(args, "device", "cpu") not in {"cpu", "cuda", "auto"} and not str(
+        args.device
+    ).startswith("cuda:"):
+        return _fail(f"--device must be cpu, cuda or auto, got {args.device!r}")
+    if getattr(args, "steps", None) is not None and args.steps < 0:
+        return _fail("--steps must be >= 0")
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ValueError as err:  # config, target, run and device errors carry readable messages
+        return _fail(str(err))
+    except KeyError as err:
+        return _fail(str(err))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "zoo" and args.zoo_command == "list":
+        return _zoo_list()
+    if args.command == "runs":
+        return _runs()
+    if args.command == "zoo":
+        return _zoo_build(args)
+    if args.command == "decompose":
+        return _decompose(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    raise AssertionError(args.command)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _zoo_list() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from spd_mcp.model.zoo import zoo_class, zoo_names
+
+    table = Table("name", "description", title="spd-mcp zoo")
+    for name in zoo_names():
+        try:
+            desc = zoo_class(name).description
+        except ImportError as err:
+            desc = f"(unavailable: {err})"
+        table.add_row(name, desc)
+    Console().print(table)
+    return 0
+
+
+def _runs() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from spd_mcp.model.run_io import list_runs, read_meta
+
+    table = Table("name", "created", "layers", "path", title="runs")
+    for name, path in list_runs():
+        try:
+            meta = read_meta(path)
+        except Exception as err:  # a broken run is listed, not fatal
+            table.add_row(name, "?", f"unreadable: {err}", str(path))
+            continue
+        table.add_row(name, meta.get("created_at", "?"), str(len(meta["layers"])), str(path))
+    Console().print(table)
+    return 0
+
+
+def _default_out(name: str) -> Path:
+    from spd_mcp.model.run_io import runs_dir
+
+    return runs_dir() / name
+
+
+def _run_decompose(config: Any, *, out: Path, device: str, target_steps: int | None,
+                   overwrite: bool) -> Path:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from spd_mcp.model.decompose import decompose
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=_console(),
+    ) as progress:
+        tgt = progress.add_task("target", total=None, info="")
+        spd = progress.add_task("SPD", total=config.steps, info="", visible=False)
+
+        def on_target(step: int, total: int, loss: float) -> None:
+            progress.update(tgt, completed=step, total=total, info=f"loss {loss:.4g}")
+
+        def on_spd(step: int, total: int, latest: dict[str, float]) -> None:
+            progress.update(tgt, visible=False)
+            info = " ".join(f"{k}={v:.3g}" for k, v in latest.items() if k == "total")
+            progress.update(spd, completed=step, total=total, info=info, visible=True)
+
+        return decompose(
+            config, out=out, device=device, target_steps=target_steps, reporter=on_spd,
+            target_reporter=on_target, overwrite=overwrite,
+        )
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    from spd_mcp.model.config import load_config
+
+    config = load_config(args.config)
+    if args.steps is not None:
+        config = config.model_copy(update={"steps": args.steps})
+    out = args.out or _default_out(config.name)
+    path = _run_decompose(config, out=out, device=args.device, target_steps=None,
+                          overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def _zoo_build(args: argparse.Namespace) -> int:
+    from spd_mcp.model.config import parse_config
+    from spd_mcp.model.zoo import get_entry
+
+    entry = get_entry(args.name)
+    cfg = entry.default_config()
+    if args.steps is not None:
+        cfg["steps"] = args.steps
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    config = parse_config(cfg, source=f"zoo config for {args.name}")
+    if args.print_config:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+    out = args.out or _default_out(args.name)
+    path = _run_decompose(config, out=out, device=args.device, target_steps=args.target_steps,
+                          overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from spd_mcp.model.decompose import resolve_device
+    from spd_mcp.model.run_io import load_run
+
+    run = load_run(args.run, device=resolve_device(args.device))
+    entry = run.target.entry
+    custom = getattr(entry, "evaluate_run", None)
+    if custom is not None:
+        result = custom(run)
+    else:
+        from spd_mcp.model.evaluate import evaluate_run
+
+        result = evaluate_run(run)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_eval(result)
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "behaviours" in result:
+        bt = Table("behaviour", "target top-1", "CI top-1", "stochastic top-1",
+                   title="planted behaviours (held-out probes)")
+        for name, row in result["behaviours"].items():
+            bt.add_row(name, *(_fmt(row[k]) for k in ("target_top1", "ci_top1", "stochastic_top1")))
+        console.print(bt)
+    layers = result["layers"]
+    cols = sorted({k for row in layers.values() for k in row}, key=_COL_ORDER.index)
+    table = Table("layer", *cols, title=f"evaluation of {result.get('run', '')}")
+    for name, row in layers.items():
+        table.add_row(name, *(_fmt(row.get(c, "")) for c in cols))
+    console.print(table)
+    extras = {k: v for k, v in result.items() if k not in {"layers", "behaviours", "run"}}
+    console.print(" ".join(f"{k}={_fmt(v)}" for k, v in extras.items()))
+
+
+_COL_ORDER = ["C", "alive", "expected_alive", "mmcs", "ml2r", "l0", "delta_ratio"]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""``ComponentModel``: a target ``nn.Module`` with selected Linear/Embedding layers decomposed.
+
+The target is never modified: forward hooks on the decomposed modules swap in the component path
+for the layers a caller routes through components, and record layer inputs when asked. One forward
+therefore runs the real target code (attention, norms, ...) with some matrices replaced by
+((x V) ⊙ m) U [+ m_δ x Δᵀ] + b.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from spd_mcp.model.ci_functions import CIFunctions
+from spd_mcp.model.components import Components, components_for
+from spd_mcp.model.config import CIFnConfig, ModulePattern
+from spd_mcp.model.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+
+
+class PatternError(ValueError):
+    """A module pattern matched nothing, or a module matched two patterns."""
+
+
+def match_modules(target: nn.Module, patterns: list[ModulePattern]) -> dict[str, int]:
+    """Module path → C for every Linear/Embedding matched by a pattern (in module order)."""
+    decomposable = [
+        name
+        for name, mod in target.named_modules()
+        if name and isinstance(mod, nn.Linear | nn.Embedding)
+    ]
+    found: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    for p in patterns:
+        hits = [n for n in decomposable if fnmatch.fnmatchcase(n, p.pattern)]
+        if not hits:
+            raise PatternError(
+                f"module pattern {p.pattern!r} matches no nn.Linear/nn.Embedding module; "
+                f"decomposable modules are: {', '.join(decomposable) or '(none)'}"
+            )
+        for n in hits:
+            if n in owner:
+                raise PatternError(
+                    f"module {n!r} is matched by two patterns, {owner[n]!r} and {p.pattern!r}; "
+                    "each module may have only one C"
+                )
+            owner[n] = p.pattern
+            found[n] = p.C
+    return {n: found[n] for n in decomposable if n in found}
+
+
+@dataclass
+class CI:
+    """Causal importances per layer, (..., C) each: ``lower`` for masks, ``upper`` for penalties."""
+
+    lower: dict[str, Tensor]
+    upper: dict[str, Tensor]
+    pre: dict[str, Tensor]
+
+
+@dataclass
+class _ForwardState:
+    masks: dict[str, Tensor] | None = None
+    delta_masks: dict[str, Tensor | float] = field(default_factory=dict)
+    routes: dict[str, Tensor] = field(default_factory=dict)
+    acts_override: dict[str, Tensor] = field(default_factory=dict)
+    inputs: dict[str, Tensor] | None = None
+    acts: dict[str, Tensor] | None = None
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class ComponentModel(nn.Module):
+    def __init__(
+        self, target: nn.Module, patterns: list[ModulePattern], ci_fn: CIFnConfig | None = None
+    ) -> None:
+        super().__init__()
+        ci_fn = ci_fn or CIFnConfig()
+        self.target = target
+        self.target.requires_grad_(False)
+        self.Cs = match_modules(target, patterns)
+        self.layer_names: list[str] = list(self.Cs)
+        self.leak_alpha = ci_fn.leak_alpha
+        mods = dict(target.named_modules())
+        self.components = nn.ModuleDict(
+            {_safe(n): components_for(mods[n], C) for n, C in self.Cs.items()}
+        )
+        self.ci_fns = CIFunctions(
+            ci_fn.type,
+            list(ci_fn.hidden),
+            {
+                n: (self.component(n).d_in, C, self.component(n).kind == "embedding")
+                for n, C in self.Cs.items()
+            },
+        )
+        self._state: _ForwardState | None = None
+        self._handles = [mods[n].register_forward_hook(self._make_hook(n)) for n in self.layer_names]
+
+    # ------------------------------------------------------------------------------- accessors
+    def component(self, name: str) -> Components:
+        return self.components[_safe(name)]  # type: ignore[return-value]
+
+    def target_weight(self, name: str) -> Tensor:
+        return self.target.get_submodule(name).weight
+
+    def weight_delta(self, name: str) -> Tensor:
+        """Δ = W − (V U)ᵀ in the target's weight layout (differentiable in V, U)."""
+        return self.target_weight(name) - self.component(name).weight()
+
+    def weight_deltas(self) -> dict[str, Tensor]:
+        return {n: self.weight_delta(n) for n in self.layer_names}
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.components.parameters()
+        yield from self.ci_fns.parameters()
+
+    # ----------------------------------------------------------------------------------- hooks
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            st = self._state
+            if st is None:
+                return None
+            x = args[0]
+            if st.inputs is not None:
+                st.inputs[name] = x
+            comp = self.component(name)
+            if st.acts is not None:
+                st.acts[name] = comp.component_acts(x)
+            if st.masks is None or name not in st.masks:
+                return None
+            dm = st.delta_masks.get(name)
+            delta = self.weight_delta(name) if dm is not None else None
+            out = comp(x, st.masks[name], delta=delta, delta_mask=dm, acts=st.acts_override.get(name))
+            route = st.routes.get(name)
+            if route is not None:  # per-datapoint routing: component path only where route is True
+                out = torch.where(route.unsqueeze(-1), out, output)
+            return out
+
+        return hook
+
+    @contextmanager
+    def _forward_state(self, st: _ForwardState) -> Iterator[_ForwardState]:
+        assert self._state is None, "ComponentModel forwards must not be nested"
+        self._state = st
+        try:
+            yield st
+        finally:
+            self._state = None
+
+    # --------------------------------------------------------------------------------- forwards
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        masks: dict[str, Tensor] | None = None,
+        delta_masks: dict[str, Tensor | float] | None = None,
+        routes: dict[str, Tensor] | None = None,
+        acts_override: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Run the target with the layers in ``masks`` routed through their components.
+
+        masks: layer → (..., C) component mask; layers absent use the target weight.
+        delta_masks: layer → per-position scalar (...) (or a float) scaling the weight delta;
+            absent means no delta for that layer.
+        routes: layer → bool (...) choosing, per datapoint, component path (True) or target.
+        acts_override: layer → (..., C) component activations to use instead of x V (e.g. leaves
+            for attribution).
+        """
+        st = _ForwardState(
+            masks=masks,
+            delta_masks=delta_masks or {},
+            routes=routes or {},
+            acts_override=acts_override or {},
+        )
+        with self._forward_state(st):
+            return self.target(x)
+
+    def forward_with_inputs(self, x: Tensor, *, acts: bool = False, **kwargs) -> tuple[
+        Tensor, dict[str, Tensor], dict[str, Tensor] | None
+    ]:
+        """Forward (target unless masks given) recording each decomposed layer's input (and acts)."""
+        st = _ForwardState(inputs={}, acts={} if acts else None)
+        for k, v in kwargs.items():
+            setattr(st, k, v or getattr(st, k))
+        with self._forward_state(st):
+            out = self.target(x)
+        assert st.inputs is not None
+        return out, st.inputs, st.acts
+
+    def compute_ci(self, inputs: dict[str, Tensor]) -> CI:
+        acts = {n: self.component(n).component_acts(inputs[n]) for n in self.layer_names}
+        pre = self.ci_fns(inputs, acts)
+        return CI(
+            lower={n: lower_leaky_hard_sigmoid(z, self.leak_alpha) for n, z in pre.items()},
+            upper={n: upper_leaky_hard_sigmoid(z, self.leak_alpha) for n, z in pre.items()},
+            pre=pre,
+        )
+
+    def ci_for(self, x: Tensor) -> tuple[Tensor, CI]:
+        """Target output and natural CI for input x."""
+        out, inputs, _ = self.forward_with_inputs(x)
+        return out, self.compute_ci(inputs)

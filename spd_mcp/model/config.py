@@ -1,0 +1,187 @@
+"""The decomposition config: one pydantic model, unknown keys are errors that name them.
+
+A config is a YAML or JSON file (``spd-mcp decompose CONFIG``) or a zoo default. Losses are a list
+of typed entries, each with its own coefficient, so a config states exactly what is optimised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- target
+class ZooTarget(Strict):
+    """A built-in target, trained by its zoo trainer (or loaded from ``weights``)."""
+
+    zoo: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="safetensors of trained target weights")
+
+
+class ImportTarget(Strict):
+    """Bring your own model: ``package.module:factory`` called with ``kwargs``."""
+
+    factory: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="safetensors of trained target weights")
+    data: str = Field(
+        pattern=r"^[\w.]+:[\w.]+$",
+        description="`package.module:fn`; fn(batch_size, generator, device) -> input batch",
+    )
+    data_kwargs: dict[str, Any] = Field(default_factory=dict)
+    output_loss: Literal["mse", "kl"] = "mse"
+
+
+# ------------------------------------------------------------------------------------------ model
+class ModulePattern(Strict):
+    pattern: str = Field(description="fnmatch pattern over the target's module paths")
+    C: int = Field(gt=0, description="number of rank-1 components for each matched module")
+
+
+class CIFnConfig(Strict):
+    type: Literal["mlp", "vector_mlp", "shared_mlp", "global_shared_mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [16])
+    leak_alpha: float = Field(0.01, ge=0, description="slope of the leaky hard sigmoids")
+
+
+# ----------------------------------------------------------------------------------------- losses
+Routing = Literal["all", "layerwise", "subset"]
+
+
+class Faithfulness(Strict):
+    type: Literal["faithfulness"]
+    coeff: float = Field(ge=0)
+
+
+class ImportanceMinimality(Strict):
+    type: Literal["importance_minimality"]
+    coeff: float = Field(ge=0)
+    p: float = Field(1.0, gt=0)
+    p_final: float | None = Field(None, gt=0, description="anneal p linearly to this value")
+    anneal_start_frac: float = Field(0.0, ge=0, le=1)
+    anneal_end_frac: float = Field(1.0, ge=0, le=1)
+    beta: float = Field(0.0, ge=0, description="weight of the Σ_c log2(1 + Σ_tokens g^p) term")
+    eps: float = Field(1e-12, ge=0)
+
+
+class StochasticRecon(Strict):
+    type: Literal["stochastic_recon"]
+    coeff: float = Field(ge=0)
+    routing: Routing = "all"
+    n_mask_samples: int = Field(1, ge=1)
+
+
+class CIMaskedRecon(Strict):
+    type: Literal["ci_masked_recon"]
+    coeff: float = Field(ge=0)
+    routing: Routing = "all"
+
+
+class PGDRecon(Strict):
+    type: Literal["pgd_recon"]
+    coeff: float = Field(ge=0)
+    routing: Routing = "all"
+    steps: int = Field(2, ge=1)
+    step_size: float = Field(0.1, gt=0)
+    init: Literal["random", "ones", "zeros"] = "random"
+    sources: Literal["shared", "per_datapoint"] = "per_datapoint"
+    include_delta: bool = True
+
+
+LossEntry = Annotated[
+    Faithfulness | ImportanceMinimality | StochasticRecon | CIMaskedRecon | PGDRecon,
+    Field(discriminator="type"),
+]
+
+
+class Schedule(Strict):
+    type: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_frac: float = Field(0.0, ge=0, le=1)
+    final_frac: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
+
+
+class DecomposeConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    target: ZooTarget | ImportTarget
+    modules: list[ModulePattern] = Field(min_length=1)
+    ci_fn: CIFnConfig = Field(default_factory=CIFnConfig)
+    sampling: Literal["continuous", "binomial"] = "continuous"
+    use_delta_component: bool = Field(
+        True, description="stochastic and PGD losses include the weight delta with its own mask"
+    )
+    output_loss: Literal["mse", "kl"] | None = Field(
+        None, description="defaults to the target's own (mse for toys, kl for language models)"
+    )
+    losses: list[LossEntry] = Field(min_length=1)
+    steps: int = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    schedule: Schedule = Field(default_factory=Schedule)
+    faithfulness_warmup_steps: int = Field(0, ge=0)
+    faithfulness_warmup_lr: float = Field(1e-3, gt=0)
+    eval_every: int = Field(500, gt=0)
+    eval_batch_size: int = Field(1024, gt=0)
+    alive_threshold: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DecomposeConfig:
+        kinds = [loss.type for loss in self.losses]
+        dup = sorted({k for k in kinds if kinds.count(k) > 1 and k in _SINGLETON})
+        if dup:
+            raise ValueError(f"loss types {dup} may appear only once")
+        return self
+
+
+_SINGLETON = {"faithfulness", "importance_minimality"}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or validated; the message names the offending keys."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{loc}'")
+        else:
+            lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], *, source: str = "config") -> DecomposeConfig:
+    try:
+        return DecomposeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {source}:\n{format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path) -> DecomposeConfig:
+    """Read a YAML (.yaml/.yml) or JSON config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in {".yaml", ".yml"}:
+        import yaml
+
+        data = yaml.safe_load(text)
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"config must be .yaml, .yml or .json, got {path.name}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return parse_config(data, source=str(path))

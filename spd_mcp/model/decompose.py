@@ -1,0 +1,223 @@
+"""The SPD training loop: ``decompose(config)`` trains components + CI functions and saves a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spd_mcp.model import losses as L
+from spd_mcp.model.component_model import ComponentModel
+from spd_mcp.model.config import (
+    CIMaskedRecon,
+    DecomposeConfig,
+    Faithfulness,
+    ImportanceMinimality,
+    PGDRecon,
+    Schedule,
+    StochasticRecon,
+    ZooTarget,
+)
+from spd_mcp.model.diagnostics import evaluate_batch
+from spd_mcp.model.run_io import save_run
+from spd_mcp.model.targets import ResolvedTarget, resolve_target
+
+Reporter = Callable[[int, int, dict[str, float]], None]
+"""reporter(step, total, latest losses) — for progress bars."""
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available (use cpu or auto)")
+    if device not in {"cpu", "cuda"} and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(schedule: Schedule, step: int, total: int) -> float:
+    """Multiplier on the base lr: linear warm-up, then constant / linear / cosine decay."""
+    warm = int(schedule.warmup_frac * total)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if schedule.type == "constant" or total <= warm:
+        return 1.0
+    t = (step - warm) / max(1, total - warm)
+    lo = schedule.final_frac
+    if schedule.type == "linear":
+        return lo + (1 - lo) * (1 - t)
+    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def annealed_p(loss: ImportanceMinimality, step: int, total: int) -> float:
+    if loss.p_final is None:
+        return loss.p
+    t0, t1 = loss.anneal_start_frac * total, loss.anneal_end_frac * total
+    t = 0.0 if step <= t0 else 1.0 if step >= t1 else (step - t0) / max(1e-9, t1 - t0)
+    return loss.p + (loss.p_final - loss.p) * t
+
+
+def compute_losses(
+    cm: ComponentModel,
+    config: DecomposeConfig,
+    x: Tensor,
+    *,
+    output_loss: L.OutputLoss,
+    step: int,
+) -> dict[str, Tensor]:
+    """Every configured loss term (uncoefficiented) for one batch, keyed by a readable name."""
+    with torch.no_grad():
+        target_out, inputs, _ = cm.forward_with_inputs(x)
+    ci = cm.compute_ci(inputs)
+    out: dict[str, Tensor] = {}
+    for i, loss in enumerate(config.losses):
+        key = loss.type + (f"_{loss.routing}" if hasattr(loss, "routing") else "")
+        key = key if key not in out else f"{key}_{i}"
+        if isinstance(loss, Faithfulness):
+            out[key] = L.faithfulness_loss(cm)
+        elif isinstance(loss, ImportanceMinimality):
+            p = annealed_p(loss, step, config.steps)
+            out[key] = L.importance_minimality_loss(ci.upper, p=p, eps=loss.eps, beta=loss.beta)
+        elif isinstance(loss, StochasticRecon):
+            out[key] = L.stochastic_recon_loss(
+                cm, x, target_out, ci.lower, kind=output_loss, routing=loss.routing,
+                sampling=config.sampling, n_samples=loss.n_mask_samples,
+                use_delta=config.use_delta_component,
+            )
+        elif isinstance(loss, CIMaskedRecon):
+            out[key] = L.ci_masked_recon_loss(
+                cm, x, target_out, ci.lower, kind=output_loss, routing=loss.routing
+            )
+        elif isinstance(loss, PGDRecon):
+            out[key] = L.pgd_recon_loss(
+                cm, x, target_out, ci.lower, kind=output_loss, routing=loss.routing,
+                steps=loss.steps, step_size=loss.step_size, init=loss.init,
+                shared=loss.sources == "shared",
+                include_delta=loss.include_delta and config.use_delta_component,
+            )
+        else:  # pragma: no cover - the discriminated union is exhaustive
+            raise TypeError(f"unhandled loss {loss!r}")
+    return out
+
+
+def _coeffs(config: DecomposeConfig, keys: list[str]) -> dict[str, float]:
+    return {k: loss.coeff for k, loss in zip(keys, config.losses, strict=True)}
+
+
+def train_components(
+    cm: ComponentModel,
+    target: ResolvedTarget,
+    config: DecomposeConfig,
+    *,
+    device: str,
+    reporter: Reporter | None = None,
+) -> list[dict[str, Any]]:
+    """Optimise U, V and CI functions in place; return the metrics rows (also eval rows)."""
+    output_loss = config.output_loss or target.output_loss
+    metrics: list[dict[str, Any]] = []
+    if config.faithfulness_warmup_steps:
+        warm_opt = torch.optim.AdamW(cm.components.parameters(), lr=config.faithfulness_warmup_lr)
+        for _ in range(config.faithfulness_warmup_steps):
+            loss = L.faithfulness_loss(cm)
+            warm_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            warm_opt.step()
+        metrics.append({"step": 0, "faithfulness_warmup": loss.item()})
+    params = list(cm.trainable_parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    t0 = time.time()
+    for step in range(config.steps + 1):
+        if step % config.eval_every == 0 or step == config.steps:
+            row = {"step": step, "seconds": round(time.time() - t0, 3), **evaluate(cm, target,
+                   config, device=device)}
+            metrics.append(row)
+        if step == config.steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = config.lr * lr_factor(config.schedule, step, config.steps)
+        x = target.sampler(config.batch_size, device)
+        terms = compute_losses(cm, config, x, output_loss=output_loss, step=step)
+        coeffs = _coeffs(config, list(terms))
+        total = sum(coeffs[k] * v for k, v in terms.items())
+        opt.zero_grad(set_to_none=True)
+        total.backward()  # type: ignore[union-attr]
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        if reporter is not None and (step % 10 == 0 or step == config.steps - 1):
+            latest = {k: v.item() for k, v in terms.items()}
+            latest["total"] = float(total)  # type: ignore[arg-type]
+            reporter(step + 1, config.steps, latest)
+            if step % max(1, config.eval_every // 5) == 0:
+                metrics.append({"step": step, "train": latest})
+    return metrics
+
+
+def evaluate(
+    cm: ComponentModel, target: ResolvedTarget, config: DecomposeConfig, *, device: str
+) -> dict[str, Any]:
+    output_loss = config.output_loss or target.output_loss
+    x = target.sampler(config.eval_batch_size, device)
+    return evaluate_batch(
+        cm, x, output_loss=output_loss, sampling=config.sampling,
+        alive_threshold=config.alive_threshold,
+    )
+
+
+def decompose(
+    config: DecomposeConfig,
+    *,
+    out: Path,
+    device: str = "cpu",
+    target_steps: int | None = None,
+    reporter: Reporter | None = None,
+    target_reporter: Callable[[int, int, float], None] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Resolve (and if needed train) the target, decompose it, and save the run at ``out``."""
+    device = resolve_device(device)
+    seed_everything(config.seed)
+    t0 = time.time()
+    target = resolve_target(config.target)
+    target_metrics: dict[str, float] = {}
+    if isinstance(config.target, ZooTarget) and config.target.weights is None:
+        assert target.entry is not None
+        steps = target.entry.target_steps if target_steps is None else target_steps
+        target_metrics = target.entry.train_target(
+            target.model, steps=steps, device=device, seed=config.seed, progress=target_reporter
+        )
+    target.model.to(device).eval()
+    seed_everything(config.seed + 1)
+    cm = ComponentModel(target.model, config.modules, config.ci_fn).to(device)
+    metrics = train_components(cm, target, config, device=device, reporter=reporter)
+    final = next(m for m in reversed(metrics) if "layers" in m)
+    summary = {
+        "device": device,
+        "seconds": round(time.time() - t0, 2),
+        "target": target_metrics,
+        "final_eval": final,
+    }
+    entry = target.entry
+    return save_run(
+        out, config=config, cm=cm.cpu(), metrics=metrics, summary=summary,
+        extras=entry.save_extras if entry is not None else None, overwrite=overwrite,
+    )
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2)

@@ -1,0 +1,98 @@
+"""Build a target model and its data sampler from a config's target spec (zoo or import path)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from spd_mcp.model.config import ImportTarget, ZooTarget
+from spd_mcp.model.zoo import get_entry
+from spd_mcp.model.zoo.base import ZooEntry
+
+Sampler = Callable[[int, str], Tensor]
+"""sampler(batch_size, device) -> a batch of target inputs."""
+
+
+class TargetError(ValueError):
+    """The target spec cannot be resolved (bad import path, missing weights, shape mismatch)."""
+
+
+def import_object(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as e:
+        raise TargetError(f"cannot import module {module!r} (from {path!r}): {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise TargetError(f"module {module!r} has no attribute {attr!r} (from {path!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class ResolvedTarget:
+    model: nn.Module
+    sampler: Sampler
+    output_loss: Literal["mse", "kl"]
+    entry: ZooEntry | None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
+    """Load with every key and shape checked; the error lists exact keys, sorted."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if bad:
+            parts.append(
+                "shape mismatch "
+                + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                            for k in bad)
+            )
+        raise TargetError(f"{source}: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def resolve_target(
+    spec: ZooTarget | ImportTarget, *, weights: Path | None = None
+) -> ResolvedTarget:
+    """Instantiate the target architecture; load ``weights`` (or the spec's) when given."""
+    weights = weights or (Path(spec.weights) if spec.weights else None)
+    if isinstance(spec, ZooTarget):
+        entry = get_entry(spec.zoo, **spec.kwargs)
+        model = entry.build_model()
+        sampler: Sampler = entry.sample_batch
+        output_loss = entry.output_loss
+    else:
+        entry = None
+        factory = import_object(spec.factory)
+        model = factory(**spec.kwargs)
+        if not isinstance(model, nn.Module):
+            raise TargetError(f"{spec.factory} returned {type(model).__name__}, not an nn.Module")
+        data_fn = import_object(spec.data)
+        sampler = partial(_call_data, data_fn, spec.data_kwargs)
+        output_loss = spec.output_loss
+    if weights is not None:
+        if not weights.is_file():
+            raise TargetError(f"target weights not found: {weights}")
+        load_state_strict(model, load_file(str(weights)), source=str(weights))
+    model.eval()
+    return ResolvedTarget(model, sampler, output_loss, entry)
+
+
+def _call_data(fn: Callable[..., Tensor], kwargs: dict[str, Any], batch: int, device: str) -> Tensor:
+    return fn(batch_size=batch, device=device, **kwargs)

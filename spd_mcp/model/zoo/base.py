@@ -1,0 +1,66 @@
+"""The zoo contract: what a built-in target provides to the decomposer, the evaluator and loaders."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+Progress = Callable[[int, int, float], None]
+"""progress(step, total, loss) — called during target training."""
+
+
+class TargetKwargs(BaseModel):
+    """Constructor kwargs of a zoo target; subclasses add fields. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ZooEntry(ABC):
+    """One built-in target: architecture, data, trainer, default decomposition, ground truth."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    output_loss: ClassVar[Literal["mse", "kl"]] = "mse"
+    kwargs_model: ClassVar[type[TargetKwargs]] = TargetKwargs
+    default_kwargs: ClassVar[dict[str, Any]] = {}
+    target_steps: ClassVar[int] = 1000
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = self.kwargs_model.model_validate({**self.default_kwargs, **kwargs})
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """An untrained target with this entry's architecture."""
+
+    @abstractmethod
+    def train_target(
+        self, model: nn.Module, *, steps: int, device: str, seed: int, progress: Progress | None
+    ) -> dict[str, float]:
+        """Train ``model`` in place; return final metrics."""
+
+    @abstractmethod
+    def sample_batch(self, batch_size: int, device: str) -> Tensor:
+        """A batch of target inputs from the data distribution (global torch RNG)."""
+
+    @abstractmethod
+    def default_config(self) -> dict[str, Any]:
+        """The decomposition config (as a dict, validated by ``DecomposeConfig``)."""
+
+    def ground_truth(self, model: nn.Module) -> dict[str, Tensor]:
+        """Module path → (n, *weight shape) true rank-1 pieces, for layers where they are known."""
+        return {}
+
+    def expected_alive(self) -> dict[str, int]:
+        """Module path → the number of alive components the known solution has."""
+        return {}
+
+    def save_extras(self, run_dir: Path) -> None:
+        """Write extra files (e.g. a tokenizer) into a run directory being created."""
+
+    def load_extras(self, run_dir: Path) -> None:
+        """Read extra files from a run directory."""

@@ -1,0 +1,156 @@
+"""Toy models of superposition (Elhage et al. 2022) with tied weights, as in the SPD paper.
+
+x ∈ R^n (each feature active with probability p, value U(0, 1)) → h = W x ∈ R^m → [identity
+hidden layers] → y = ReLU(Wᵀ h + b). ``linear1`` holds W (m×n) and ``linear2`` holds Wᵀ (n×m); they
+are tied during training and decomposed as two separate matrices.
+Ground truth: linear1's pieces are W[:, i] e_iᵀ (feature i's column), linear2's are e_i W[:, i]ᵀ.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from spd_mcp.model.zoo.base import Progress, TargetKwargs, ZooEntry
+
+
+class TMSKwargs(TargetKwargs):
+    n_features: int = Field(5, gt=0)
+    n_hidden: int = Field(2, gt=0)
+    n_hidden_layers: int = Field(0, ge=0, description="fixed identity layers between the two")
+    feature_probability: float = Field(0.05, gt=0, le=1)
+
+
+class TMSModel(nn.Module):
+    def __init__(self, n_features: int, n_hidden: int, n_hidden_layers: int = 0) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(n_features, n_hidden, bias=False)
+        self.hidden_layers = nn.ModuleList(
+            [nn.Linear(n_hidden, n_hidden, bias=False) for _ in range(n_hidden_layers)]
+        )
+        for layer in self.hidden_layers:
+            nn.init.eye_(layer.weight)
+        self.linear2 = nn.Linear(n_hidden, n_features, bias=True)
+        self.tie()
+
+    @torch.no_grad()
+    def tie(self) -> None:
+        self.linear2.weight.copy_(self.linear1.weight.T)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.linear1(x)  # (B, m)
+        for layer in self.hidden_layers:
+            h = layer(h)
+        return F.relu(self.linear2(h))  # (B, n)
+
+
+def sparse_features(batch: int, n: int, p: float, device: str) -> Tensor:
+    """Each feature independently active with probability p, magnitude U(0, 1)."""
+    active = torch.rand(batch, n, device=device) < p
+    return torch.rand(batch, n, device=device) * active
+
+
+class TMSEntry(ZooEntry):
+    name = "tms-5-2"
+    description = "TMS: 5 sparse features in 2 dimensions (tied weights); ground truth known"
+    kwargs_model = TMSKwargs
+    target_steps = 3000
+
+    @property
+    def k(self) -> TMSKwargs:
+        return self.kwargs  # type: ignore[return-value]
+
+    def build_model(self) -> nn.Module:
+        return TMSModel(self.k.n_features, self.k.n_hidden, self.k.n_hidden_layers)
+
+    def sample_batch(self, batch_size: int, device: str) -> Tensor:
+        return sparse_features(batch_size, self.k.n_features, self.k.feature_probability, device)
+
+    def train_target(
+        self, model: nn.Module, *, steps: int, device: str, seed: int, progress: Progress | None
+    ) -> dict[str, float]:
+        assert isinstance(model, TMSModel)
+        torch.manual_seed(seed)
+        model.to(device).train()
+        W, b = model.linear1.weight, model.linear2.bias  # (m, n), (n,)
+        opt = torch.optim.AdamW([W, b], lr=5e-3, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        t0, loss = time.time(), torch.zeros(())
+        for step in range(steps):
+            x = self.sample_batch(1024, device)
+            h = x @ W.T  # (B, m); identity hidden layers are fixed at I
+            y = F.relu(h @ W + b)  # (B, n), tied: linear2 = Wᵀ
+            loss = (y - x).pow(2).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress is not None and (step % 50 == 0 or step == steps - 1):
+                progress(step + 1, steps, loss.item())
+        model.tie()
+        model.eval()
+        return {"loss": loss.item(), "seconds": time.time() - t0}
+
+    def default_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seed": 0,
+            "target": {"zoo": self.name},
+            "modules": [{"pattern": "linear*", "C": 20}, {"pattern": "hidden_layers.*", "C": 20}]
+            if self.k.n_hidden_layers
+            else [{"pattern": "linear*", "C": 20}],
+            "ci_fn": {"type": "mlp", "hidden": [16]},
+            "sampling": "continuous",
+            "losses": [
+                {"type": "faithfulness", "coeff": 1.0},
+                {"type": "importance_minimality", "coeff": 3e-3, "p": 1.0},
+                {"type": "stochastic_recon", "coeff": 1.0},
+                {"type": "stochastic_recon", "coeff": 1.0, "routing": "layerwise"},
+            ],
+            "steps": 4000,
+            "batch_size": 1024,
+            "lr": 1e-3,
+            "schedule": {"type": "cosine", "warmup_frac": 0.0, "final_frac": 0.0},
+            "eval_every": 1000,
+            "eval_batch_size": 8192,
+        }
+
+    def ground_truth(self, model: nn.Module) -> dict[str, Tensor]:
+        assert isinstance(model, TMSModel)
+        W = model.linear1.weight.detach()  # (m, n)
+        n = W.shape[1]
+        eye = torch.eye(n, device=W.device)
+        return {
+            "linear1": torch.einsum("mi,ij->imj", W, eye),  # (n, m, n): W[:, i] e_iᵀ
+            "linear2": torch.einsum("ij,mi->ijm", eye, W),  # (n, n, m): e_i W[:, i]ᵀ
+        }
+
+    def expected_alive(self) -> dict[str, int]:
+        out = {"linear1": self.k.n_features, "linear2": self.k.n_features}
+        for i in range(self.k.n_hidden_layers):
+            # A tied identity is used by every feature; the minimal solution is its rank.
+            out[f"hidden_layers.{i}"] = self.k.n_hidden
+        return out
+
+
+class TMSIdentityEntry(TMSEntry):
+    name = "tms-5-2-id"
+    description = "TMS 5-2 with a fixed 2×2 identity hidden layer (also decomposed)"
+    default_kwargs = {"n_hidden_layers": 1}
+
+
+class TMS40Entry(TMSEntry):
+    name = "tms-40-10"
+    description = "TMS: 40 sparse features in 10 dimensions (tied weights); ground truth known"
+    default_kwargs = {"n_features": 40, "n_hidden": 10}
+
+    def default_config(self) -> dict[str, Any]:
+        cfg = super().default_config()
+        cfg["modules"] = [{"pattern": "linear*", "C": 200}]
+        cfg["steps"] = 8000
+        return cfg
