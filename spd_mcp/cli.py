@@ -134,7 +134,13 @@ def _default_out(name: str) -> Path:
 
 def _run_decompose(config: Any, *, out: Path, device: str, target_steps: int | None,
                    overwrite: bool) -> Path:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from spd_mcp.model.decompose import decompose
 
@@ -245,7 +251,7 @@ def _print_eval(result: dict[str, Any]) -> None:
     console.print(" ".join(f"{k}={_fmt(v)}" for k, v in extras.items()))
 
 
-_COL_ORDER = ["C", "alive", "expected_alive", "mmcs", "ml2r", "l0", "delta_ratio"]
+_COL_ORDER = ["C", "alive", "expected_alive", "mmcs", "ml2r", "mmcs_full", "l0", "delta_ratio"]
 
 
 if __name__ == "__main__":

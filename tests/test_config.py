@@ -40,7 +40,7 @@ def test_yaml_and_json_files(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(BASE))
     assert load_config(tmp_path / "c.yaml") == load_config(tmp_path / "c.json")
     (tmp_path / "c.toml").write_text("")
-    with pytest.raises(ConfigError, match="must be .yaml"):
+    with pytest.raises(ConfigError, match=r"must be \.yaml"):
         load_config(tmp_path / "c.toml")
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -14,7 +14,9 @@ BYO = {
     "name": "byo",
     "target": {"factory": "tests.byo_model:make", "kwargs": {"hidden": 8},
                "data": "tests.byo_model:data", "output_loss": "kl"},
-    "modules": [{"pattern": "embed", "C": 5}, {"pattern": "up", "C": 6}, {"pattern": "down", "C": 7}],
+    "modules": [
+        {"pattern": "embed", "C": 5}, {"pattern": "up", "C": 6}, {"pattern": "down", "C": 7}
+    ],
     "losses": [
         {"type": "faithfulness", "coeff": 1},
         {"type": "importance_minimality", "coeff": 1e-3},

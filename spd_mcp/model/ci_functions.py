@@ -10,6 +10,7 @@ Embedding layers have token ids as input, so every variant feeds them their comp
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -31,7 +32,7 @@ class PerComponentMLP(nn.Module):
         super().__init__()
         widths = [d_in, *hidden]
         self.weights = nn.ParameterList(
-            [_param(C, a, b, fan_in=a) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+            [_param(C, a, b, fan_in=a) for a, b in itertools.pairwise(widths)]
         )
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(C, b)) for b in hidden])
         self.w_out = _param(C, widths[-1], fan_in=widths[-1])
@@ -55,7 +56,7 @@ class SharedMLP(nn.Module):
         super().__init__()
         widths = [d_in, *hidden, d_out]
         self.layers = nn.ModuleList(
-            [nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+            [nn.Linear(a, b) for a, b in itertools.pairwise(widths)]
         )
 
     def forward(self, x: Tensor) -> Tensor:

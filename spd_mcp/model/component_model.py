@@ -100,7 +100,9 @@ class ComponentModel(nn.Module):
             },
         )
         self._state: _ForwardState | None = None
-        self._handles = [mods[n].register_forward_hook(self._make_hook(n)) for n in self.layer_names]
+        self._handles = [
+            mods[n].register_forward_hook(self._make_hook(n)) for n in self.layer_names
+        ]
 
     # ------------------------------------------------------------------------------- accessors
     def component(self, name: str) -> Components:
@@ -136,7 +138,8 @@ class ComponentModel(nn.Module):
                 return None
             dm = st.delta_masks.get(name)
             delta = self.weight_delta(name) if dm is not None else None
-            out = comp(x, st.masks[name], delta=delta, delta_mask=dm, acts=st.acts_override.get(name))
+            acts = st.acts_override.get(name)
+            out = comp(x, st.masks[name], delta=delta, delta_mask=dm, acts=acts)
             route = st.routes.get(name)
             if route is not None:  # per-datapoint routing: component path only where route is True
                 out = torch.where(route.unsqueeze(-1), out, output)
@@ -184,7 +187,7 @@ class ComponentModel(nn.Module):
     def forward_with_inputs(self, x: Tensor, *, acts: bool = False, **kwargs) -> tuple[
         Tensor, dict[str, Tensor], dict[str, Tensor] | None
     ]:
-        """Forward (target unless masks given) recording each decomposed layer's input (and acts)."""
+        """Forward (target unless masks given) recording each decomposed layer's input and acts."""
         st = _ForwardState(inputs={}, acts={} if acts else None)
         for k, v in kwargs.items():
             setattr(st, k, v or getattr(st, k))

@@ -66,7 +66,7 @@ class Components(nn.Module):
     ) -> Tensor:
         """Masked component forward; ``mask`` (..., C) defaults to all ones.
 
-        ``delta`` (the weight delta) is added scaled by ``delta_mask`` (...,), default 1, when given.
+        ``delta`` (the weight delta), when given, is scaled by ``delta_mask`` (...) (default 1).
         ``acts`` lets callers pass precomputed (possibly leaf) component activations.
         """
         a = self.component_acts(x) if acts is None else acts  # (..., C)

@@ -1,8 +1,12 @@
 """Evaluation of a finished run against ground truth (toys) and per-layer diagnostics.
 
-MMCS / ML2R (SPD paper): each true rank-1 piece W_i of a layer is matched to the alive component
-whose rank-1 matrix A_c has the highest cosine similarity with it (both flattened); MMCS is the
-mean of those cosines, ML2R the mean of ‖A_c‖/‖W_i‖ for the matched components.
+MMCS / ML2R (SPD paper): a toy's ground truth is one rank-1 piece W_i per feature, non-zero only on
+that feature's slice of the weight (linear1: column i, the direction feature i is written to;
+linear2: row i, the direction output i reads). Each feature direction is matched to the alive
+component whose weight A_c, read on the same slice, has the highest cosine similarity with it;
+MMCS is the mean of those cosines, ML2R the mean of ‖A_c on the slice‖ / ‖W_i‖.
+We also report a stricter ``mmcs_full``: the cosine between whole flattened matrices, which is 1
+only if the component is also zero off the feature's slice (pure read and write directions).
 """
 
 from __future__ import annotations
@@ -17,14 +21,27 @@ from spd_mcp.model.run_io import LoadedRun
 
 
 @torch.no_grad()
-def mmcs_ml2r(true_pieces: Tensor, comp_weights: Tensor) -> tuple[float, float, list[int]]:
-    """true_pieces (n, ...) and comp_weights (C_alive, ...) → (MMCS, ML2R, best match per piece)."""
+def mmcs_ml2r(true_pieces: Tensor, comp_weights: Tensor) -> dict[str, float]:
+    """true_pieces (n, ...) (each zero off its feature's slice) and comp_weights (K, ...).
+
+    Returns MMCS and ML2R on the feature slices (the paper's), and ``mmcs_full`` on whole matrices.
+    """
     t = true_pieces.flatten(1)  # (n, D)
     c = comp_weights.flatten(1)  # (K, D)
-    cos = (t @ c.T) / (t.norm(dim=1, keepdim=True) * c.norm(dim=1) + 1e-12)  # (n, K)
+    support = (t != 0).to(c.dtype)  # (n, D) each feature's slice
+    on_slice = c.unsqueeze(0) * support.unsqueeze(1)  # (n, K, D) component read on slice i
+    dots = (on_slice * t.unsqueeze(1)).sum(-1)  # (n, K)
+    slice_norm = on_slice.norm(dim=-1)  # (n, K)
+    t_norm = t.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n, 1)
+    cos = dots / (t_norm * slice_norm + 1e-12)  # (n, K)
     best_cos, best = cos.max(dim=1)
-    ratio = c[best].norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)
-    return best_cos.mean().item(), ratio.mean().item(), best.tolist()
+    ml2r = slice_norm.gather(1, best[:, None]).squeeze(1) / t_norm.squeeze(1)
+    full = (t @ c.T) / (t_norm * c.norm(dim=1) + 1e-12)  # (n, K)
+    return {
+        "mmcs": best_cos.mean().item(),
+        "ml2r": ml2r.mean().item(),
+        "mmcs_full": full.max(dim=1).values.mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -56,7 +73,7 @@ def evaluate_run(run: LoadedRun, *, n_samples: int = 20_000, seed: int = 1234) -
             row["expected_alive"] = expected[n]
         if n in truth and alive[n].any():
             weights = cm.component(n).component_weights()[alive[n]]
-            row["mmcs"], row["ml2r"], _ = mmcs_ml2r(truth[n].to(weights), weights)
+            row.update(mmcs_ml2r(truth[n].to(weights), weights))
         layers[n] = row
     return {
         "run": run.name,

@@ -186,7 +186,9 @@ def pgd_recon_loss(
             dm = None
             if dsrc is not None:
                 dm = {n: dsrc[n].expand(ci[n].shape[:-1]) for n in ci}
-            return masked_recon_loss(cm, x, target_out, masks, kind=kind, routing=routing, dmasks=dm)
+            return masked_recon_loss(
+                cm, x, target_out, masks, kind=kind, routing=routing, dmasks=dm
+            )
 
         return fn
 

@@ -67,7 +67,8 @@ def code_version() -> str:
 
 def _tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage: store independent contiguous CPU copies.
-    return {prefix + k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    state = module.state_dict()
+    return {prefix + k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
 def component_state(cm: ComponentModel) -> dict[str, torch.Tensor]:

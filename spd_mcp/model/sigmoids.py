@@ -2,8 +2,9 @@
 
 Two views of one pre-activation z:
 - ``lower_leaky_hard_sigmoid`` (used for masks): forward is clamp(z, 0, 1). Its backward passes
-  gradient inside (0, 1) and, below 0, a fraction ``alpha`` of any gradient that would *raise* z, so a
-  component whose CI died (z < 0 everywhere) can still be revived by the reconstruction losses.
+  gradient inside (0, 1) and, below 0, a fraction ``alpha`` of any gradient that would *raise* z,
+  so a component whose CI died (z < 0 everywhere) can still be revived by the reconstruction
+  losses.
 - ``upper_leaky_hard_sigmoid`` (used by the importance-minimality penalty): 0 below 0, z on [0, 1],
   1 + alpha * (z - 1) above 1, so the penalty keeps pushing values that overshoot 1.
 """

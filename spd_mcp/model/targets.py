@@ -94,5 +94,7 @@ def resolve_target(
     return ResolvedTarget(model, sampler, output_loss, entry)
 
 
-def _call_data(fn: Callable[..., Tensor], kwargs: dict[str, Any], batch: int, device: str) -> Tensor:
+def _call_data(
+    fn: Callable[..., Tensor], kwargs: dict[str, Any], batch: int, device: str
+) -> Tensor:
     return fn(batch_size=batch, device=device, **kwargs)

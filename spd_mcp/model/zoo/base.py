@@ -1,4 +1,4 @@
-"""The zoo contract: what a built-in target provides to the decomposer, the evaluator and loaders."""
+"""The zoo contract: what a built-in target gives the decomposer, the evaluator and loaders."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ class ZooEntry(ABC):
         """Module path → the number of alive components the known solution has."""
         return {}
 
-    def save_extras(self, run_dir: Path) -> None:
+    def save_extras(self, run_dir: Path) -> None:  # noqa: B027 - optional hook
         """Write extra files (e.g. a tokenizer) into a run directory being created."""
 
-    def load_extras(self, run_dir: Path) -> None:
+    def load_extras(self, run_dir: Path) -> None:  # noqa: B027 - optional hook
         """Read extra files from a run directory."""

@@ -9,7 +9,7 @@ Ground truth: linear1's pieces are W[:, i] e_iᵀ (feature i's column), linear2'
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -141,13 +141,13 @@ class TMSEntry(ZooEntry):
 class TMSIdentityEntry(TMSEntry):
     name = "tms-5-2-id"
     description = "TMS 5-2 with a fixed 2×2 identity hidden layer (also decomposed)"
-    default_kwargs = {"n_hidden_layers": 1}
+    default_kwargs: ClassVar[dict[str, Any]] = {"n_hidden_layers": 1}
 
 
 class TMS40Entry(TMSEntry):
     name = "tms-40-10"
     description = "TMS: 40 sparse features in 10 dimensions (tied weights); ground truth known"
-    default_kwargs = {"n_features": 40, "n_hidden": 10}
+    default_kwargs: ClassVar[dict[str, Any]] = {"n_features": 40, "n_hidden": 10}
 
     def default_config(self) -> dict[str, Any]:
         cfg = super().default_config()
