@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
     d.add_argument("--steps", type=int, help="override the config's SPD steps")
     d.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    d.add_argument("--threads", type=int, help="torch CPU threads (default: $SPD_MCP_THREADS)")
 
     z = sub.add_parser("zoo", help="built-in targets")
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     zb.add_argument("--target-steps", type=int, help="target training steps (default: zoo's)")
     zb.add_argument("--seed", type=int, help="override the config seed")
     zb.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    zb.add_argument("--threads", type=int, help="torch CPU threads (default: the target's)")
     zb.add_argument("--print-config", action="store_true", help="print the config and exit")
 
     e = sub.add_parser("evaluate", help="evaluate a run (ground truth for toys)")
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--device must be cpu, cuda or auto, got {args.device!r}")
     if getattr(args, "steps", None) is not None and args.steps < 0:
         return _fail("--steps must be >= 0")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        return _fail("--threads must be >= 1")
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -133,7 +137,7 @@ def _default_out(name: str) -> Path:
 
 
 def _run_decompose(config: Any, *, out: Path, device: str, target_steps: int | None,
-                   overwrite: bool) -> Path:
+                   overwrite: bool, threads: int | None) -> Path:
     from rich.progress import (
         BarColumn,
         Progress,
@@ -166,7 +170,7 @@ def _run_decompose(config: Any, *, out: Path, device: str, target_steps: int | N
 
         return decompose(
             config, out=out, device=device, target_steps=target_steps, reporter=on_spd,
-            target_reporter=on_target, overwrite=overwrite,
+            target_reporter=on_target, overwrite=overwrite, threads=threads,
         )
 
 
@@ -178,7 +182,7 @@ def _decompose(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"steps": args.steps})
     out = args.out or _default_out(config.name)
     path = _run_decompose(config, out=out, device=args.device, target_steps=None,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, threads=args.threads)
     print(path)
     return 0
 
@@ -199,7 +203,7 @@ def _zoo_build(args: argparse.Namespace) -> int:
         return 0
     out = args.out or _default_out(args.name)
     path = _run_decompose(config, out=out, device=args.device, target_steps=args.target_steps,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, threads=args.threads)
     print(path)
     return 0
 

@@ -104,3 +104,14 @@ def test_every_loss_type_backpropagates_to_components_and_ci():
         value.backward(retain_graph=True)
         ci_grad = sum(p.grad.abs().sum() for p in cm.ci_fns.parameters() if p.grad is not None)
         assert ci_grad > 0, f"{name} gives the CI functions no gradient"
+
+
+def test_position_mask_ignores_masked_positions():
+    a = torch.randn(2, 5, 7)
+    b = a.clone()
+    b[:, 3:] += torch.randn(2, 2, 7)  # differ only on positions 3, 4
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, :3] = True
+    for kind in ("kl", "mse"):
+        assert L.output_divergence(kind, a, b, mask).abs() < 1e-6
+        assert L.output_divergence(kind, a, b, ~mask) > 0

@@ -44,11 +44,16 @@ class PerComponentMLP(nn.Module):
         Returns z: (..., C).
         """
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            eq = "...i,cih->...ch" if (shared_input and i == 0) else "...ci,cih->...ch"
-            h = F.gelu(torch.einsum(eq, h, w) + b)  # (..., C, hidden)
+            if i == 0 and shared_input:
+                h = torch.einsum("...i,cih->...ch", h, w)  # (..., C, hidden)
+            elif i == 0 and h.shape[-1] == 1:
+                h = h * w[:, 0]  # scalar input: a broadcast multiply beats a batched matmul
+            else:
+                h = torch.einsum("...ci,cih->...ch", h, w)  # (..., C, hidden)
+            h = F.gelu(h + b)
         if shared_input and not self.biases:
             return torch.einsum("...h,ch->...c", h, self.w_out) + self.b_out
-        return torch.einsum("...ch,ch->...c", h, self.w_out) + self.b_out  # (..., C)
+        return (h * self.w_out).sum(-1) + self.b_out  # (..., C)
 
 
 class SharedMLP(nn.Module):

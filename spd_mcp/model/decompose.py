@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -44,6 +45,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def set_cpu_threads(device: str, threads: int | None, entry_default: int | None) -> None:
+    """CPU thread count: explicit > $SPD_MCP_THREADS > the zoo entry's > torch's default."""
+    if device != "cpu":
+        return
+    env = os.environ.get("SPD_MCP_THREADS")
+    n = threads or (int(env) if env else None) or entry_default
+    if n:
+        torch.set_num_threads(n)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -79,6 +90,7 @@ def compute_losses(
     *,
     output_loss: L.OutputLoss,
     step: int,
+    mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Every configured loss term (uncoefficiented) for one batch, keyed by a readable name."""
     with torch.no_grad():
@@ -97,18 +109,18 @@ def compute_losses(
             out[key] = L.stochastic_recon_loss(
                 cm, x, target_out, ci.lower, kind=output_loss, routing=loss.routing,
                 sampling=config.sampling, n_samples=loss.n_mask_samples,
-                use_delta=config.use_delta_component,
+                use_delta=config.use_delta_component, mask=mask,
             )
         elif isinstance(loss, CIMaskedRecon):
             out[key] = L.ci_masked_recon_loss(
-                cm, x, target_out, ci.lower, kind=output_loss, routing=loss.routing
+                cm, x, target_out, ci.lower, kind=output_loss, routing=loss.routing, mask=mask
             )
         elif isinstance(loss, PGDRecon):
             out[key] = L.pgd_recon_loss(
                 cm, x, target_out, ci.lower, kind=output_loss, routing=loss.routing,
                 steps=loss.steps, step_size=loss.step_size, init=loss.init,
                 shared=loss.sources == "shared",
-                include_delta=loss.include_delta and config.use_delta_component,
+                include_delta=loss.include_delta and config.use_delta_component, mask=mask,
             )
         else:  # pragma: no cover - the discriminated union is exhaustive
             raise TypeError(f"unhandled loss {loss!r}")
@@ -151,7 +163,9 @@ def train_components(
         for group in opt.param_groups:
             group["lr"] = config.lr * lr_factor(config.schedule, step, config.steps)
         x = target.sampler(config.batch_size, device)
-        terms = compute_losses(cm, config, x, output_loss=output_loss, step=step)
+        terms = compute_losses(
+            cm, config, x, output_loss=output_loss, step=step, mask=target.position_mask(x)
+        )
         coeffs = _coeffs(config, list(terms))
         total = sum(coeffs[k] * v for k, v in terms.items())
         opt.zero_grad(set_to_none=True)
@@ -175,7 +189,7 @@ def evaluate(
     x = target.sampler(config.eval_batch_size, device)
     return evaluate_batch(
         cm, x, output_loss=output_loss, sampling=config.sampling,
-        alive_threshold=config.alive_threshold,
+        alive_threshold=config.alive_threshold, mask=target.position_mask(x),
     )
 
 
@@ -188,12 +202,14 @@ def decompose(
     reporter: Reporter | None = None,
     target_reporter: Callable[[int, int, float], None] | None = None,
     overwrite: bool = False,
+    threads: int | None = None,
 ) -> Path:
     """Resolve (and if needed train) the target, decompose it, and save the run at ``out``."""
     device = resolve_device(device)
     seed_everything(config.seed)
     t0 = time.time()
     target = resolve_target(config.target)
+    set_cpu_threads(device, threads, target.entry.cpu_threads if target.entry else None)
     target_metrics: dict[str, float] = {}
     if isinstance(config.target, ZooTarget) and config.target.weights is None:
         assert target.entry is not None

@@ -18,6 +18,12 @@ def alive_mask(ci_lower: dict[str, Tensor], threshold: float) -> dict[str, Tenso
     return {n: (g > threshold).flatten(0, -2).any(0) for n, g in ci_lower.items()}
 
 
+def _masked_mean(v: Tensor, mask: Tensor | None) -> float:
+    if mask is None:
+        return v.mean().item()
+    return ((v * mask).sum() / mask.sum().clamp_min(1)).item()
+
+
 @torch.no_grad()
 def delta_ratios(cm: ComponentModel) -> dict[str, float]:
     return {
@@ -34,6 +40,7 @@ def evaluate_batch(
     output_loss: OutputLoss,
     sampling: SourceKind,
     alive_threshold: float,
+    mask: Tensor | None = None,
 ) -> dict[str, Any]:
     """Diagnostics on one batch: recon under CI and stochastic masks, per-layer L0/alive/Δ."""
     out, ci = cm.ci_for(x)
@@ -43,11 +50,13 @@ def evaluate_batch(
         masks=stochastic_masks(ci.lower, sampling),
         delta_masks=delta_masks(ci.lower, sampling),  # type: ignore[arg-type]
     )
+    if mask is not None:  # padding positions neither count as firing nor enter L0
+        ci.lower = {n: g * mask.unsqueeze(-1) for n, g in ci.lower.items()}
     alive = alive_mask(ci.lower, alive_threshold)
     ratios = delta_ratios(cm)
     layers = {
         n: {
-            "l0": (g > 0).sum(-1).float().mean().item(),
+            "l0": _masked_mean((g > 0).sum(-1).float(), mask),
             "alive": int(alive[n].sum().item()),
             "C": g.shape[-1],
             "delta_ratio": ratios[n],
@@ -55,7 +64,7 @@ def evaluate_batch(
         for n, g in ci.lower.items()
     }
     return {
-        "ci_masked_recon": output_divergence(output_loss, out, ci_out).item(),
-        "stochastic_recon": output_divergence(output_loss, out, st_out).item(),
+        "ci_masked_recon": output_divergence(output_loss, out, ci_out, mask).item(),
+        "stochastic_recon": output_divergence(output_loss, out, st_out, mask).item(),
         "layers": layers,
     }

@@ -23,16 +23,23 @@ from spd_mcp.model.masks import (
 OutputLoss = Literal["mse", "kl"]
 
 
-def output_divergence(kind: OutputLoss, target: Tensor, pred: Tensor) -> Tensor:
+def output_divergence(
+    kind: OutputLoss, target: Tensor, pred: Tensor, mask: Tensor | None = None
+) -> Tensor:
     """mse: squared error summed over the output dim, mean over datapoints.
-    kl: KL(target ‖ pred) per token in nats (logits over the last dim), mean over tokens."""
+    kl: KL(target ‖ pred) per token in nats (logits over the last dim), mean over tokens.
+    ``mask`` (target.shape[:-1], bool) keeps only some positions (e.g. not padding)."""
     if kind == "mse":
-        return (pred - target).pow(2).sum(-1).mean()
-    if kind == "kl":
+        per = (pred - target).pow(2).sum(-1)  # (...)
+    elif kind == "kl":
         logp_t = F.log_softmax(target, -1)
         logp_p = F.log_softmax(pred, -1)
-        return (logp_t.exp() * (logp_t - logp_p)).sum(-1).mean()
-    raise ValueError(f"unknown output loss {kind!r}")
+        per = (logp_t.exp() * (logp_t - logp_p)).sum(-1)  # (...)
+    else:
+        raise ValueError(f"unknown output loss {kind!r}")
+    if mask is None:
+        return per.mean()
+    return (per * mask).sum() / mask.sum().clamp_min(1)
 
 
 def faithfulness_loss(cm: ComponentModel) -> Tensor:
@@ -64,6 +71,7 @@ def masked_recon_loss(
     kind: OutputLoss,
     routing: RoutingKind,
     dmasks: dict[str, Tensor] | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Divergence between target output and the output with ``masks``, under a routing."""
     losses = []
@@ -78,7 +86,7 @@ def masked_recon_loss(
             delta_masks={n: dmasks[n] for n in layers} if dmasks is not None else None,
             routes=routes,
         )
-        losses.append(output_divergence(kind, target_out, out))
+        losses.append(output_divergence(kind, target_out, out, mask))
     return torch.stack(losses).mean()
 
 
@@ -93,13 +101,14 @@ def stochastic_recon_loss(
     sampling: SourceKind,
     n_samples: int = 1,
     use_delta: bool = True,
+    mask: Tensor | None = None,
 ) -> Tensor:
     total = torch.zeros((), device=x.device)
     for _ in range(n_samples):
         masks = stochastic_masks(ci_lower, sampling)
         dm = delta_masks(ci_lower, sampling) if use_delta else None
         total = total + masked_recon_loss(
-            cm, x, target_out, masks, kind=kind, routing=routing, dmasks=dm
+            cm, x, target_out, masks, kind=kind, routing=routing, dmasks=dm, mask=mask
         )
     return total / n_samples
 
@@ -112,9 +121,10 @@ def ci_masked_recon_loss(
     *,
     kind: OutputLoss,
     routing: RoutingKind = "all",
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Masks = g exactly (source 0), no weight delta."""
-    return masked_recon_loss(cm, x, target_out, ci_lower, kind=kind, routing=routing)
+    return masked_recon_loss(cm, x, target_out, ci_lower, kind=kind, routing=routing, mask=mask)
 
 
 LossFn = Callable[[dict[str, Tensor], dict[str, Tensor] | None], Tensor]
@@ -176,6 +186,7 @@ def pgd_recon_loss(
     init: Literal["random", "ones", "zeros"],
     shared: bool,
     include_delta: bool,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Reconstruction loss under adversarially chosen sources (found with CI detached)."""
     ci_det = {n: g.detach() for n, g in ci_lower.items()}
@@ -187,7 +198,7 @@ def pgd_recon_loss(
             if dsrc is not None:
                 dm = {n: dsrc[n].expand(ci[n].shape[:-1]) for n in ci}
             return masked_recon_loss(
-                cm, x, target_out, masks, kind=kind, routing=routing, dmasks=dm
+                cm, x, target_out, masks, kind=kind, routing=routing, dmasks=dm, mask=mask
             )
 
         return fn

@@ -188,9 +188,7 @@ def load_run(ref: str | Path, *, device: str = "cpu") -> LoadedRun:
     run_dir = resolve_run(ref)
     meta = read_meta(run_dir)
     config = DecomposeConfig.model_validate(meta["config"])
-    target = resolve_target(config.target, weights=run_dir / TARGET_FILE)
-    if target.entry is not None:
-        target.entry.load_extras(run_dir)
+    target = resolve_target(config.target, weights=run_dir / TARGET_FILE, run_dir=run_dir)
     cm = ComponentModel(target.model, config.modules, config.ci_fn)
     state = load_file(str(run_dir / COMPONENTS_FILE))
     load_state_strict(_StateView(cm), state, source=str(run_dir / COMPONENTS_FILE))

@@ -44,6 +44,10 @@ class ResolvedTarget:
     output_loss: Literal["mse", "kl"]
     entry: ZooEntry | None
 
+    def position_mask(self, x: Tensor) -> Tensor | None:
+        """Which positions of a batch count in losses (None: all; language models skip pads)."""
+        return self.entry.position_mask(x) if self.entry is not None else None
+
 
 def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
     """Load with every key and shape checked; the error lists exact keys, sorted."""
@@ -68,12 +72,17 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, source: str
 
 
 def resolve_target(
-    spec: ZooTarget | ImportTarget, *, weights: Path | None = None
+    spec: ZooTarget | ImportTarget, *, weights: Path | None = None, run_dir: Path | None = None
 ) -> ResolvedTarget:
-    """Instantiate the target architecture; load ``weights`` (or the spec's) when given."""
+    """Instantiate the target architecture; load ``weights`` (or the spec's) when given.
+
+    ``run_dir``: a saved run whose extra files (e.g. its tokenizer) the zoo entry reads first.
+    """
     weights = weights or (Path(spec.weights) if spec.weights else None)
     if isinstance(spec, ZooTarget):
         entry = get_entry(spec.zoo, **spec.kwargs)
+        if run_dir is not None:
+            entry.load_extras(run_dir)
         model = entry.build_model()
         sampler: Sampler = entry.sample_batch
         output_loss = entry.output_loss

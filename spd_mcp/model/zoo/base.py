@@ -29,6 +29,8 @@ class ZooEntry(ABC):
     kwargs_model: ClassVar[type[TargetKwargs]] = TargetKwargs
     default_kwargs: ClassVar[dict[str, Any]] = {}
     target_steps: ClassVar[int] = 1000
+    cpu_threads: ClassVar[int | None] = None
+    """Torch CPU threads for this target (tiny models run fastest on one thread)."""
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = self.kwargs_model.model_validate({**self.default_kwargs, **kwargs})
@@ -58,6 +60,10 @@ class ZooEntry(ABC):
     def expected_alive(self) -> dict[str, int]:
         """Module path → the number of alive components the known solution has."""
         return {}
+
+    def position_mask(self, x: Tensor) -> Tensor | None:
+        """Positions of a batch that count in losses and diagnostics (None: all)."""
+        return None
 
     def save_extras(self, run_dir: Path) -> None:  # noqa: B027 - optional hook
         """Write extra files (e.g. a tokenizer) into a run directory being created."""

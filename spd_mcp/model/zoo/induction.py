@@ -33,6 +33,7 @@ class InductionEntry(ZooEntry):
     output_loss = "kl"
     kwargs_model = InductionKwargs
     target_steps = 2500
+    cpu_threads = 1
 
     @property
     def k(self) -> InductionKwargs:

@@ -58,6 +58,7 @@ class ResidMLPEntry(ZooEntry):
     description = "residual MLP computing 25 ReLUs with 12 neurons (compressed computation)"
     kwargs_model = ResidMLPKwargs
     target_steps = 4000
+    cpu_threads = 1
 
     @property
     def k(self) -> ResidMLPKwargs:

@@ -60,6 +60,7 @@ class TMSEntry(ZooEntry):
     description = "TMS: 5 sparse features in 2 dimensions (tied weights); ground truth known"
     kwargs_model = TMSKwargs
     target_steps = 3000
+    cpu_threads = 1
 
     @property
     def k(self) -> TMSKwargs:
