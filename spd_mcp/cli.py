@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     zb.add_argument("--threads", type=int, help="torch CPU threads (default: the target's)")
     zb.add_argument("--print-config", action="store_true", help="print the config and exit")
 
+    zs = zsub.add_parser("ship", help="(maintainers) copy a run into the package with checksums")
+    zs.add_argument("run", help="run directory or name")
+    zs.add_argument("name", help="name of the shipped run (e.g. tales)")
+
     e = sub.add_parser("evaluate", help="evaluate a run (ground truth for toys)")
     e.add_argument("run", help="run directory or name")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -80,6 +84,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _zoo_list()
     if args.command == "runs":
         return _runs()
+    if args.command == "zoo" and args.zoo_command == "ship":
+        from spd_mcp.model.run_io import ship_run, shipped_runs_dir
+
+        print(ship_run(Path(args.run), shipped_runs_dir() / args.name))
+        return 0
     if args.command == "zoo":
         return _zoo_build(args)
     if args.command == "decompose":

@@ -127,3 +127,19 @@ def test_cli_zoo_list():
     assert r.returncode == 0
     for name in ("tms-5-2", "tms-5-2-id", "tms-40-10", "resid-mlp", "induction", "tales"):
         assert name in r.stdout
+
+
+def test_shipped_run_checksums_are_verified(tmp_path):
+    from spd_mcp.model.run_io import ship_run
+
+    src = decompose(parse_config({**BYO, "steps": 1}), out=tmp_path / "src")
+    dst = ship_run(src, tmp_path / "shipped")
+    manifest = json.loads((dst / "manifest.json").read_text())["sha256"]
+    assert set(manifest) == {"components.safetensors", "metrics.jsonl", "run.json",
+                             "target.safetensors"}
+    load_run(dst)  # verifies
+    with open(dst / "target.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(RunError, match=r"checksum mismatch .*target.safetensors"):
+        load_run(dst)

@@ -31,12 +31,13 @@ from spd_mcp.model.config import DecomposeConfig
 from spd_mcp.model.targets import ResolvedTarget, load_state_strict, resolve_target
 
 SCHEMA_VERSION = 1
-RUN_FILE, TARGET_FILE, COMPONENTS_FILE, METRICS_FILE, DONE_FILE = (
+RUN_FILE, TARGET_FILE, COMPONENTS_FILE, METRICS_FILE, DONE_FILE, MANIFEST_FILE = (
     "run.json",
     "target.safetensors",
     "components.safetensors",
     "metrics.jsonl",
     "DONE",
+    "manifest.json",
 )
 
 
@@ -149,6 +150,50 @@ def resolve_run(ref: str | Path) -> Path:
     raise RunError(f"run {str(ref)!r} not found (looked in {tried}); see `spd-mcp runs`")
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_manifest(run_dir: Path) -> None:
+    """Check every file listed in ``manifest.json`` against its sha256 (shipped runs have one)."""
+    path = run_dir / MANIFEST_FILE
+    if not path.exists():
+        return
+    listed = json.loads(path.read_text())["sha256"]
+    bad = sorted(
+        name for name, digest in listed.items()
+        if not (run_dir / name).is_file() or _sha256(run_dir / name) != digest
+    )
+    if bad:
+        raise RunError(f"{run_dir}: checksum mismatch or missing file for {bad}; reinstall the run")
+
+
+def ship_run(src: Path, dst: Path) -> Path:
+    """Copy a finished run to ``dst`` (e.g. inside the package) with a sha256 manifest."""
+    src = resolve_run(src)
+    files = sorted(p.name for p in src.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        for name in files:
+            shutil.copy2(src / name, tmp / name)
+        manifest = {"sha256": {n: _sha256(tmp / n) for n in files if n != DONE_FILE}}
+        _fsync_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
 def read_meta(run_dir: Path) -> dict[str, Any]:
     meta = json.loads((run_dir / RUN_FILE).read_text())
     v = meta.get("schema_version")
@@ -186,6 +231,7 @@ class LoadedRun:
 def load_run(ref: str | Path, *, device: str = "cpu") -> LoadedRun:
     """Load a finished run with no network; every key and shape is checked."""
     run_dir = resolve_run(ref)
+    verify_manifest(run_dir)
     meta = read_meta(run_dir)
     config = DecomposeConfig.model_validate(meta["config"])
     target = resolve_target(config.target, weights=run_dir / TARGET_FILE, run_dir=run_dir)

@@ -72,50 +72,65 @@ class TMSEntry(ZooEntry):
     def sample_batch(self, batch_size: int, device: str) -> Tensor:
         return sparse_features(batch_size, self.k.n_features, self.k.feature_probability, device)
 
+    n_instances: ClassVar[int] = 8
+    """Target instances trained side by side; the best is kept (a single TMS run can lose
+    features to dead directions, which would make the ground truth degenerate)."""
+
     def train_target(
         self, model: nn.Module, *, steps: int, device: str, seed: int, progress: Progress | None
     ) -> dict[str, float]:
         assert isinstance(model, TMSModel)
         torch.manual_seed(seed)
-        model.to(device).train()
-        W, b = model.linear1.weight, model.linear2.bias  # (m, n), (n,)
+        K, n, m = self.n_instances, self.k.n_features, self.k.n_hidden
+        W = nn.Parameter(torch.randn(K, m, n, device=device) * (2 / (m + n)) ** 0.5)
+        b = nn.Parameter(torch.zeros(K, n, device=device))
         opt = torch.optim.AdamW([W, b], lr=5e-3, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        t0, loss = time.time(), torch.zeros(())
+        t0 = time.time()
+        per = torch.zeros(K, device=device)
         for step in range(steps):
-            x = self.sample_batch(1024, device)
-            h = x @ W.T  # (B, m); identity hidden layers are fixed at I
-            y = F.relu(h @ W + b)  # (B, n), tied: linear2 = Wᵀ
-            loss = (y - x).pow(2).sum(-1).mean()
+            x = self.sample_batch(1024, device)  # (B, n), shared by the instances
+            h = torch.einsum("bn,kmn->kbm", x, W)  # (K, B, m); identity hidden layers are I
+            y = F.relu(torch.einsum("kbm,kmn->kbn", h, W) + b[:, None])  # tied: linear2 = Wᵀ
+            per = (y - x).pow(2).sum(-1).mean(-1)  # (K,)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            per.sum().backward()
             opt.step()
             sched.step()
             if progress is not None and (step % 50 == 0 or step == steps - 1):
-                progress(step + 1, steps, loss.item())
-        model.tie()
+                progress(step + 1, steps, per.min().item())
+        best = int(per.argmin())
+        with torch.no_grad():
+            model.to(device)
+            model.linear1.weight.copy_(W[best])
+            model.linear2.bias.copy_(b[best])
+            model.tie()
         model.eval()
-        return {"loss": loss.item(), "seconds": time.time() - t0}
+        return {"loss": per[best].item(), "instance": best, "seconds": time.time() - t0}
 
     def default_config(self) -> dict[str, Any]:
+        C = 2 * self.k.n_features  # twice as many components as true features
         return {
             "name": self.name,
             "seed": 0,
             "target": {"zoo": self.name},
-            "modules": [{"pattern": "linear*", "C": 20}, {"pattern": "hidden_layers.*", "C": 20}]
+            "modules": [{"pattern": "linear*", "C": C}, {"pattern": "hidden_layers.*", "C": C}]
             if self.k.n_hidden_layers
-            else [{"pattern": "linear*", "C": 20}],
-            "ci_fn": {"type": "mlp", "hidden": [16]},
-            "sampling": "continuous",
+            else [{"pattern": "linear*", "C": C}],
+            "ci_fn": {"type": "mlp", "hidden": [8]},
+            "sampling": "binomial",
             "losses": [
                 {"type": "faithfulness", "coeff": 1.0},
-                {"type": "importance_minimality", "coeff": 3e-3, "p": 1.0},
+                # p = 2 early lets components specialise; annealing to p < 1 then prunes them.
+                {"type": "importance_minimality", "coeff": 0.015, "p": 2.0, "p_final": 0.9,
+                 "anneal_start_frac": 0.0, "anneal_end_frac": 0.6},
                 {"type": "stochastic_recon", "coeff": 1.0},
                 {"type": "stochastic_recon", "coeff": 1.0, "routing": "layerwise"},
+                {"type": "ci_masked_recon", "coeff": 1.0},
             ],
-            "steps": 4000,
-            "batch_size": 1024,
-            "lr": 1e-3,
+            "steps": 6000,
+            "batch_size": 2048,
+            "lr": 5e-3,
             "schedule": {"type": "cosine", "warmup_frac": 0.0, "final_frac": 0.0},
             "eval_every": 1000,
             "eval_batch_size": 8192,
@@ -152,6 +167,5 @@ class TMS40Entry(TMSEntry):
 
     def default_config(self) -> dict[str, Any]:
         cfg = super().default_config()
-        cfg["modules"] = [{"pattern": "linear*", "C": 200}]
         cfg["steps"] = 8000
         return cfg
