@@ -157,6 +157,17 @@ def _run_decompose(config: Any, *, out: Path, device: str, target_steps: int | N
 
     from spd_mcp.model.decompose import decompose
 
+    console = _console()
+    plain = not console.is_terminal  # logs and CI: a line every 10% instead of a live bar
+
+    printed: dict[str, int] = {}
+
+    def log(kind: str, step: int, total: int, info: str) -> None:
+        decile = step * 10 // max(1, total)
+        if plain and decile > printed.get(kind, -1):
+            printed[kind] = decile
+            console.print(f"{kind} {step}/{total} {info}", highlight=False)
+
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -164,18 +175,21 @@ def _run_decompose(config: Any, *, out: Path, device: str, target_steps: int | N
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        console=_console(),
+        console=console,
+        disable=plain,
     ) as progress:
         tgt = progress.add_task("target", total=None, info="")
         spd = progress.add_task("SPD", total=config.steps, info="", visible=False)
 
         def on_target(step: int, total: int, loss: float) -> None:
             progress.update(tgt, completed=step, total=total, info=f"loss {loss:.4g}")
+            log("target", step, total, f"loss {loss:.4g}")
 
         def on_spd(step: int, total: int, latest: dict[str, float]) -> None:
             progress.update(tgt, visible=False)
             info = " ".join(f"{k}={v:.3g}" for k, v in latest.items() if k == "total")
             progress.update(spd, completed=step, total=total, info=info, visible=True)
+            log("SPD", step, total, info)
 
         return decompose(
             config, out=out, device=device, target_steps=target_steps, reporter=on_spd,

@@ -115,3 +115,14 @@ def test_position_mask_ignores_masked_positions():
     for kind in ("kl", "mse"):
         assert L.output_divergence(kind, a, b, mask).abs() < 1e-6
         assert L.output_divergence(kind, a, b, ~mask) > 0
+
+
+def test_layerwise_sampling_picks_distinct_single_layers():
+    from spd_mcp.model.masks import route_sets
+
+    names = [f"l{i}" for i in range(12)]
+    assert route_sets("layerwise", names) == [[n] for n in names]
+    picked = route_sets("layerwise", names, sample=3)
+    assert len(picked) == 3 and all(len(s) == 1 for s in picked)
+    assert len({s[0] for s in picked}) == 3
+    assert route_sets("all", names, sample=3) == [names]

@@ -77,6 +77,11 @@ class StochasticRecon(Strict):
     coeff: float = Field(ge=0)
     routing: Routing = "all"
     n_mask_samples: int = Field(1, ge=1)
+    layers_per_step: int | None = Field(
+        None, ge=1,
+        description="layerwise only: average over this many randomly chosen layers per step "
+        "(an unbiased estimate of the all-layer mean at a fraction of the cost)",
+    )
 
 
 class CIMaskedRecon(Strict):

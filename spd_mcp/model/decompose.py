@@ -110,6 +110,7 @@ def compute_losses(
                 cm, x, target_out, ci.lower, kind=output_loss, routing=loss.routing,
                 sampling=config.sampling, n_samples=loss.n_mask_samples,
                 use_delta=config.use_delta_component, mask=mask,
+                layers_per_step=loss.layers_per_step,
             )
         elif isinstance(loss, CIMaskedRecon):
             out[key] = L.ci_masked_recon_loss(

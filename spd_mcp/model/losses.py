@@ -72,10 +72,11 @@ def masked_recon_loss(
     routing: RoutingKind,
     dmasks: dict[str, Tensor] | None = None,
     mask: Tensor | None = None,
+    layers_per_step: int | None = None,
 ) -> Tensor:
     """Divergence between target output and the output with ``masks``, under a routing."""
     losses = []
-    for layers in route_sets(routing, cm.layer_names):
+    for layers in route_sets(routing, cm.layer_names, layers_per_step):
         routes = None
         if routing == "subset":
             lead = next(iter(masks.values())).shape[:-1]
@@ -102,13 +103,15 @@ def stochastic_recon_loss(
     n_samples: int = 1,
     use_delta: bool = True,
     mask: Tensor | None = None,
+    layers_per_step: int | None = None,
 ) -> Tensor:
     total = torch.zeros((), device=x.device)
     for _ in range(n_samples):
         masks = stochastic_masks(ci_lower, sampling)
         dm = delta_masks(ci_lower, sampling) if use_delta else None
         total = total + masked_recon_loss(
-            cm, x, target_out, masks, kind=kind, routing=routing, dmasks=dm, mask=mask
+            cm, x, target_out, masks, kind=kind, routing=routing, dmasks=dm, mask=mask,
+            layers_per_step=layers_per_step,
         )
     return total / n_samples
 

@@ -44,11 +44,17 @@ def ones_masks(ci: dict[str, Tensor]) -> dict[str, Tensor]:
 RoutingKind = Literal["all", "layerwise", "subset"]
 
 
-def route_sets(kind: RoutingKind, layers: list[str]) -> list[list[str]]:
-    """Layer sets for one loss evaluation: all layers at once, or one layer at a time."""
+def route_sets(
+    kind: RoutingKind, layers: list[str], sample: int | None = None
+) -> list[list[str]]:
+    """Layer sets for one loss evaluation: all layers at once, or one layer at a time
+    (``sample`` of them, drawn uniformly without replacement, when given)."""
     if kind == "all" or kind == "subset":
         return [list(layers)]
     if kind == "layerwise":
+        if sample is not None and sample < len(layers):
+            picks = torch.randperm(len(layers))[:sample].sort().values.tolist()
+            return [[layers[i]] for i in picks]
         return [[n] for n in layers]
     raise ValueError(f"unknown routing {kind!r}")
 

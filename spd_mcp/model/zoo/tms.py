@@ -117,12 +117,13 @@ class TMSEntry(ZooEntry):
             "modules": [{"pattern": "linear*", "C": C}, {"pattern": "hidden_layers.*", "C": C}]
             if self.k.n_hidden_layers
             else [{"pattern": "linear*", "C": C}],
-            "ci_fn": {"type": "mlp", "hidden": [8]},
+            # A CI function that sees the whole input tells superposed features apart.
+            "ci_fn": {"type": "vector_mlp", "hidden": [8]},
             "sampling": "binomial",
             "losses": [
                 {"type": "faithfulness", "coeff": 1.0},
-                # p = 2 early lets components specialise; annealing to p < 1 then prunes them.
-                {"type": "importance_minimality", "coeff": 0.015, "p": 2.0, "p_final": 0.9,
+                # p = 2 early lets components specialise; annealing to p = 1 then prunes them.
+                {"type": "importance_minimality", "coeff": 0.015, "p": 2.0, "p_final": 1.0,
                  "anneal_start_frac": 0.0, "anneal_end_frac": 0.6},
                 {"type": "stochastic_recon", "coeff": 1.0},
                 {"type": "stochastic_recon", "coeff": 1.0, "routing": "layerwise"},

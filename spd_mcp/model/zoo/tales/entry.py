@@ -110,17 +110,25 @@ class TalesEntry(ZooEntry):
             "ci_fn": {"type": "shared_mlp", "hidden": [64]},
             "sampling": "binomial",
             "losses": [
-                {"type": "faithfulness", "coeff": 100.0},
-                {"type": "importance_minimality", "coeff": 2e-4, "p": 1.0},
+                # Faithfulness stays on throughout (not only as a warm-up).
+                {"type": "faithfulness", "coeff": 1000.0},
+                # p annealed below 1 drives small CIs to exactly zero (L0 counts CI > 0).
+                {"type": "importance_minimality", "coeff": 4e-3, "p": 1.0, "p_final": 0.5,
+                 "anneal_start_frac": 0.1, "anneal_end_frac": 0.7},
                 {"type": "stochastic_recon", "coeff": 1.0},
-                {"type": "stochastic_recon", "coeff": 1.0, "routing": "layerwise"},
-                {"type": "ci_masked_recon", "coeff": 1.0},
+                {"type": "stochastic_recon", "coeff": 1.0, "routing": "layerwise",
+                 "layers_per_step": 2},
+                # Without a CI-masked term the CI-masked model can break while the stochastic
+                # reconstruction looks fine.
+                {"type": "ci_masked_recon", "coeff": 2.0},
             ],
-            "steps": 1000,
-            "batch_size": 32,
-            "lr": 2e-3,
+            "steps": 1600,
+            "batch_size": 16,
+            "lr": 5e-3,
             "schedule": {"type": "cosine", "warmup_frac": 0.05, "final_frac": 0.1},
-            "eval_every": 250,
+            "faithfulness_warmup_steps": 300,
+            "faithfulness_warmup_lr": 1e-2,
+            "eval_every": 400,
             "eval_batch_size": 64,
             "alive_threshold": 0.1,
         }
