@@ -195,6 +195,11 @@ class TalesEntry(ZooEntry):
             }
             for n in cm.layer_names
         }
+        blocks: dict[str, dict[str, float]] = {}
+        for name, row in layers.items():  # per transformer block: its six matrices together
+            b = blocks.setdefault(name.split(".")[0], {"l0": 0.0, "C": 0})
+            b["l0"] += row["l0"]
+            b["C"] += row["C"]
         return {
             "run": run.name,
             "behaviours": behaviours,
@@ -203,4 +208,5 @@ class TalesEntry(ZooEntry):
             "n_probes": n_probes,
             "held_out_tokens": int(tokens),
             "layers": layers,
+            "blocks": blocks,
         }
