@@ -5,7 +5,7 @@ losses and batch size, and, as a baseline measured in the same run, plain target
 (forward + backward + AdamW on the target alone, same batch). ``ratio`` = SPD step time / target
 step time: what one SPD step costs in units of ordinary training.
 
-    python benchmarks/decompose.py [--device cpu|cuda|auto] [--steps 50] [--warmup 10]
+    python benchmarks/decompose.py [--device cpu|cuda|auto] [--steps 50] [--warmup 10] [--threads N]
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--targets", nargs="+", default=["tms-5-2", "resid-mlp"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     results = {
         "device": device,

@@ -262,6 +262,8 @@ def _print_eval(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # logs and pipes: do not truncate the column headers
     if "behaviours" in result:
         bt = Table("behaviour", "target top-1", "CI top-1", "stochastic top-1",
                    title="planted behaviours (held-out probes)")
