@@ -184,13 +184,18 @@ class ComponentModel(nn.Module):
         with self._forward_state(st):
             return self.target(x)
 
-    def forward_with_inputs(self, x: Tensor, *, acts: bool = False, **kwargs) -> tuple[
-        Tensor, dict[str, Tensor], dict[str, Tensor] | None
-    ]:
+    def forward_with_inputs(
+        self,
+        x: Tensor,
+        *,
+        acts: bool = False,
+        masks: dict[str, Tensor] | None = None,
+        delta_masks: dict[str, Tensor | float] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None]:
         """Forward (target unless masks given) recording each decomposed layer's input and acts."""
-        st = _ForwardState(inputs={}, acts={} if acts else None)
-        for k, v in kwargs.items():
-            setattr(st, k, v or getattr(st, k))
+        st = _ForwardState(
+            masks=masks, delta_masks=delta_masks or {}, inputs={}, acts={} if acts else None
+        )
         with self._forward_state(st):
             out = self.target(x)
         assert st.inputs is not None
