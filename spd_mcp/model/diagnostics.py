@@ -43,6 +43,23 @@ def evaluate_batch(
     mask: Tensor | None = None,
 ) -> dict[str, Any]:
     """Diagnostics on one batch: recon under CI and stochastic masks, per-layer L0/alive/Δ."""
+    return diagnose_batch(
+        cm, x, output_loss=output_loss, sampling=sampling, alive_threshold=alive_threshold,
+        mask=mask,
+    )[0]
+
+
+@torch.no_grad()
+def diagnose_batch(
+    cm: ComponentModel,
+    x: Tensor,
+    *,
+    output_loss: OutputLoss,
+    sampling: SourceKind,
+    alive_threshold: float,
+    mask: Tensor | None = None,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``evaluate_batch``'s diagnostics plus the per-layer (C,) alive masks behind the counts."""
     out, ci = cm.ci_for(x)
     ci_out = cm(x, masks=ci.lower)
     st_out = cm(
@@ -63,8 +80,9 @@ def evaluate_batch(
         }
         for n, g in ci.lower.items()
     }
-    return {
+    summary = {
         "ci_masked_recon": output_divergence(output_loss, out, ci_out, mask).item(),
         "stochastic_recon": output_divergence(output_loss, out, st_out, mask).item(),
         "layers": layers,
     }
+    return summary, alive

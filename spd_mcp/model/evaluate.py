@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spd_mcp.model.diagnostics import alive_mask, delta_ratios, evaluate_batch
+from spd_mcp.model.diagnostics import diagnose_batch
 from spd_mcp.model.run_io import LoadedRun
 
 
@@ -52,23 +52,15 @@ def evaluate_run(run: LoadedRun, *, n_samples: int = 20_000, seed: int = 1234) -
     device = next(cm.parameters()).device.type
     output_loss = cfg.output_loss or run.target.output_loss
     x = run.target.sampler(n_samples, device)
-    diag = evaluate_batch(
+    diag, alive = diagnose_batch(
         cm, x, output_loss=output_loss, sampling=cfg.sampling, alive_threshold=cfg.alive_threshold
     )
-    _, ci = cm.ci_for(x)
-    alive = alive_mask(ci.lower, cfg.alive_threshold)
     entry = run.target.entry
     truth = entry.ground_truth(run.target.model) if entry is not None else {}
     expected = entry.expected_alive() if entry is not None else {}
-    ratios = delta_ratios(cm)
     layers: dict[str, dict[str, Any]] = {}
     for n in cm.layer_names:
-        row: dict[str, Any] = {
-            "C": cm.Cs[n],
-            "alive": int(alive[n].sum()),
-            "l0": diag["layers"][n]["l0"],
-            "delta_ratio": ratios[n],
-        }
+        row: dict[str, Any] = dict(diag["layers"][n])  # C, alive, l0, delta_ratio
         if n in expected:
             row["expected_alive"] = expected[n]
         if n in truth and alive[n].any():

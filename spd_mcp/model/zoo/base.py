@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
@@ -20,8 +20,14 @@ class TargetKwargs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ZooEntry(ABC):
-    """One built-in target: architecture, data, trainer, default decomposition, ground truth."""
+K = TypeVar("K", bound=TargetKwargs)
+
+
+class ZooEntry(ABC, Generic[K]):
+    """One built-in target: architecture, data, trainer, default decomposition, ground truth.
+
+    ``self.kwargs`` is the validated ``kwargs_model`` instance (typed ``K`` in subclasses).
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -33,7 +39,9 @@ class ZooEntry(ABC):
     """Torch CPU threads for this target (tiny models run fastest on one thread)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = self.kwargs_model.model_validate({**self.default_kwargs, **kwargs})
+        self.kwargs: K = self.kwargs_model.model_validate(  # type: ignore[assignment]
+            {**self.default_kwargs, **kwargs}
+        )
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -65,8 +73,8 @@ class ZooEntry(ABC):
         """Positions of a batch that count in losses and diagnostics (None: all)."""
         return None
 
-    def save_extras(self, run_dir: Path) -> None:  # noqa: B027 - optional hook
+    def save_extras(self, run_dir: Path) -> None:
         """Write extra files (e.g. a tokenizer) into a run directory being created."""
 
-    def load_extras(self, run_dir: Path) -> None:  # noqa: B027 - optional hook
+    def load_extras(self, run_dir: Path) -> None:
         """Read extra files from a run directory."""

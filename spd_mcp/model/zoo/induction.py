@@ -27,7 +27,7 @@ class InductionKwargs(TargetKwargs):
     n_heads: int = Field(2, gt=0)
 
 
-class InductionEntry(ZooEntry):
+class InductionEntry(ZooEntry[InductionKwargs]):
     name = "induction"
     description = "2-layer attention-only transformer trained to copy repeated random sequences"
     output_loss = "kl"
@@ -35,24 +35,20 @@ class InductionEntry(ZooEntry):
     target_steps = 2500
     cpu_threads = 1
 
-    @property
-    def k(self) -> InductionKwargs:
-        return self.kwargs  # type: ignore[return-value]
-
     def build_model(self) -> nn.Module:
-        k = self.k
+        k = self.kwargs
         cfg = TransformerConfig(vocab_size=k.vocab_size, d_model=k.d_model, n_layers=2,
                                 n_heads=k.n_heads, mlp=False, max_len=k.seq_len)
         return Transformer(cfg)
 
     def sample_batch(self, batch_size: int, device: str) -> Tensor:
-        half = self.k.seq_len // 2
-        first = torch.randint(0, self.k.vocab_size, (batch_size, half), device=device)
-        return torch.cat([first, first], dim=1)[:, : self.k.seq_len]  # (B, L)
+        half = self.kwargs.seq_len // 2
+        first = torch.randint(0, self.kwargs.vocab_size, (batch_size, half), device=device)
+        return torch.cat([first, first], dim=1)[:, : self.kwargs.seq_len]  # (B, L)
 
     def copy_accuracy(self, logits: Tensor, ids: Tensor) -> float:
         """Top-1 accuracy on the predictable positions (second half, excluding its first token)."""
-        half = self.k.seq_len // 2
+        half = self.kwargs.seq_len // 2
         pred = logits[:, half:-1].argmax(-1)  # predicts ids[:, half+1:]
         return (pred == ids[:, half + 1 :]).float().mean().item()
 

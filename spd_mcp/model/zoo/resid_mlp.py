@@ -53,22 +53,19 @@ class ResidMLP(nn.Module):
         return r @ self.W_E.T  # (B, n)
 
 
-class ResidMLPEntry(ZooEntry):
+class ResidMLPEntry(ZooEntry[ResidMLPKwargs]):
     name = "resid-mlp"
     description = "residual MLP computing 25 ReLUs with 12 neurons (compressed computation)"
     kwargs_model = ResidMLPKwargs
     target_steps = 4000
     cpu_threads = 1
 
-    @property
-    def k(self) -> ResidMLPKwargs:
-        return self.kwargs  # type: ignore[return-value]
-
     def build_model(self) -> nn.Module:
-        return ResidMLP(self.k.n_features, self.k.d_embed, self.k.d_mlp, self.k.embed_seed)
+        k = self.kwargs
+        return ResidMLP(k.n_features, k.d_embed, k.d_mlp, k.embed_seed)
 
     def sample_batch(self, batch_size: int, device: str) -> Tensor:
-        n, p = self.k.n_features, self.k.feature_probability
+        n, p = self.kwargs.n_features, self.kwargs.feature_probability
         active = torch.rand(batch_size, n, device=device) < p
         return (torch.rand(batch_size, n, device=device) * 2 - 1) * active
 
@@ -93,7 +90,7 @@ class ResidMLPEntry(ZooEntry):
         return {"loss": loss.item(), "seconds": time.time() - t0}
 
     def default_config(self) -> dict[str, Any]:
-        n = self.k.n_features
+        n = self.kwargs.n_features
         return {
             "name": self.name,
             "seed": 0,
@@ -116,4 +113,5 @@ class ResidMLPEntry(ZooEntry):
         }
 
     def expected_alive(self) -> dict[str, int]:
-        return {"layers.0.mlp_in": self.k.n_features, "layers.0.mlp_out": self.k.n_features}
+        n = self.kwargs.n_features
+        return {"layers.0.mlp_in": n, "layers.0.mlp_out": n}

@@ -55,22 +55,19 @@ def sparse_features(batch: int, n: int, p: float, device: str) -> Tensor:
     return torch.rand(batch, n, device=device) * active
 
 
-class TMSEntry(ZooEntry):
+class TMSEntry(ZooEntry[TMSKwargs]):
     name = "tms-5-2"
     description = "TMS: 5 sparse features in 2 dimensions (tied weights); ground truth known"
     kwargs_model = TMSKwargs
     target_steps = 3000
     cpu_threads = 1
 
-    @property
-    def k(self) -> TMSKwargs:
-        return self.kwargs  # type: ignore[return-value]
-
     def build_model(self) -> nn.Module:
-        return TMSModel(self.k.n_features, self.k.n_hidden, self.k.n_hidden_layers)
+        return TMSModel(self.kwargs.n_features, self.kwargs.n_hidden, self.kwargs.n_hidden_layers)
 
     def sample_batch(self, batch_size: int, device: str) -> Tensor:
-        return sparse_features(batch_size, self.k.n_features, self.k.feature_probability, device)
+        k = self.kwargs
+        return sparse_features(batch_size, k.n_features, k.feature_probability, device)
 
     n_instances: ClassVar[int] = 8
     """Target instances trained side by side; the best is kept (a single TMS run can lose
@@ -81,7 +78,7 @@ class TMSEntry(ZooEntry):
     ) -> dict[str, float]:
         assert isinstance(model, TMSModel)
         torch.manual_seed(seed)
-        K, n, m = self.n_instances, self.k.n_features, self.k.n_hidden
+        K, n, m = self.n_instances, self.kwargs.n_features, self.kwargs.n_hidden
         W = nn.Parameter(torch.randn(K, m, n, device=device) * (2 / (m + n)) ** 0.5)
         b = nn.Parameter(torch.zeros(K, n, device=device))
         opt = torch.optim.AdamW([W, b], lr=5e-3, weight_decay=0.0)
@@ -109,13 +106,13 @@ class TMSEntry(ZooEntry):
         return {"loss": per[best].item(), "instance": best, "seconds": time.time() - t0}
 
     def default_config(self) -> dict[str, Any]:
-        C = 2 * self.k.n_features  # twice as many components as true features
+        C = 2 * self.kwargs.n_features  # twice as many components as true features
         return {
             "name": self.name,
             "seed": 0,
             "target": {"zoo": self.name},
             "modules": [{"pattern": "linear*", "C": C}, {"pattern": "hidden_layers.*", "C": C}]
-            if self.k.n_hidden_layers
+            if self.kwargs.n_hidden_layers
             else [{"pattern": "linear*", "C": C}],
             # A CI function that sees the whole input tells superposed features apart.
             "ci_fn": {"type": "vector_mlp", "hidden": [8]},
@@ -148,10 +145,10 @@ class TMSEntry(ZooEntry):
         }
 
     def expected_alive(self) -> dict[str, int]:
-        out = {"linear1": self.k.n_features, "linear2": self.k.n_features}
-        for i in range(self.k.n_hidden_layers):
+        out = {"linear1": self.kwargs.n_features, "linear2": self.kwargs.n_features}
+        for i in range(self.kwargs.n_hidden_layers):
             # A tied identity is used by every feature; the minimal solution is its rank.
-            out[f"hidden_layers.{i}"] = self.k.n_hidden
+            out[f"hidden_layers.{i}"] = self.kwargs.n_hidden
         return out
 
 

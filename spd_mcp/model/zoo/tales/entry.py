@@ -40,7 +40,7 @@ class TalesKwargs(TargetKwargs):
     train_lr: float = Field(DEFAULT_LR, gt=0)
 
 
-class TalesEntry(ZooEntry):
+class TalesEntry(ZooEntry[TalesKwargs]):
     name = "tales"
     description = "2-layer Llama-style LM on generated children's stories with planted behaviours"
     output_loss = "kl"
@@ -54,17 +54,13 @@ class TalesEntry(ZooEntry):
         self._streams: dict[int, Iterator[Tensor]] = {}
 
     @property
-    def k(self) -> TalesKwargs:
-        return self.kwargs  # type: ignore[return-value]
-
-    @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_corpus(TalesCorpus)
         return self._tokenizer
 
     def transformer_config(self) -> TransformerConfig:
-        k = self.k
+        k = self.kwargs
         return TransformerConfig(
             vocab_size=self.tokenizer.vocab_size, d_model=k.d_model, n_layers=k.n_layers,
             n_heads=k.n_heads, d_mlp=k.d_mlp, max_len=k.max_len,
@@ -79,8 +75,8 @@ class TalesEntry(ZooEntry):
         assert isinstance(model, Transformer)
         t0 = time.time()
         loss = train_tales_model(
-            model, self.tokenizer, seed=seed, steps=steps, batch_size=self.k.train_batch_size,
-            device=device, lr=self.k.train_lr, num_threads=None, progress=progress,
+            model, self.tokenizer, seed=seed, steps=steps, batch_size=self.kwargs.train_batch_size,
+            device=device, lr=self.kwargs.train_lr, num_threads=None, progress=progress,
         )
         scores = evaluate_behaviours(model, self.tokenizer, device=device)
         return {"loss": loss, "seconds": time.time() - t0,
@@ -90,7 +86,7 @@ class TalesEntry(ZooEntry):
         """Right-padded (B, T) story batches from the SPD data stream (deterministic)."""
         if batch_size not in self._streams:
             self._streams[batch_size] = story_batches(
-                self.tokenizer, SPD_DATA_SEED + batch_size, batch_size, max_len=self.k.max_len
+                self.tokenizer, SPD_DATA_SEED + batch_size, batch_size, max_len=self.kwargs.max_len
             )
         return next(self._streams[batch_size]).to(device)
 
@@ -166,7 +162,7 @@ class TalesEntry(ZooEntry):
                   for k, f in fns.items()}
         behaviours = {b: {k: per_fn[k][b] for k in fns} for b in per_fn["target_top1"]}
 
-        batches = story_batches(self.tokenizer, HELD_OUT_TEXT_SEED, 64, max_len=self.k.max_len)
+        batches = story_batches(self.tokenizer, HELD_OUT_TEXT_SEED, 64, max_len=self.kwargs.max_len)
         kl_ci = kl_st = tokens = 0.0
         l0: dict[str, float] = {n: 0.0 for n in cm.layer_names}
         alive = {n: torch.zeros(cm.Cs[n], dtype=torch.bool, device=device) for n in cm.layer_names}
