@@ -27,7 +27,7 @@ from spd_mcp.model.config import (
     StochasticRecon,
     ZooTarget,
 )
-from spd_mcp.model.diagnostics import evaluate_batch
+from spd_mcp.model.diagnostics import diagnose_batch
 from spd_mcp.model.run_io import save_run
 from spd_mcp.model.targets import ResolvedTarget, resolve_target
 
@@ -188,10 +188,10 @@ def evaluate(
 ) -> dict[str, Any]:
     output_loss = config.output_loss or target.output_loss
     x = target.sampler(config.eval_batch_size, device)
-    return evaluate_batch(
+    return diagnose_batch(
         cm, x, output_loss=output_loss, sampling=config.sampling,
         alive_threshold=config.alive_threshold, mask=target.position_mask(x),
-    )
+    )[0]
 
 
 def decompose(

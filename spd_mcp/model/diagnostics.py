@@ -33,23 +33,6 @@ def delta_ratios(cm: ComponentModel) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_batch(
-    cm: ComponentModel,
-    x: Tensor,
-    *,
-    output_loss: OutputLoss,
-    sampling: SourceKind,
-    alive_threshold: float,
-    mask: Tensor | None = None,
-) -> dict[str, Any]:
-    """Diagnostics on one batch: recon under CI and stochastic masks, per-layer L0/alive/Δ."""
-    return diagnose_batch(
-        cm, x, output_loss=output_loss, sampling=sampling, alive_threshold=alive_threshold,
-        mask=mask,
-    )[0]
-
-
-@torch.no_grad()
 def diagnose_batch(
     cm: ComponentModel,
     x: Tensor,
@@ -59,7 +42,8 @@ def diagnose_batch(
     alive_threshold: float,
     mask: Tensor | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``evaluate_batch``'s diagnostics plus the per-layer (C,) alive masks behind the counts."""
+    """Diagnostics on one batch — recon under CI and stochastic masks, per-layer L0 / alive / Δ —
+    and the per-layer (C,) alive masks behind the counts."""
     out, ci = cm.ci_for(x)
     ci_out = cm(x, masks=ci.lower)
     st_out = cm(
