@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
 
     sub.add_parser("runs", help="list local and shipped runs")
+
+    sv = sub.add_parser("serve", help="serve a run over MCP (stdio, or streamable HTTP)")
+    sv.add_argument("--run", default="tales", help="run directory or name (default: tales)")
+    sv.add_argument("--http", action="store_true", help="streamable HTTP instead of stdio")
+    sv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
+    sv.add_argument("--port", type=int, default=8765, help="HTTP port (0 = OS-assigned)")
+    sv.add_argument("--token", default=None,
+                    help="require 'Authorization: Bearer TOKEN' (mandatory off loopback)")
+    sv.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+    sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
 
@@ -95,6 +105,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _decompose(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "serve":
+        from spd_mcp.model.decompose import resolve_device
+        from spd_mcp.server import check_bind, serve
+
+        if args.http:
+            check_bind(args.host, args.token)
+        if not 0 <= args.port < 65536:
+            return _fail(f"--port must be 0..65535, got {args.port}")
+        serve(args.run, http=args.http, host=args.host, port=args.port, token=args.token,
+              device=resolve_device(args.device), threads=args.threads)
+        return 0
     raise AssertionError(args.command)
 
 

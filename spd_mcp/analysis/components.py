@@ -1,0 +1,280 @@
+"""Per-prompt component views: active components, a component's probe, its vectors, search by
+examples, and generation from the target."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from spd_mcp.keys import ComponentKey, component_key
+from spd_mcp.model.zoo.transformer import Transformer
+
+from .session import AnalysisError, RunSession
+
+
+class ActiveComponent(BaseModel):
+    key: str
+    ci: float
+    act: float = Field(description="component activation x·V[:, c]")
+
+
+class PositionCI(BaseModel):
+    pos: int
+    token: str
+    n_active: int = Field(description="components with CI > threshold at this position")
+    top: list[ActiveComponent]
+
+
+class CIResult(BaseModel):
+    tokens: list[str]
+    threshold: float
+    layers: list[str]
+    n_active_total: int
+    positions: list[PositionCI]
+    truncated: bool = Field(description="true when some positions list only their top components")
+
+
+@torch.no_grad()
+def active_components(
+    session: RunSession,
+    ids: list[int],
+    *,
+    threshold: float = 0.0,
+    layers: Sequence[str] | None = None,
+    positions: Sequence[int] | None = None,
+    top_per_position: int = 10,
+) -> CIResult:
+    nat = session.natural_ci(ids)
+    names = list(layers) if layers else session.layers
+    rows = []
+    truncated = False
+    show = list(positions) if positions is not None else list(range(len(ids)))
+    # Flatten (layer, c) per position with tensor ops; C may differ between layers.
+    flat_ci = torch.cat([nat.ci[n] for n in names], dim=-1)  # (T, ΣC)
+    flat_act = torch.cat([nat.acts[n] for n in names], dim=-1)  # (T, ΣC)
+    owners = [(n, c) for n in names for c in range(session.keys.Cs[n])]
+    active = flat_ci > threshold  # (T, ΣC)
+    counts = active.sum(-1).tolist()
+    total = int(sum(counts[p] for p in show))
+    k = min(top_per_position, flat_ci.shape[-1])
+    vals, idx = flat_ci.masked_fill(~active, -1.0).topk(k, dim=-1)  # (T, k)
+    for p in show:
+        top = []
+        for v, i in zip(vals[p].tolist(), idx[p].tolist(), strict=True):
+            if v < 0:
+                break
+            n, c = owners[i]
+            top.append(ActiveComponent(key=component_key(n, c), ci=round(v, 4),
+                                       act=round(float(flat_act[p, i]), 4)))
+        truncated |= counts[p] > len(top)
+        rows.append(PositionCI(pos=p, token=session.token_str(ids[p]), n_active=counts[p], top=top))
+    return CIResult(tokens=session.tokens(ids), threshold=threshold, layers=names,
+                    n_active_total=total, positions=rows, truncated=truncated)
+
+
+class ProbeRow(BaseModel):
+    pos: int
+    token: str
+    ci: float
+    act: float
+
+
+class ProbeResult(BaseModel):
+    key: str
+    max_ci: float
+    firing_positions: list[int] = Field(description="positions where CI > 0")
+    positions: list[ProbeRow]
+
+
+@torch.no_grad()
+def probe_component(session: RunSession, ids: list[int], key: ComponentKey) -> ProbeResult:
+    nat = session.natural_ci(ids)
+    g = nat.ci[key.layer][:, key.c]  # (T,)
+    a = nat.acts[key.layer][:, key.c]  # (T,)
+    rows = [
+        ProbeRow(pos=p, token=session.token_str(t), ci=round(ci, 4), act=round(act, 4))
+        for p, (t, ci, act) in enumerate(zip(ids, g.tolist(), a.tolist(), strict=True))
+    ]
+    return ProbeResult(key=str(key), max_ci=round(float(g.max()), 4),
+                       firing_positions=(g > 0).nonzero().flatten().tolist(), positions=rows)
+
+
+class TokenScore(BaseModel):
+    token: str
+    score: float
+
+
+class ComponentVectors(BaseModel):
+    key: str
+    d_in: int
+    d_out: int
+    read_norm: float
+    write_norm: float
+    reads_from: str = Field(description="what the read vector V[:, c] is applied to")
+    writes_to: str = Field(description="where the write vector U[c] goes")
+    top_boosted: list[TokenScore] | None = Field(
+        None, description="tokens whose logits the write vector raises most (direct path)"
+    )
+    top_suppressed: list[TokenScore] | None = None
+    top_reading: list[TokenScore] | None = Field(
+        None, description="tokens whose embeddings most excite the read vector (direct path)"
+    )
+    read_vector: list[float] | None = None
+    write_vector: list[float] | None = None
+
+
+@torch.no_grad()
+def component_vectors(
+    session: RunSession, key: ComponentKey, *, top_k: int = 10, include_vectors: bool = False
+) -> ComponentVectors:
+    V, U = session.component_vectors(key)
+    model = session.run.target.model
+    out = ComponentVectors(
+        key=str(key), d_in=V.shape[0], d_out=U.shape[0], read_norm=round(float(V.norm()), 5),
+        write_norm=round(float(U.norm()), 5), reads_from="layer input", writes_to="layer output",
+    )
+    if isinstance(model, Transformer) and session.tokenizer is not None:
+        matrix = key.layer.split(".")[-1]
+        d = model.config.d_model
+        if matrix in ("o", "down") and U.shape[0] == d:
+            out.writes_to = "residual stream"
+            # Direct path to the logits: the final RMSNorm's gain, then the unembedding.
+            logits = model.unembed.weight @ (U * model.final_norm.weight)  # (vocab,)
+            out.top_boosted = _token_scores(session, logits, top_k)
+            out.top_suppressed = _token_scores(session, -logits, top_k, negate=True)
+        if matrix in ("q", "k", "v", "up") and V.shape[0] == d:
+            out.reads_from = "normalised residual stream"
+            block = model.blocks[int(key.layer.split(".")[0])]
+            norm = block.attn_norm if matrix != "up" else block.mlp_norm
+            assert norm is not None
+            emb = F.normalize(model.embed.weight, dim=-1) * d**0.5 * norm.weight  # (vocab, d)
+            out.top_reading = _token_scores(session, emb @ V, top_k)
+    if include_vectors:
+        out.read_vector = [round(v, 5) for v in V.tolist()]
+        out.write_vector = [round(v, 5) for v in U.tolist()]
+    return out
+
+
+def _token_scores(
+    session: RunSession, scores: torch.Tensor, k: int, *, negate: bool = False
+) -> list[TokenScore]:
+    vals, idx = scores.topk(min(k, scores.shape[0]))
+    sign = -1.0 if negate else 1.0
+    return [TokenScore(token=session.token_str(i), score=round(sign * v, 4))
+            for v, i in zip(vals.tolist(), idx.tolist(), strict=True)]
+
+
+class ExampleScore(BaseModel):
+    key: str
+    mean_ci: float = Field(description="mean CI at the example positions")
+    frac_firing: float = Field(description="fraction of examples where CI > 0")
+    background_mean_ci: float = Field(description="mean CI over a dataset sample")
+    score: float = Field(description="mean_ci − background_mean_ci")
+
+
+class ExamplesResult(BaseModel):
+    n_examples: int
+    candidates: list[ExampleScore]
+
+
+@torch.no_grad()
+def background_ci(session: RunSession, n_docs: int = 32) -> dict[str, torch.Tensor]:
+    """Mean natural CI per component over a dataset sample (cached on the session)."""
+    cached = getattr(session, "_background_ci", None)
+    if cached is not None:
+        return cached
+    entry = session.run.target.entry
+    texts = getattr(entry, "dataset_texts", None)
+    if texts is None:
+        raise AnalysisError(f"run {session.run.name!r} has no text dataset for a background")
+    sums = {n: torch.zeros(C, device=session.device) for n, C in session.keys.Cs.items()}
+    count = 0
+    for text in texts(n_docs):
+        ids = session.tokenizer.encode(text)[: session.max_len or None]
+        nat = session.natural_ci(ids)
+        for n, g in nat.ci.items():
+            sums[n] += g.sum(0)
+        count += len(ids)
+    out = {n: s / max(count, 1) for n, s in sums.items()}
+    session._background_ci = out  # type: ignore[attr-defined]
+    return out
+
+
+@torch.no_grad()
+def find_by_examples(
+    session: RunSession,
+    examples: Sequence[tuple[list[int], int]],
+    *,
+    layers: Sequence[str] | None = None,
+    top_k: int = 20,
+    min_frac: float = 0.5,
+) -> ExamplesResult:
+    """Components whose CI is high at the given (ids, position) examples relative to background."""
+    names = list(layers) if layers else session.layers
+    bg = background_ci(session)
+    sums = {n: torch.zeros(session.keys.Cs[n], device=session.device) for n in names}
+    fires = {n: torch.zeros_like(s) for n, s in sums.items()}
+    for ids, pos in examples:
+        nat = session.natural_ci(ids)
+        for n in names:
+            g = nat.ci[n][pos]
+            sums[n] += g
+            fires[n] += (g > 0).float()
+    E = len(examples)
+    flat_mean = torch.cat([sums[n] / E for n in names])
+    flat_frac = torch.cat([fires[n] / E for n in names])
+    flat_bg = torch.cat([bg[n] for n in names])
+    score = (flat_mean - flat_bg).masked_fill(flat_frac < min_frac, float("-inf"))
+    owners = [(n, c) for n in names for c in range(session.keys.Cs[n])]
+    vals, idx = score.topk(min(top_k, score.shape[0]))
+    out = []
+    for v, i in zip(vals.tolist(), idx.tolist(), strict=True):
+        if v == float("-inf"):
+            break
+        n, c = owners[i]
+        out.append(ExampleScore(
+            key=component_key(n, c), mean_ci=round(float(flat_mean[i]), 4),
+            frac_firing=round(float(flat_frac[i]), 4),
+            background_mean_ci=round(float(flat_bg[i]), 4), score=round(v, 4)))
+    return ExamplesResult(n_examples=E, candidates=out)
+
+
+class Generation(BaseModel):
+    prompt_tokens: list[str]
+    generated: list[str]
+    text: str
+    token_probs: list[float] = Field(description="probability of each generated token")
+
+
+@torch.no_grad()
+def generate(
+    session: RunSession, ids: list[int], *, max_new_tokens: int = 20, temperature: float = 0.0,
+    seed: int = 0,
+) -> Generation:
+    """Greedy (temperature 0) or sampled continuation from the target model."""
+    model = session.run.target.model
+    limit = session.max_len or (len(ids) + max_new_tokens)
+    out = list(ids)
+    probs: list[float] = []
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    eos = getattr(session.tokenizer, "eos_id", None)
+    for _ in range(max_new_tokens):
+        if len(out) >= limit:
+            break
+        logits = model(session.ids_tensor(out))[0, -1].float()  # (V,)
+        p = F.softmax(logits, -1)
+        if temperature <= 0:
+            nxt = int(p.argmax())
+        else:
+            q = F.softmax(logits / temperature, -1).cpu()
+            nxt = int(torch.multinomial(q, 1, generator=g))
+        probs.append(round(float(p[nxt]), 5))
+        out.append(nxt)
+        if nxt == eos:
+            break
+    new = out[len(ids):]
+    return Generation(prompt_tokens=session.tokens(ids), generated=session.tokens(new),
+                      text=session.tokenizer.decode(out), token_probs=probs)

@@ -1,0 +1,149 @@
+"""The compute executor ("GPU lock"): one worker thread owns the device.
+
+Heavy calls are queued FIFO and run one at a time on the worker, so device work never overlaps;
+cheap calls never touch it. A bounded queue and a bounded wait turn overload into a fast
+:class:`Busy` error ("retry in ~N s") instead of a hang. A job whose caller went away before it
+started is skipped; a job that started runs to the end (the lock is released when the computation
+ends, not when a client disconnects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Busy(RuntimeError):
+    """The executor cannot take or start the job in time."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class JobRecord:
+    name: str
+    queued: float
+    started: float
+    ended: float
+    ok: bool
+
+
+@dataclass
+class _Job:
+    name: str
+    fn: Callable[[], Any]
+    future: cf.Future[Any]
+    queued: float
+
+
+class ComputeExecutor:
+    """FIFO single-worker executor with a queue bound and a wait bound."""
+
+    def __init__(
+        self, *, max_queue: int = 16, max_wait_s: float = 120.0, history: int = 256
+    ) -> None:
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._pending = 0  # queued or running
+        self._lock = threading.Lock()
+        self._durations: deque[float] = deque(maxlen=32)
+        self.history: deque[JobRecord] = deque(maxlen=history)
+        self.running: str | None = None
+        self._thread = threading.Thread(target=self._work, name="spd-compute", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------- worker
+    def _work(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            try:
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # the caller gave up before the job started
+                self.running = job.name
+                started = time.monotonic()
+                ok = False
+                try:
+                    result = job.fn()
+                    ok = True
+                    job.future.set_result(result)
+                except BaseException as exc:  # handed to the caller
+                    job.future.set_exception(exc)
+                finally:
+                    ended = time.monotonic()
+                    self.running = None
+                    self._durations.append(ended - started)
+                    self.history.append(JobRecord(job.name, job.queued, started, ended, ok))
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    # ----------------------------------------------------------------------------- API
+    def mean_duration(self) -> float:
+        return sum(self._durations) / len(self._durations) if self._durations else 1.0
+
+    def estimated_wait(self) -> float:
+        with self._lock:
+            pending = self._pending
+        return pending * self.mean_duration()
+
+    def submit(self, name: str, fn: Callable[[], T]) -> cf.Future[T]:
+        """Queue ``fn``; raises :class:`Busy` at once when the queue is full."""
+        with self._lock:
+            if self._pending >= self.max_queue:
+                wait = self._pending * self.mean_duration()
+                raise Busy(
+                    f"busy: {self._pending} compute jobs are queued or running (limit "
+                    f"{self.max_queue}); retry in ~{wait:.0f} s",
+                    wait,
+                )
+            self._pending += 1
+        fut: cf.Future[T] = cf.Future()
+        self._q.put(_Job(name, fn, fut, time.monotonic()))
+        return fut
+
+    async def run(self, name: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker and await it without blocking the event loop.
+
+        If it has not started within ``max_wait_s`` it is withdrawn and :class:`Busy` is raised.
+        If the awaiting task is cancelled, a queued job is withdrawn; a running one finishes.
+        """
+        fut = self.submit(name, fn)
+        afut = asyncio.wrap_future(fut)
+        deadline = time.monotonic() + self.max_wait_s
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if fut.running() or fut.done() or remaining <= 0:
+                    break
+                done, _ = await asyncio.wait({afut}, timeout=min(0.05, remaining))
+                if done:
+                    break
+            if not (fut.running() or fut.done()) and fut.cancel():
+                wait = self.estimated_wait()
+                raise Busy(
+                    f"busy: the job did not start within {self.max_wait_s:.0f} s; "
+                    f"retry in ~{max(wait, 1):.0f} s",
+                    wait,
+                )
+            return await asyncio.shield(afut)
+        except asyncio.CancelledError:
+            fut.cancel()  # only succeeds if it has not started
+            raise
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)

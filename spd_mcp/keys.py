@@ -1,0 +1,148 @@
+"""Canonical layer, component and node keys: one grammar, parsed and validated here only.
+
+- layer: a canonical layer name (``0.attn.q``, ``1.mlp.down``, ``embed``, ``output``; toys use
+  their module paths, e.g. ``linear1``);
+- component: ``"{layer}:{c}"`` (``0.mlp.up:17``);
+- node (a component at a position): ``"{layer}:{pos}:{c}"``; ``embed:{pos}:0``;
+  ``output:{pos}:{token_id}``.
+
+Errors name the key, say what is wrong and list what is valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+EMBED = "embed"
+OUTPUT = "output"
+
+
+class BadKeyError(ValueError):
+    """A malformed or out-of-range key (a ValueError so callers can treat it as bad input)."""
+
+
+@dataclass(frozen=True, order=True)
+class ComponentKey:
+    layer: str
+    c: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{self.c}"
+
+
+@dataclass(frozen=True, order=True)
+class NodeKey:
+    layer: str
+    pos: int
+    index: int
+    """Component index, 0 for ``embed``, the token id for ``output``."""
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{self.pos}:{self.index}"
+
+    @property
+    def component(self) -> ComponentKey:
+        return ComponentKey(self.layer, self.index)
+
+
+def component_key(layer: str, c: int) -> str:
+    return f"{layer}:{c}"
+
+
+def node_key(layer: str, pos: int, index: int) -> str:
+    return f"{layer}:{pos}:{index}"
+
+
+def _int(part: str, what: str, key: str) -> int:
+    try:
+        value = int(part)
+    except ValueError:
+        raise BadKeyError(f"{key!r}: {what} {part!r} is not an integer") from None
+    if value < 0:
+        raise BadKeyError(f"{key!r}: {what} {value} is negative")
+    return value
+
+
+class KeySpace:
+    """The keys valid for one run: decomposed layers (canonical name → C), vocabulary size."""
+
+    def __init__(self, layers: Mapping[str, int], vocab_size: int | None = None) -> None:
+        self.Cs: dict[str, int] = dict(layers)
+        self.vocab_size = vocab_size
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.Cs)
+
+    def _valid_layers(self) -> str:
+        return ", ".join(self.Cs)
+
+    def layer(self, name: str) -> str:
+        """Validate a decomposed layer name."""
+        if name not in self.Cs:
+            raise BadKeyError(
+                f"unknown layer {name!r}; valid layers: {self._valid_layers()}"
+            )
+        return name
+
+    def _index(self, layer: str, c: int, key: str) -> None:
+        C = self.Cs[layer]
+        if c >= C:
+            raise BadKeyError(
+                f"{key!r}: component index {c} out of range for {layer} (C={C}: 0..{C - 1})"
+            )
+
+    def component(self, key: str) -> ComponentKey:
+        """Parse ``"{layer}:{c}"``."""
+        if not isinstance(key, str) or key.count(":") != 1:
+            raise BadKeyError(
+                f"component key {key!r} must look like 'LAYER:C' (e.g. "
+                f"'{next(iter(self.Cs), 'layer')}:0'); valid layers: {self._valid_layers()}"
+            )
+        layer, c_str = key.split(":")
+        self.layer_checked(layer, key)
+        c = _int(c_str, "component index", key)
+        self._index(layer, c, key)
+        return ComponentKey(layer, c)
+
+    def layer_checked(self, layer: str, key: str) -> None:
+        if layer not in self.Cs:
+            raise BadKeyError(
+                f"{key!r}: unknown layer {layer!r}; valid layers: {self._valid_layers()}"
+            )
+
+    def node(self, key: str, n_pos: int, *, allow_special: bool = True) -> NodeKey:
+        """Parse ``"{layer}:{pos}:{c}"`` (and ``embed:{pos}:0`` / ``output:{pos}:{tok}``)."""
+        if not isinstance(key, str) or key.count(":") != 2:
+            raise BadKeyError(
+                f"node key {key!r} must look like 'LAYER:POS:C' (e.g. "
+                f"'{next(iter(self.Cs), 'layer')}:0:0'); valid layers: {self._valid_layers()}"
+            )
+        layer, p_str, i_str = key.split(":")
+        pos = _int(p_str, "position", key)
+        if pos >= n_pos:
+            raise BadKeyError(f"{key!r}: position {pos} out of range (prompt has {n_pos} tokens: "
+                            f"0..{n_pos - 1})")
+        index = _int(i_str, "index", key)
+        if allow_special and layer == EMBED:
+            if index != 0:
+                raise BadKeyError(f"{key!r}: embed nodes have index 0")
+            return NodeKey(layer, pos, 0)
+        if allow_special and layer == OUTPUT:
+            if self.vocab_size is not None and index >= self.vocab_size:
+                raise BadKeyError(
+                    f"{key!r}: token id {index} out of range (vocab {self.vocab_size})"
+                )
+            return NodeKey(layer, pos, index)
+        self.layer_checked(layer, key)
+        self._index(layer, index, key)
+        return NodeKey(layer, pos, index)
+
+    def components(self, keys: Sequence[str]) -> list[ComponentKey]:
+        return [self.component(k) for k in keys]
+
+    def nodes(
+        self, keys: Sequence[str], n_pos: int, *, allow_special: bool = True
+    ) -> list[NodeKey]:
+        return [self.node(k, n_pos, allow_special=allow_special) for k in keys]

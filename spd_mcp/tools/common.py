@@ -1,0 +1,148 @@
+"""Shared plumbing for tool adapters: app state, strict registration, errors, compute, progress."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools.base import Tool
+from mcp_types import ToolAnnotations
+from pydantic import ConfigDict
+
+from spd_mcp.analysis.dataset import DatasetIndex
+from spd_mcp.analysis.session import AnalysisError, RunSession
+from spd_mcp.executor import Busy, ComputeExecutor
+from spd_mcp.keys import BadKeyError
+from spd_mcp.store import AppStore
+
+T = TypeVar("T")
+
+MAX_TEXT_CHARS = 4000
+DATASET_DOCS = 2000
+
+
+@dataclass
+class AppState:
+    """What the lifespan builds once and every tool shares."""
+
+    session: RunSession
+    executor: ComputeExecutor
+    store: AppStore
+    _dataset: DatasetIndex | None = None
+    _dataset_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def dataset(self) -> DatasetIndex:
+        """The dataset index, built on first use off the event loop (not on the compute worker:
+        it only tokenises text)."""
+        async with self._dataset_lock:
+            if self._dataset is None:
+                self._dataset = await asyncio.to_thread(
+                    DatasetIndex.build, self.session, DATASET_DOCS
+                )
+            return self._dataset
+
+
+def state(ctx: Context) -> AppState:
+    return ctx.request_context.lifespan_context  # type: ignore[no-any-return]
+
+
+def fail(message: str) -> ToolError:
+    return ToolError(message)
+
+
+def check_text(text: str, name: str = "text") -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise fail(f"{name} is empty; give at least one word")
+    if len(text) > MAX_TEXT_CHARS:
+        raise fail(f"{name} has {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+    return text
+
+
+async def resolve_prompt(
+    st: AppState, text: str | None, prompt_id: int | None
+) -> tuple[list[int], int]:
+    """Token ids and stored prompt id from exactly one of ``text`` / ``prompt_id``."""
+    if (text is None) == (prompt_id is None):
+        raise fail("give exactly one of text or prompt_id")
+    if prompt_id is not None:
+        found = await st.store.get_prompt(prompt_id)
+        if found is None:
+            n = await st.store.count_prompts()
+            raise fail(f"prompt_id {prompt_id} does not exist ({n} prompts stored; "
+                       "create one with create_prompt)")
+        return found[0], prompt_id
+    assert text is not None
+    check_text(text)
+    try:
+        ids = st.session.encode(text)
+    except AnalysisError as e:
+        raise fail(f"text: {e}") from None
+    return ids, await st.store.get_or_create_prompt(ids, text)
+
+
+def check_position(pos: int | None, n: int, name: str = "position") -> int:
+    if pos is None:
+        return n - 1
+    if not -n <= pos < n:
+        raise fail(f"{name} {pos} out of range (prompt has {n} tokens: 0..{n - 1}, or -1 for last)")
+    return pos % n
+
+
+class Progress:
+    """Thread-safe progress reporter: the compute worker calls it, the event loop sends it."""
+
+    def __init__(self, ctx: Context, loop: asyncio.AbstractEventLoop, message: str) -> None:
+        self.ctx, self.loop, self.message = ctx, loop, message
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < 0.2:
+            return
+        self._last = now
+        asyncio.run_coroutine_threadsafe(
+            self.ctx.report_progress(done, total, self.message), self.loop
+        )
+
+
+async def compute(ctx: Context, name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the compute worker; turn input errors and overload into ToolErrors."""
+    st = state(ctx)
+    try:
+        return await st.executor.run(name, fn)
+    except Busy as e:
+        raise fail(str(e)) from None
+    except (AnalysisError, BadKeyError) as e:
+        raise fail(str(e)) from None
+
+
+def guard(fn: Callable[[], T]) -> T:
+    """Run a cheap synchronous step, mapping input errors to ToolErrors."""
+    try:
+        return fn()
+    except (AnalysisError, BadKeyError) as e:
+        raise fail(str(e)) from None
+
+
+READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True,
+                            openWorldHint=False)
+STORES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True,
+                         openWorldHint=False)
+
+
+def strict_tool(fn: Callable[..., Any], annotations: ToolAnnotations, title: str) -> Tool:
+    """A Tool whose argument model rejects unknown keys (a typo must not pass silently)."""
+    tool = Tool.from_function(fn, annotations=annotations, title=title, structured_output=True)
+    base = tool.fn_metadata.arg_model
+    strict = type(base.__name__, (base,), {
+        "model_config": ConfigDict(**{**base.model_config, "extra": "forbid"}),
+        "__module__": base.__module__,
+    })
+    tool.fn_metadata.arg_model = strict
+    tool.parameters = strict.model_json_schema(by_alias=True)
+    return tool

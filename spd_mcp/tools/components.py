@@ -1,0 +1,129 @@
+"""Component tools: get_ci, probe_component, get_component_vectors, find_components_by_examples."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.tools.base import Tool
+from pydantic import BaseModel, ConfigDict, Field
+
+from spd_mcp.analysis.components import (
+    CIResult,
+    ComponentVectors,
+    ExamplesResult,
+    ProbeResult,
+    active_components,
+    component_vectors,
+    find_by_examples,
+    probe_component,
+)
+
+from .common import (
+    READ_ONLY,
+    check_position,
+    compute,
+    fail,
+    guard,
+    resolve_prompt,
+    state,
+    strict_tool,
+)
+
+TextArg = Annotated[str | None, Field(description="prompt text (or give prompt_id)")]
+PromptIdArg = Annotated[int | None, Field(description="a stored prompt's id (or give text)")]
+
+
+async def get_ci(
+    ctx: Context,
+    text: TextArg = None,
+    prompt_id: PromptIdArg = None,
+    threshold: Annotated[float, Field(ge=0, le=1, description="list CI above this")] = 0.0,
+    layers: Annotated[list[str] | None, Field(description="canonical layers; default all")] = None,
+    positions: Annotated[list[int] | None, Field(description="positions; default all")] = None,
+    top_per_position: Annotated[int, Field(ge=1, le=100)] = 10,
+) -> CIResult:
+    """Natural causal importance per position: which components the model needs where.
+    Example: get_ci(text="the ball was", top_per_position=5)."""
+    st = state(ctx)
+    ids, _ = await resolve_prompt(st, text, prompt_id)
+    if layers is not None:
+        layers = [guard(lambda n=n: st.session.keys.layer(n)) for n in layers]
+    if positions is not None:
+        positions = [check_position(p, len(ids), "positions[]") for p in positions]
+    return await compute(ctx, "get_ci", lambda: active_components(
+        st.session, ids, threshold=threshold, layers=layers, positions=positions,
+        top_per_position=top_per_position))
+
+
+async def probe_component_tool(
+    ctx: Context,
+    component: Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")],
+    text: TextArg = None,
+    prompt_id: PromptIdArg = None,
+) -> ProbeResult:
+    """One component's CI and activation at every position of a prompt.
+    Example: probe_component(component="1.mlp.down:5", text="mia had a friend called tom")."""
+    st = state(ctx)
+    key = guard(lambda: st.session.keys.component(component))
+    ids, _ = await resolve_prompt(st, text, prompt_id)
+    return await compute(ctx, "probe_component", lambda: probe_component(st.session, ids, key))
+
+
+probe_component_tool.__name__ = "probe_component"
+
+
+async def get_component_vectors(
+    ctx: Context,
+    component: Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.mlp.down:5'")],
+    top_k: Annotated[int, Field(ge=1, le=50)] = 10,
+    include_vectors: Annotated[bool, Field(description="also return the raw vectors")] = False,
+) -> ComponentVectors:
+    """A component's read (V column) and write (U row) vectors: norms, and the tokens they boost
+    or suppress through the unembedding (writers to the residual stream) or read from the
+    embedding (readers of it) — direct paths only."""
+    st = state(ctx)
+    key = guard(lambda: st.session.keys.component(component))
+    return await compute(ctx, "get_component_vectors", lambda: component_vectors(
+        st.session, key, top_k=top_k, include_vectors=include_vectors))
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(description="an example text")
+    position: int = Field(-1, description="position of interest (-1 = last token)")
+
+
+async def find_components_by_examples(
+    ctx: Context,
+    examples: Annotated[list[Example], Field(min_length=1, max_length=32,
+                                             description="texts with a position of interest")],
+    layers: Annotated[list[str] | None, Field(description="canonical layers; default all")] = None,
+    top_k: Annotated[int, Field(ge=1, le=100)] = 20,
+    min_frac: Annotated[float, Field(ge=0, le=1, description="must fire on this fraction")] = 0.5,
+) -> ExamplesResult:
+    """Components that fire at the given example positions more than they do on ordinary text
+    (mean CI minus background mean CI over a dataset sample). Example: examples=[{"text":
+    "tom walked to the park , and there", "position": -1}, ...]."""
+    st = state(ctx)
+    s = st.session
+    if layers is not None:
+        layers = [guard(lambda n=n: s.keys.layer(n)) for n in layers]
+    parsed = []
+    for i, ex in enumerate(examples):
+        try:
+            ids = guard(lambda ex=ex: s.encode(ex.text))
+        except Exception as e:
+            raise fail(f"examples[{i}].text: {e}") from None
+        parsed.append((ids, check_position(ex.position, len(ids), f"examples[{i}].position")))
+    return await compute(ctx, "find_components_by_examples", lambda: find_by_examples(
+        s, parsed, layers=layers, top_k=top_k, min_frac=min_frac))
+
+
+def tools() -> list[Tool]:
+    return [
+        strict_tool(get_ci, READ_ONLY, "Causal importance"),
+        strict_tool(probe_component_tool, READ_ONLY, "Probe component"),
+        strict_tool(get_component_vectors, READ_ONLY, "Component vectors"),
+        strict_tool(find_components_by_examples, READ_ONLY, "Find components by examples"),
+    ]

@@ -1,0 +1,182 @@
+"""Model & data tools: get_model_info, tokenize, create_prompt, search_dataset, generate."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.tools.base import Tool
+from pydantic import BaseModel, Field
+
+from spd_mcp.analysis.components import Generation, generate
+from spd_mcp.analysis.dataset import DatasetSearchResult
+from spd_mcp.model.zoo.transformer import Transformer
+
+from .common import (
+    READ_ONLY,
+    STORES,
+    check_text,
+    compute,
+    guard,
+    resolve_prompt,
+    state,
+    strict_tool,
+)
+
+
+class LayerInfo(BaseModel):
+    name: str = Field(description="canonical layer name used in every key")
+    module: str
+    C: int
+    d_in: int
+    d_out: int
+
+
+class BehaviourInfo(BaseModel):
+    name: str
+    rule: str
+    example_prompt: str
+    expected_next_token: str
+
+
+class ModelInfo(BaseModel):
+    run: str
+    run_id: str
+    architecture: dict[str, Any]
+    layers: list[LayerInfo]
+    vocab_size: int | None
+    max_len: int | None
+    key_grammar: str
+    analyses: dict[str, bool] = Field(description="which offline analyses exist for this run")
+    planted_behaviours: list[BehaviourInfo] = Field(
+        description="ground-truth behaviours of the target (zoo language models)"
+    )
+    device: str
+    compute_queue: dict[str, Any]
+
+
+def get_model_info(ctx: Context) -> ModelInfo:
+    """The run being served: architecture, decomposed layers with C, key grammar, planted
+    behaviours (with example prompts), and which analyses exist. Call this first."""
+    st = state(ctx)
+    s = st.session
+    model = s.run.target.model
+    arch: dict[str, Any] = {"type": type(model).__name__}
+    if isinstance(model, Transformer):
+        arch |= model.config.model_dump()
+    layers = [
+        LayerInfo(name=c, module=m, C=s.cm.Cs[m], d_in=s.cm.component(m).d_in,
+                  d_out=s.cm.component(m).d_out)
+        for m, c in s.to_canonical.items()
+    ]
+    behaviours = []
+    entry = s.run.target.entry
+    if s.is_language_model and entry is not None and entry.name == "tales":
+        from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
+
+        behaviours = [BehaviourInfo(name=b.name, rule=b.rule, example_prompt=b.example_prompt,
+                                    expected_next_token=b.example_expected)
+                      for b in BEHAVIOURS.values()]
+    return ModelInfo(
+        run=s.run.name, run_id=str(s.run.meta.get("run_id", s.run.name)), architecture=arch,
+        layers=layers, vocab_size=s.keys.vocab_size, max_len=s.max_len,
+        key_grammar=("component 'LAYER:C' (e.g. '1.attn.o:5'); node 'LAYER:POS:C' (e.g. "
+                     "'1.attn.o:12:5'); 'embed:POS:0'; 'output:POS:TOKEN_ID'. Positions count "
+                     "from 0, and position 0 is the <bos> token."),
+        analyses={"harvest": False, "dataset_attributions": False, "labels": False},
+        planted_behaviours=behaviours, device=str(s.device),
+        compute_queue={"running": st.executor.running, "estimated_wait_s":
+                       round(st.executor.estimated_wait(), 2)},
+    )
+
+
+class TokenInfo(BaseModel):
+    pos: int
+    token: str
+    id: int
+    known: bool
+
+
+class Tokenized(BaseModel):
+    n_tokens: int
+    tokens: list[TokenInfo]
+    unknown_words: list[str]
+    fits_context: bool
+
+
+def tokenize(
+    ctx: Context,
+    text: Annotated[str, Field(description="text to tokenise, e.g. 'the ball was'")],
+) -> Tokenized:
+    """Split text into tokens as the model sees them (a <bos> token is prepended at position 0).
+    Example: tokenize(text="mia said , \\" hello") → positions, ids, unknown words."""
+    s = state(ctx).session
+    check_text(text)
+    guard(s.require_lm)
+    tok = s.tokenizer
+    ids = tok.encode(text)
+    rows = [TokenInfo(pos=p, token=s.token_str(i), id=i, known=i != tok.unk_id)
+            for p, i in enumerate(ids)]
+    unknown = [w for w in text.split() if tok.token_to_id(w) == tok.unk_id]
+    return Tokenized(n_tokens=len(ids), tokens=rows, unknown_words=unknown,
+                     fits_context=s.max_len is None or len(ids) <= s.max_len)
+
+
+class PromptCreated(BaseModel):
+    prompt_id: int
+    n_tokens: int
+    tokens: list[str]
+
+
+async def create_prompt(
+    ctx: Context,
+    text: Annotated[str, Field(description="prompt text, e.g. 'mia found a ball . the ball was'")],
+) -> PromptCreated:
+    """Store a prompt and return its id (the same text always gets the same id); other tools
+    accept prompt_id instead of text."""
+    st = state(ctx)
+    ids, pid = await resolve_prompt(st, text, None)
+    return PromptCreated(prompt_id=pid, n_tokens=len(ids), tokens=st.session.tokens(ids))
+
+
+async def search_dataset(
+    ctx: Context,
+    query: Annotated[str, Field(description="a word or phrase, e.g. 'friend called'")],
+    offset: Annotated[int, Field(ge=0, description="paging offset")] = 0,
+    limit: Annotated[int, Field(ge=1, le=100, description="matches per page")] = 20,
+) -> DatasetSearchResult:
+    """Find a phrase in a fixed sample of the run's training stories (2000 documents, indexed
+    once). Returns match contexts with the phrase in [[ ]], paged."""
+    st = state(ctx)
+    check_text(query, "query")
+    guard(st.session.require_lm)
+    index = await st.dataset()
+    return guard(lambda: index.search(st.session, query, offset=offset, limit=limit))
+
+
+async def generate_tool(
+    ctx: Context,
+    text: Annotated[str | None, Field(description="prompt text (or give prompt_id)")] = None,
+    prompt_id: Annotated[int | None, Field(description="a stored prompt's id")] = None,
+    max_new_tokens: Annotated[int, Field(ge=1, le=64)] = 20,
+    temperature: Annotated[float, Field(ge=0, le=5, description="0 = greedy")] = 0.0,
+    seed: int = 0,
+) -> Generation:
+    """Continue a prompt with the target model. Example: generate(text="once upon a time")."""
+    st = state(ctx)
+    ids, _ = await resolve_prompt(st, text, prompt_id)
+    return await compute(ctx, "generate", lambda: generate(
+        st.session, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+
+
+generate_tool.__name__ = "generate"
+
+
+def tools() -> list[Tool]:
+    return [
+        strict_tool(get_model_info, READ_ONLY, "Model info"),
+        strict_tool(tokenize, READ_ONLY, "Tokenize"),
+        strict_tool(create_prompt, STORES, "Create prompt"),
+        strict_tool(search_dataset, READ_ONLY, "Search dataset"),
+        strict_tool(generate_tool, READ_ONLY, "Generate"),
+    ]
