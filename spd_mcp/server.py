@@ -52,6 +52,7 @@ def build_server(
     db_path: Path | None = None,
     max_queue: int = 16,
     max_wait_s: float = 120.0,
+    on_state: Callable[[AppState], None] | None = None,
 ) -> MCPServer[AppState]:
     """The server for one run (``session`` reuses an already loaded run, e.g. in tests)."""
     if session is None and run is None:
@@ -65,8 +66,11 @@ def build_server(
             session = await asyncio.to_thread(RunSession.load, run, device=device)
         store = await AppStore.open(db_path or app_db_path(session))
         executor = ComputeExecutor(max_queue=max_queue, max_wait_s=max_wait_s)
+        st = AppState(session=session, executor=executor, store=store)
+        if on_state is not None:
+            on_state(st)
         try:
-            yield AppState(session=session, executor=executor, store=store)
+            yield st
         finally:
             executor.shutdown()
             await store.close()
@@ -114,7 +118,10 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
-async def serve_http(server: MCPServer[Any], host: str, port: int, token: str | None) -> None:
+def http_server(
+    server: MCPServer[Any], host: str, port: int, token: str | None
+) -> tuple[Any, socket.socket, str]:
+    """(uvicorn server, bound socket, URL) for streamable HTTP; port 0 picks a free port."""
     import uvicorn
 
     check_bind(host, token)
@@ -126,14 +133,18 @@ async def serve_http(server: MCPServer[Any], host: str, port: int, token: str | 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
-    userver = uvicorn.Server(config)
+    shown = f"[{host}]" if ":" in host else host
+    userver = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    return userver, sock, f"http://{shown}:{bound}/mcp"
+
+
+async def serve_http(server: MCPServer[Any], host: str, port: int, token: str | None) -> None:
+    userver, sock, url = http_server(server, host, port, token)
 
     async def announce() -> None:
         while not userver.started:
             await asyncio.sleep(0.02)
-        shown = f"[{host}]" if ":" in host else host
-        print(f"SPD-MCP READY http://{shown}:{bound}/mcp", file=sys.stderr, flush=True)
+        print(f"SPD-MCP READY {url}", file=sys.stderr, flush=True)
 
     task = asyncio.create_task(announce())
     try:

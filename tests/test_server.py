@@ -1,0 +1,143 @@
+"""The MCP server through the SDK's in-process client: catalogue, caching, robustness."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from spd_mcp.analysis.session import RunSession
+from spd_mcp.server import build_server
+
+TOOLS = {
+    "get_model_info", "tokenize", "create_prompt", "search_dataset", "generate", "get_ci",
+    "probe_component", "get_component_vectors", "find_components_by_examples", "compute_graph",
+    "optimize_graph", "get_graph", "run_intervention", "run_ablation",
+}
+PROMPT = "mia found a ball in the park . the ball was"
+
+
+@pytest.fixture(scope="module")
+def session() -> RunSession:
+    return RunSession.load("tales")
+
+
+def with_client(session: RunSession, db: Path, fn: Callable[[Client], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        async with Client(build_server(session=session, db_path=db)) as client:
+            return await fn(client)
+
+    return asyncio.run(main())
+
+
+def test_catalogue_has_schemas_and_annotations(session: RunSession, tmp_path: Path) -> None:
+    async def fn(c: Client) -> None:
+        tools = {t.name: t for t in (await c.list_tools()).tools}
+        assert set(tools) == TOOLS
+        for t in tools.values():
+            assert t.input_schema.get("additionalProperties") is False, t.name
+            assert t.output_schema is not None, t.name
+            assert t.annotations is not None and t.annotations.read_only_hint is not None, t.name
+            assert len(t.description or "") > 40, t.name
+        assert tools["get_ci"].annotations.read_only_hint is True
+
+    with_client(session, tmp_path / "app.db", fn)
+
+
+def test_cheap_tools_and_caching(session: RunSession, tmp_path: Path) -> None:
+    async def fn(c: Client) -> None:
+        info = (await c.call_tool("get_model_info", {})).structured_content
+        assert info["run"] == "tales" and len(info["layers"]) == 12
+        assert {b["name"] for b in info["planted_behaviours"]} >= {"pronoun", "attribute"}
+        tok = (await c.call_tool("tokenize", {"text": "the ball was zzz"})).structured_content
+        assert tok["n_tokens"] == 5 and tok["unknown_words"] == ["zzz"]
+        p1 = (await c.call_tool("create_prompt", {"text": PROMPT})).structured_content
+        p2 = (await c.call_tool("create_prompt", {"text": PROMPT})).structured_content
+        assert p1["prompt_id"] == p2["prompt_id"] and p1["tokens"][0] == "<bos>"
+        found = (await c.call_tool("search_dataset", {"query": "friend called", "limit": 3})
+                 ).structured_content
+        assert found["total_matches"] > 100 and len(found["matches"]) == 3
+        assert all("[[ friend called ]]" in m["context"] for m in found["matches"])
+        g1 = (await c.call_tool("compute_graph", {"prompt_id": p1["prompt_id"]})
+              ).structured_content
+        g2 = (await c.call_tool("compute_graph", {"text": PROMPT})).structured_content
+        assert not g1["cached"] and g2["cached"] and g1["graph_id"] == g2["graph_id"]
+        assert any(o["output_token"] == "red" for o in g1["outputs"])
+        view = (await c.call_tool("get_graph", {"graph_id": g1["graph_id"], "top_k": 5})
+                ).structured_content
+        assert len(view["edges"]) == 5 and view["next_offset"] == 5 and view["notice"]
+        vals = [abs(e["value"]) for e in view["edges"]]
+        assert vals == sorted(vals, reverse=True)
+        out_node = next(n["key"] for n in view["nodes"] if n["key"].startswith("output:"))
+        nb = (await c.call_tool("get_graph", {"graph_id": g1["graph_id"], "node": out_node})
+              ).structured_content
+        assert nb["edges"] and all(out_node in (e["src"], e["tgt"]) for e in nb["edges"])
+        gen = (await c.call_tool("generate", {"text": PROMPT, "max_new_tokens": 3})
+               ).structured_content
+        assert gen["generated"][0] == "red" and gen["token_probs"][0] > 0.5
+
+    with_client(session, tmp_path / "app.db", fn)
+
+
+# (tool, arguments, text the error must contain)
+BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
+    ("get_model_info", {"verbose": True}, "verbose"),
+    ("tokenize", {"text": 5}, "text"),
+    ("tokenize", {"text": ""}, "text is empty"),
+    ("tokenize", {"text": "a " * 3000}, "the limit is 4000"),
+    ("create_prompt", {"text": "the ball was qqq"}, "words not in the vocabulary: ['qqq']"),
+    ("create_prompt", {"text": " ".join(["the"] * 200)}, "the model's context is 128"),
+    ("create_prompt", {}, "text"),
+    ("search_dataset", {"query": "ball", "limit": 1000}, "limit"),
+    ("search_dataset", {"query": "zzqx"}, "not in the vocabulary"),
+    ("generate", {"text": PROMPT, "max_new_tokens": "many"}, "max_new_tokens"),
+    ("generate", {"text": PROMPT, "prompt_id": 1}, "exactly one of text or prompt_id"),
+    ("generate", {"prompt_id": 999}, "prompt_id 999 does not exist"),
+    ("get_ci", {"text": PROMPT, "layers": ["7.mlp.up"]}, "unknown layer '7.mlp.up'; valid"),
+    ("get_ci", {"text": PROMPT, "positions": [40]}, "out of range (prompt has 12 tokens"),
+    ("get_ci", {"text": PROMPT, "treshold": 0.1}, "treshold"),
+    ("probe_component", {"text": PROMPT, "component": "0.attn.q:128"}, "C=128: 0..127"),
+    ("probe_component", {"text": PROMPT, "component": "0.attn.q"}, "must look like 'LAYER:C'"),
+    ("get_component_vectors", {"component": "5.attn.q:1"}, "unknown layer '5.attn.q'"),
+    ("get_component_vectors", {"component": "0.attn.q:1", "top_k": 0}, "top_k"),
+    ("find_components_by_examples", {"examples": []}, "examples"),
+    ("find_components_by_examples", {"examples": [{"text": PROMPT, "position": 30}]},
+     "examples[0].position 30 out of range"),
+    ("find_components_by_examples", {"examples": [{"text": "qqq"}]}, "examples[0].text"),
+    ("compute_graph", {"text": PROMPT, "output_position": 12}, "output_position 12 out of range"),
+    ("compute_graph", {"text": PROMPT, "label_token": "qqq"}, "token 'qqq' is not in the vocab"),
+    ("optimize_graph", {"text": PROMPT}, "needs label_token"),
+    ("optimize_graph", {"text": PROMPT, "label_token": "red", "steps": 0}, "steps"),
+    ("optimize_graph", {"text": PROMPT, "label_token": "red", "mask_type": "x"}, "mask_type"),
+    ("get_graph", {"graph_id": 12345}, "graph_id 12345 does not exist"),
+    ("run_intervention", {"text": PROMPT, "nodes": ["0.attn.q:12:1"]},
+     "position 12 out of range (prompt has 12 tokens: 0..11)"),
+    ("run_intervention", {"text": PROMPT, "nodes": ["0.attn.q:1:500"]}, "C=128"),
+    ("run_intervention", {"text": PROMPT, "nodes": ["embed:1:0"]}, "unknown layer 'embed'"),
+    ("run_intervention", {"text": PROMPT, "nodes": [], "regimes": ["magic"]}, "regimes"),
+    ("run_intervention", {"text": PROMPT, "nodes": [], "loss": "label"}, "needs label_token"),
+    ("run_ablation", {"text": PROMPT, "components": []}, "components"),
+    ("run_ablation", {"text": PROMPT, "components": ["1.mlp.down:5:3"]}, "'LAYER:C'"),
+]
+
+
+def test_bad_arguments_give_readable_errors_and_the_server_keeps_serving(
+    session: RunSession, tmp_path: Path
+) -> None:
+    assert {t for t, _, _ in BAD_CALLS} == TOOLS  # every tool is exercised
+
+    async def fn(c: Client) -> None:
+        await c.call_tool("create_prompt", {"text": PROMPT})  # prompt 1 exists
+        for tool, args, needle in BAD_CALLS:
+            res = await c.call_tool(tool, args)
+            text = " ".join(getattr(b, "text", "") for b in res.content)
+            assert res.is_error, (tool, args, text)
+            assert needle in text, (tool, args, text)
+            ok = await c.call_tool("get_model_info", {})
+            assert not ok.is_error
+
+    with_client(session, tmp_path / "app.db", fn)
