@@ -1,6 +1,7 @@
 """The compute executor: FIFO, never overlapping, fast 'busy' errors, lock released at the end."""
 
 import asyncio
+import itertools
 import threading
 import time
 
@@ -26,7 +27,7 @@ def test_fifo_and_no_overlap() -> None:
 
     assert asyncio.run(main()) == list(range(10))
     spans = sorted((r.started, r.ended) for r in ex.history)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
     ex.shutdown()
 
 
