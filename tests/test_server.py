@@ -14,7 +14,7 @@ from spd_mcp.analysis.session import RunSession
 from spd_mcp.server import build_server
 
 TOOLS = {
-    "get_model_info", "tokenize", "create_prompt", "search_dataset", "generate", "get_ci",
+    "ping", "get_model_info", "tokenize", "create_prompt", "search_dataset", "generate", "get_ci",
     "probe_component", "get_component_vectors", "find_components_by_examples", "compute_graph",
     "optimize_graph", "get_graph", "run_intervention", "run_ablation",
 }
@@ -86,6 +86,7 @@ def test_cheap_tools_and_caching(session: RunSession, tmp_path: Path) -> None:
 # (tool, arguments, text the error must contain)
 BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("get_model_info", {"verbose": True}, "verbose"),
+    ("ping", {"message": 3}, "message"),
     ("tokenize", {"text": 5}, "text"),
     ("tokenize", {"text": ""}, "text is empty"),
     ("tokenize", {"text": "a " * 3000}, "the limit is 4000"),

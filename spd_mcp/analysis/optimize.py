@@ -3,8 +3,9 @@
 Optimises the pre-sigmoid CI of the components alive at the start (natural CI > 0) at positions up
 to the target position, minimising ``loss + coeff · Σ (g_upper + ε)^p``. The loss is the
 cross-entropy of a label token (``ce``), the KL to the target's distribution (``kl``) or the
-negative label logit (``logit``) at that position, under CI masks (g, no delta) or stochastic masks
-(g + (1 − g)·s, delta mask s); an optional adversarial term adds the loss under PGD-chosen sources.
+negative label logit (``logit``) at that position, under CI masks (g, no delta), stochastic masks
+(g + (1 − g)·s, delta mask s), or both summed (the default); an optional adversarial term
+adds the loss under PGD-chosen sources.
 Dead components stay at 0. The result reports the label probability under CI, stochastic and
 adversarial masks and in the target (CI-masked probability alone is optimistic).
 """
@@ -26,7 +27,7 @@ from spd_mcp.model.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_si
 from .session import AnalysisError, RunSession
 
 OptLoss = Literal["ce", "kl", "logit"]
-MaskType = Literal["ci", "stochastic"]
+MaskType = Literal["ci", "stochastic", "both"]
 
 
 class OptimizeSettings(BaseModel):
@@ -36,9 +37,10 @@ class OptimizeSettings(BaseModel):
     # Stochastic masks by default: under CI masks (everything else off, no delta) the optimiser
     # finds last-position shortcuts that write the answer without the real mechanism (measured on
     # tales pronoun probes: ablating such a circuit in the target barely moves the prediction).
-    imp_coeff: float = Field(0.005, ge=0)
+    # "both" adds the CI-masked loss so the circuit also works on its own (CI regime).
+    imp_coeff: float = Field(0.003, ge=0)
     p: float = Field(0.5, gt=0, le=2)
-    mask_type: MaskType = "stochastic"
+    mask_type: MaskType = "both"
     n_mask_samples: int = Field(4, ge=1, le=64)
     adv_coeff: float = Field(0.0, ge=0)
     pgd_steps: int = Field(10, ge=1, le=200)
@@ -115,6 +117,8 @@ def optimize_ci(
             return {m: lower_leaky_hard_sigmoid(v, alpha) * alive[m] for m, v in z.items()}
 
         def loss_under(ci: dict[str, Tensor], mask_type: MaskType, n: int) -> Tensor:
+            if mask_type == "both":
+                return loss_under(ci, "ci", n) + loss_under(ci, "stochastic", n)
             if mask_type == "ci":
                 logits = cm(x, masks={m: g[None] for m, g in ci.items()})
             else:

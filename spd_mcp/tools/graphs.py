@@ -138,10 +138,10 @@ async def optimize_graph(
         description="ce: CE of label_token; kl: KL to target; logit: -logit")] = "ce",
     steps: Annotated[int, Field(ge=1, le=2000)] = 200,
     lr: Annotated[float, Field(gt=0, le=10)] = 0.1,
-    imp_coeff: Annotated[float, Field(ge=0, description="importance-minimality weight")] = 0.005,
+    imp_coeff: Annotated[float, Field(ge=0, description="importance-minimality weight")] = 0.003,
     p: Annotated[float, Field(gt=0, le=2, description="importance-minimality exponent")] = 0.5,
-    mask_type: Annotated[Literal["ci", "stochastic"], Field(
-        description="stochastic resists shortcuts; ci = all else off")] = "stochastic",
+    mask_type: Annotated[Literal["ci", "stochastic", "both"], Field(
+        description="both = ci + stochastic losses; ci = all else off")] = "both",
     adv_coeff: Annotated[float, Field(ge=0, description="weight of an adversarial PGD term")] = 0.0,
     pgd_steps: Annotated[int, Field(ge=1, le=100)] = 10,
     seed: int = 0,

@@ -172,8 +172,25 @@ async def generate_tool(
 generate_tool.__name__ = "generate"
 
 
+class Pong(BaseModel):
+    message: str
+    compute_running: str | None
+    estimated_wait_s: float
+
+
+def ping(
+    ctx: Context, message: Annotated[str, Field(max_length=1000, description="echoed back")] = ""
+) -> Pong:
+    """Health check: echoes the message and reports what the compute worker is doing.
+    Example: ping(message="hello")."""
+    ex = state(ctx).executor
+    return Pong(message=message, compute_running=ex.running,
+                estimated_wait_s=round(ex.estimated_wait(), 2))
+
+
 def tools() -> list[Tool]:
     return [
+        strict_tool(ping, READ_ONLY, "Ping"),
         strict_tool(get_model_info, READ_ONLY, "Model info"),
         strict_tool(tokenize, READ_ONLY, "Tokenize"),
         strict_tool(create_prompt, STORES, "Create prompt"),
