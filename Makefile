@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build. GPU users can install any torch >= 2.3 before `pip install -e .`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo venv lint clean bench
+.PHONY: test demo venv lint clean bench node-tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+# Real MCP clients for the tests (Claude Code CLI, MCP Inspector), pinned, into .cache/node.
+node-tools: venv
+	$(PY) -m tests.realclients.node_tools
+
+test: venv node-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

@@ -19,8 +19,15 @@ def test_pronoun_circuit_is_sparse_sufficient_and_necessary(tmp_path: Path) -> N
 
     async def main() -> tuple[dict, dict]:
         async with Client(build_server(session=session, db_path=tmp_path / "app.db")) as c:
+            seen: list[tuple[float, float | None]] = []
+
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                seen.append((done, total))
+
             g = await c.call_tool("optimize_graph", {"text": probe.prompt,
-                                                     "label_token": probe.expected})
+                                                     "label_token": probe.expected},
+                                  progress_callback=on_progress)
+            assert len(seen) >= 3 and seen[-1][0] == seen[-1][1]  # progress reached the client
             assert not g.is_error, g.content
             graph = g.structured_content
             nodes = [n["key"] for n in graph["circuit"]]

@@ -1,0 +1,1 @@
+"""Helpers for testing the MCP server through real clients (SDK, MCP Inspector, Claude Code)."""
