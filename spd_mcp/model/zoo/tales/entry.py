@@ -93,9 +93,13 @@ class TalesEntry(ZooEntry[TalesKwargs]):
     def position_mask(self, x: Tensor) -> Tensor | None:
         return x != self.tokenizer.pad_id
 
+    def dataset_text(self, index: int) -> str:
+        """Story ``index`` of the stream SPD was trained on (deterministic, random access)."""
+        return TalesCorpus(SPD_DATA_SEED).story(index).text
+
     def dataset_texts(self, n: int) -> list[str]:
-        """The first ``n`` stories of the stream SPD was trained on (deterministic)."""
-        return [TalesCorpus(SPD_DATA_SEED).story(i).text for i in range(n)]
+        """The first ``n`` stories of the stream SPD was trained on."""
+        return [self.dataset_text(i) for i in range(n)]
 
     def default_config(self) -> dict[str, Any]:
         return {
