@@ -1,0 +1,1 @@
+"""Analyses on a loaded run (DESIGN §6)."""
