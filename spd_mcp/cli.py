@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer TOKEN' (mandatory off loopback)")
     sv.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    from spd_mcp.harvest.cli import add_harvest_parser  # light: no torch import
+
+    add_harvest_parser(sub)
     return p
 
 
@@ -105,6 +109,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _decompose(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "harvest":
+        from spd_mcp.harvest.cli import harvest_command
+
+        return harvest_command(args)
     if args.command == "serve":
         from spd_mcp.model.decompose import resolve_device
         from spd_mcp.server import check_bind, serve

@@ -1,0 +1,242 @@
+"""Per-batch accumulation: one forward + CI pass updates every statistic and the reservoirs.
+
+Everything is vectorised over the batch: bincounts / index_add for token statistics, a sparse
+matmul of the 0/1 firing matrix for co-firing (exact: fp32 holds integers below 2**24, and a
+batch has far fewer tokens), priority keys and window gathers for the examples. Per-batch float
+sums are fp32 (torch's cascaded summation), accumulated across batches in fp64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spd_mcp.analysis.session import RunSession
+
+from .config import HarvestConfig, HarvestError
+from .reservoir import Examples, Reservoir, key_bits, priority_keys
+from .stats import HarvestStats
+
+
+def encode_doc(session: RunSession, index: int) -> list[int]:
+    """Document ``index`` of the run's dataset: token ids (BOS first), truncated to context."""
+    entry = session.run.target.entry
+    text_fn = getattr(entry, "dataset_text", None)
+    if text_fn is None or session.tokenizer is None:
+        raise HarvestError(
+            f"run {session.run.name!r} has no text dataset (entry.dataset_text); harvesting "
+            "needs a language-model run such as 'tales'"
+        )
+    ids = session.tokenizer.encode(text_fn(index))
+    return ids[: session.max_len] if session.max_len is not None else ids
+
+
+def pad_batch(session: RunSession, rows: list[list[int]], docs: list[int]
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ids (B, T), lengths (B,) and doc indices (B,) on the session device."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    ids = torch.full((len(rows), int(lengths.max())), session.tokenizer.pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    dev = session.device
+    return ids.to(dev), lengths.to(dev), torch.tensor(docs, dtype=torch.long, device=dev)
+
+
+def make_batch(session: RunSession, docs: range) -> tuple[Tensor, Tensor, Tensor]:
+    """The padded batch of documents ``docs``."""
+    return pad_batch(session, [encode_doc(session, d) for d in docs], list(docs))
+
+
+class Workspace:
+    """Reusable scratch buffers: fresh multi-MB tensors every batch cost page faults."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+            self._bufs[(name, dtype)] = buf
+        return buf[:n].view(shape)
+
+
+_GEMM_SPEEDUP = 16.0  # dense GEMM flops per sparse-matmul flop at equal time (CPU, measured)
+
+
+def cofire_update(acc: Tensor, rows: Tensor, comps: Tensor, n_rows: int, counts: Tensor,
+                  ws: Workspace) -> None:
+    """Add FᵀF into ``acc`` (S, S) int64; F is the batch's 0/1 firing matrix (n_rows, S).
+
+    ``rows`` (0..n_rows-1) and ``comps`` list F's nonzeros; ``counts`` (S,) are its column
+    sums. Only firing components take part. The d densest columns D are multiplied as a dense
+    GEMM (D x D); every other column's events form a sparse matrix multiplied by the dense F
+    (rest x all), cost ∝ its events x active components; d minimises the estimated cost.
+    D x rest is written transposed too, so ``acc`` stays symmetric. Exact: fp32 holds the
+    integer counts (at most n_rows < 2**24). On GPUs: one dense GEMM.
+    """
+    active = counts > 0
+    cols = active.nonzero().squeeze(1)
+    n = len(cols)
+    if n == 0:
+        return
+    if n_rows >= 1 << 24:
+        raise HarvestError("batch too large for exact fp32 co-firing counts")
+    if acc.device.type == "cpu":
+        cnt = counts[cols]
+        order = torch.argsort(cnt, descending=True, stable=True)
+        rest = int(cnt.sum()) - torch.cat([cnt.new_zeros(1), torch.cumsum(cnt[order], 0)])
+        d_all = torch.arange(n + 1, device=acc.device)
+        cost = n_rows * d_all.double() ** 2 / _GEMM_SPEEDUP + rest.double() * n
+        d = int(torch.argmin(cost))
+        # D = the d densest, then the rest; each ascending (for cache-friendly writes into acc)
+        cols = torch.cat([cols[order[:d]].sort().values, cols[order[d:]].sort().values])
+    else:
+        d = n
+    colmap = torch.empty(acc.shape[0], dtype=torch.long, device=acc.device)
+    colmap[cols] = torch.arange(n, device=acc.device)
+    cc = colmap[comps]
+    f = ws.get("cofire_f", (n_rows, n), torch.float32).zero_()
+    f[rows, cc] = 1.0
+    S = acc.shape[0]
+    flat = acc.view(-1)
+
+    def add(r: Tensor, c: Tensor, block: Tensor) -> None:
+        flat.index_add_(0, (r[:, None] * S + c[None, :]).reshape(-1),
+                        block.reshape(-1).to(torch.int64))
+
+    if d:
+        fd = f[:, :d]
+        add(cols[:d], cols[:d], fd.T @ fd)
+    if d < n:
+        sp = (cc >= d).nonzero().squeeze(1)
+        ft = torch.sparse_coo_tensor(
+            torch.stack([cc[sp] - d, rows[sp]]), torch.ones(len(sp), device=acc.device),
+            (n - d, n_rows), check_invariants=False,
+        )
+        prod = torch.mm(ft, f, out=ws.get("cofire_prod", (n - d, n), torch.float32))
+        add(cols[d:], cols, prod)  # rest x all
+        if d:
+            add(cols[:d], cols[d:], prod[:, :d].T)  # D x rest, the transpose of rest x D
+
+
+class Accumulator:
+    """Streaming harvest state for one run and config: statistics plus example reservoirs."""
+
+    def __init__(self, session: RunSession, config: HarvestConfig) -> None:
+        if config.fire_threshold is None:
+            raise HarvestError("resolve the config (fire_threshold) before harvesting")
+        self.session = session
+        self.config = config
+        self.modules = [session.to_module[layer] for layer in session.layers]
+        Cs = [session.keys.Cs[layer] for layer in session.layers]
+        dev = session.device
+        self.stats = HarvestStats.zeros(session.layers, Cs, session.tokenizer.vocab_size, dev)
+        self.S = self.stats.n_components
+        if (session.max_len or 0) >= 1 << 23 or self.S >= 1 << 40:
+            raise HarvestError("priority keys pack (pos, component) into 63 bits: too large")
+        self.offsets = self.stats.offsets
+        self.bits = key_bits(self.S)
+        self.reservoir = Reservoir(self.S, config.n_examples, config.window_len, dev)
+        self.ws = Workspace(dev)
+
+    @property
+    def examples(self) -> Examples:
+        return self.reservoir.examples()
+
+    # ---------------------------------------------------------------------------- state I/O
+    def state(self) -> dict[str, Tensor]:
+        out = {f"stats.{k}": v for k, v in self.stats.tensors().items()}
+        out.update({f"examples.{k}": v.cpu().contiguous()
+                    for k, v in self.examples.tensors().items()})
+        return out
+
+    def load_state(self, t: dict[str, Tensor]) -> None:
+        dev = self.session.device
+        st = {k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")}
+        s = self.stats
+        self.stats = HarvestStats.from_tensors(st, s.layers, s.offsets, s.vocab_size).to(dev)
+        self.reservoir.load(Examples.from_tensors(t, "examples."))
+
+    # ------------------------------------------------------------------------------ a batch
+    @torch.inference_mode()
+    def process(self, ids: Tensor, lengths: Tensor, docs: Tensor) -> int:
+        """Update everything from one right-padded batch; returns the number of tokens."""
+        cfg, cm, st = self.config, self.session.cm, self.stats.t
+        S, V = self.S, self.stats.vocab_size
+        B, T = ids.shape
+        BT = B * T
+        dev = ids.device
+        logits, inputs, _ = cm.forward_with_inputs(ids)
+        # component activations (B*T, S), written into a reused buffer
+        acts_all = self.ws.get("acts", (BT, S), torch.float32)
+        acts = {}
+        for m, a, b in zip(self.modules, self.offsets, self.offsets[1:], strict=False):
+            comp, x = cm.component(m), inputs[m]
+            if comp.kind == "linear":  # component_acts: x @ V
+                torch.matmul(x.reshape(BT, -1), comp.V, out=acts_all[:, a:b])
+            else:
+                acts_all[:, a:b] = comp.component_acts(x).reshape(BT, -1)
+            acts[m] = acts_all[:, a:b].view(B, T, b - a)
+        pre = cm.ci_fns(inputs, acts)
+
+        valid = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).reshape(-1)  # (B*T,)
+        rows = valid.nonzero().squeeze(1)  # (N,) flat (b, t) of real tokens
+        N = int(rows.numel())
+        # CI (B*T, S), pads zeroed so they never fire; clamp(z, 0, 1) is the forward of
+        # lower_leaky_hard_sigmoid, written into place.
+        ci_all = self.ws.get("ci", (BT, S), torch.float32)
+        for m, a, b in zip(self.modules, self.offsets, self.offsets[1:], strict=False):
+            torch.clamp(pre[m].reshape(BT, -1), 0.0, 1.0, out=ci_all[:, a:b])
+        ci_all.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
+        fire = torch.gt(ci_all, cfg.fire_threshold, out=self.ws.get("fire", (BT, S), torch.bool))
+        rf, c = fire.nonzero(as_tuple=True)  # events: flat (b, t) position, component
+        ci_ev = ci_all.view(-1)[rf * S + c]
+        act_ev = acts_all.view(-1)[rf * S + c]
+        b_ev, t_ev = rf // T, rf % T
+        start = torch.cumsum(lengths, 0) - lengths
+
+        tok = ids.reshape(-1)
+        pred = logits.reshape(BT, -1).argmax(-1)
+        fire_batch = torch.bincount(c, minlength=S)
+        self.stats.n_tokens += N
+        st["fire_count"] += fire_batch
+        st["sum_ci"] += ci_all.sum(0).double()
+        st["sum_act"] += (valid.to(torch.float32) @ acts_all).double()
+        st["sum_ci_fire"].index_add_(0, c, ci_ev.double())
+        st["sum_act_fire"].index_add_(0, c, act_ev.double())
+        st["max_abs_act_fire"].scatter_reduce_(0, c, act_ev.abs().double(), "amax")
+        st["token_count"] += torch.bincount(tok[rows], minlength=V)
+        st["pred_count"] += torch.bincount(pred[rows], minlength=V)
+        ones = torch.ones_like(c)
+        st["fire_token"].view(-1).index_add_(0, c * V + tok[rf], ones)
+        st["fire_pred"].view(-1).index_add_(0, c * V + pred[rf], ones)
+        cofire_update(st["cofire"], start[b_ev] + t_ev, c, N, fire_batch, self.ws)
+
+        doc_ev = docs[b_ev]
+        key = priority_keys(cfg.seed, doc_ev, t_ev, c, self.bits)
+        ev, row, slot = self.reservoir.offer(c, key, doc_ev, t_ev)
+        if len(ev):
+            self.reservoir.fill(row, slot, act=act_ev[ev],
+                                **self._windows(ids, lengths, ci_all, b_ev[ev], t_ev[ev], c[ev]))
+        return N
+
+    def _windows(self, ids: Tensor, lengths: Tensor, ci_all: Tensor, b: Tensor, t: Tensor,
+                 c: Tensor) -> dict[str, Tensor]:
+        """Windows of W tokens around events, shifted to stay inside the document at its edges:
+        offset of the firing token, token ids (-1 past the end), this component's CI."""
+        W, w = self.config.window_len, self.config.window
+        T = ids.shape[1]
+        L = lengths[b]
+        lo = torch.minimum((t - w).clamp(min=0), (L - W).clamp(min=0))  # window start
+        p = lo[:, None] + torch.arange(W, device=ids.device)[None, :]  # (M, W)
+        inside = p < L[:, None]
+        pc = torch.minimum(p, (L - 1)[:, None])
+        flat = b[:, None] * T + pc  # (M, W) flat (b, t)
+        tokens = torch.where(inside, ids.reshape(-1)[flat], -1)
+        ci = torch.where(inside, ci_all.view(-1)[flat * self.S + c[:, None]], 0.0)
+        return {"offset": t - lo, "tokens": tokens.to(torch.int32), "ci": ci}

@@ -1,0 +1,328 @@
+"""Accumulated per-component statistics and the query functions derived from them.
+
+Components of all decomposed layers share one axis of length S = ΣC (canonical layer order;
+``offsets[l]`` is layer l's first index). Counts are int64, sums fp64; densities, precision,
+recall, PMI and Jaccard are derived at query time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import Tensor
+
+from spd_mcp.keys import KeySpace
+
+from .config import HarvestError
+
+TokenKind = Literal["input", "output"]
+TokenRank = Literal["pmi", "precision", "recall", "count"]
+CoRank = Literal["jaccard", "pmi", "precision", "recall", "count"]
+
+# name → (dtype, shape kind): "S" per component, "V" per vocab token, "SV", "SS"
+STAT_FIELDS: dict[str, tuple[torch.dtype, str]] = {
+    "fire_count": (torch.int64, "S"),  # tokens where CI > fire_threshold
+    "sum_ci": (torch.float64, "S"),  # Σ CI over all tokens
+    "sum_act": (torch.float64, "S"),  # Σ component activation x·V[:, c] over all tokens
+    "sum_ci_fire": (torch.float64, "S"),  # Σ CI over firing tokens
+    "sum_act_fire": (torch.float64, "S"),  # Σ activation over firing tokens
+    "max_abs_act_fire": (torch.float64, "S"),  # max |activation| over firing tokens
+    "token_count": (torch.int64, "V"),  # input token counts
+    "pred_count": (torch.int64, "V"),  # target model's top-1 predicted next-token counts
+    "fire_token": (torch.int64, "SV"),  # fires while the input token is v
+    "fire_pred": (torch.int64, "SV"),  # fires while the top-1 prediction is v
+    "cofire": (torch.int64, "SS"),  # both fire at the same token (symmetric; diagonal = fire)
+}
+
+
+@dataclass
+class HarvestStats:
+    """Sufficient statistics of a harvest; ``+`` merges two disjoint harvests exactly."""
+
+    layers: list[str]
+    offsets: list[int]  # len(layers) + 1
+    vocab_size: int
+    n_tokens: int
+    t: dict[str, Tensor]
+
+    # ------------------------------------------------------------------------- construction
+    @classmethod
+    def zeros(
+        cls, layers: list[str], Cs: list[int], vocab_size: int, device: torch.device | str = "cpu"
+    ) -> HarvestStats:
+        offsets = [0]
+        for C in Cs:
+            offsets.append(offsets[-1] + C)
+        S, V = offsets[-1], vocab_size
+        dims = {"S": (S,), "V": (V,), "SV": (S, V), "SS": (S, S)}
+        t = {
+            k: torch.zeros(dims[kind], dtype=dt, device=device)
+            for k, (dt, kind) in STAT_FIELDS.items()
+        }
+        return cls(list(layers), offsets, vocab_size, 0, t)
+
+    def __add__(self, other: HarvestStats) -> HarvestStats:
+        if (self.layers, self.offsets, self.vocab_size) != (
+            other.layers, other.offsets, other.vocab_size,
+        ):
+            raise HarvestError("cannot merge harvests of different layer sets or vocabularies")
+        t = {}
+        for k, v in self.t.items():
+            w = other.t[k].to(v.device)
+            t[k] = torch.maximum(v, w) if k.startswith("max_") else v + w
+        return HarvestStats(self.layers, self.offsets, self.vocab_size,
+                            self.n_tokens + other.n_tokens, t)
+
+    def to(self, device: torch.device | str) -> HarvestStats:
+        t = {k: v.to(device) for k, v in self.t.items()}
+        return HarvestStats(self.layers, self.offsets, self.vocab_size, self.n_tokens, t)
+
+    def __getattr__(self, name: str) -> Tensor:
+        t = self.__dict__.get("t")
+        if t is not None and name in t:
+            return t[name]
+        raise AttributeError(name)
+
+    # -------------------------------------------------------------------------------- keys
+    @property
+    def n_components(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def Cs(self) -> list[int]:
+        return [b - a for a, b in zip(self.offsets, self.offsets[1:], strict=False)]
+
+    def index(self, key: str | int) -> int:
+        """Global index of a component key ``"layer:c"`` (an int passes through, range-checked)."""
+        if isinstance(key, int):
+            if not 0 <= key < self.n_components:
+                raise HarvestError(f"component index {key} out of range 0..{self.n_components - 1}")
+            return key
+        ck = KeySpace(dict(zip(self.layers, self.Cs, strict=True))).component(key)
+        return self.offsets[self.layers.index(ck.layer)] + ck.c
+
+    def key(self, index: int) -> str:
+        layer = max(i for i, o in enumerate(self.offsets[:-1]) if o <= index)
+        return f"{self.layers[layer]}:{index - self.offsets[layer]}"
+
+    def keys(self) -> list[str]:
+        return [f"{layer}:{c}" for layer, C in zip(self.layers, self.Cs, strict=True)
+                for c in range(C)]
+
+    # ----------------------------------------------------------------------------- derived
+    def density(self) -> Tensor:
+        """P(fire) per component (S,)."""
+        return self.t["fire_count"].double() / max(self.n_tokens, 1)
+
+    def mean_ci(self) -> Tensor:
+        return self.t["sum_ci"] / max(self.n_tokens, 1)
+
+    def mean_act(self) -> Tensor:
+        return self.t["sum_act"] / max(self.n_tokens, 1)
+
+    def mean_ci_fire(self) -> Tensor:
+        return self.t["sum_ci_fire"] / self.t["fire_count"].clamp(min=1)
+
+    def mean_act_fire(self) -> Tensor:
+        return self.t["sum_act_fire"] / self.t["fire_count"].clamp(min=1)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Everything as CPU tensors (``n_tokens`` as a 0-d int64) for safetensors."""
+        out = {k: v.detach().cpu().contiguous() for k, v in self.t.items()}
+        out["n_tokens"] = torch.tensor(self.n_tokens, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls, t: dict[str, Tensor], layers: list[str], offsets: list[int], vocab_size: int
+    ) -> HarvestStats:
+        missing = sorted(set(STAT_FIELDS) - set(t))
+        if missing:
+            raise HarvestError(f"harvest statistics lack {missing}; re-run the harvest")
+        return cls(list(layers), list(offsets), vocab_size, int(t["n_tokens"]),
+                   {k: t[k] for k in STAT_FIELDS})
+
+
+# --------------------------------------------------------------------------- query models
+_P_TOK = "P(token | component fires)"
+_R_TOK = "P(component fires | token)"
+_PMI = "natural-log pointwise mutual information log P(a, b) / (P(a) P(b))"
+
+
+class ComponentSummary(BaseModel):
+    index: int = Field(description="global component index (canonical layer order)")
+    key: str
+    fire_count: int = Field(description="tokens where CI > fire_threshold")
+    density: float = Field(description="fire_count / tokens")
+    mean_ci: float = Field(description="mean CI over all tokens")
+    mean_act: float = Field(description="mean component activation x·V[:, c] over all tokens")
+    mean_ci_when_firing: float
+    mean_act_when_firing: float
+    max_abs_act_when_firing: float
+
+
+class TokenAssociation(BaseModel):
+    """How one (input or predicted-output) token relates to one component's firing."""
+
+    token_id: int
+    count: int = Field(description="tokens where the component fires with this token")
+    token_count: int = Field(description="tokens with this token")
+    precision: float = Field(description=_P_TOK)
+    recall: float = Field(description=_R_TOK)
+    pmi: float = Field(description=_PMI)
+
+
+class ComponentAssociation(BaseModel):
+    """How another component's firing relates to this one's (co-firing at the same token)."""
+
+    index: int
+    key: str
+    count: int = Field(description="tokens where both fire")
+    fire_count: int = Field(description="the other component's firing count")
+    jaccard: float = Field(description="count / (tokens where either fires)")
+    pmi: float = Field(description=_PMI)
+    precision: float = Field(description="P(other fires | this fires)")
+    recall: float = Field(description="P(this fires | other fires)")
+
+
+class TokenComponent(BaseModel):
+    """A component ranked for one token (see ``components_for_token``)."""
+
+    index: int
+    key: str
+    count: int = Field(description="tokens where the component fires with this token")
+    fire_count: int
+    precision: float = Field(description=_P_TOK)
+    recall: float = Field(description=_R_TOK)
+    pmi: float = Field(description=_PMI)
+
+
+def component_summary(stats: HarvestStats, comp: str | int) -> ComponentSummary:
+    i = stats.index(comp)
+    return ComponentSummary(
+        index=i, key=stats.key(i), fire_count=int(stats.t["fire_count"][i]),
+        density=float(stats.density()[i]), mean_ci=float(stats.mean_ci()[i]),
+        mean_act=float(stats.mean_act()[i]), mean_ci_when_firing=float(stats.mean_ci_fire()[i]),
+        mean_act_when_firing=float(stats.mean_act_fire()[i]),
+        max_abs_act_when_firing=float(stats.t["max_abs_act_fire"][i]),
+    )
+
+
+def _pmi(joint: Tensor, a: Tensor, b: Tensor, n: int) -> Tensor:
+    """log(joint·n / (a·b)) in fp64; -inf where joint is 0, nan where a or b is 0."""
+    return torch.log(joint.double() * n) - torch.log(a.double()) - torch.log(b.double())
+
+
+def _token_arrays(stats: HarvestStats, kind: TokenKind) -> tuple[Tensor, Tensor]:
+    if kind == "input":
+        return stats.t["fire_token"], stats.t["token_count"]
+    if kind == "output":
+        return stats.t["fire_pred"], stats.t["pred_count"]
+    raise HarvestError(f"kind must be 'input' or 'output', got {kind!r}")
+
+
+def _rank(scores: dict[str, Tensor], counts: Tensor, by: str, k: int, ok: Tensor) -> Tensor:
+    if by not in scores:
+        raise HarvestError(f"by must be one of {sorted(scores)}, got {by!r}")
+    if k < 1:
+        raise HarvestError(f"k must be >= 1, got {k}")
+    s = torch.where(ok, scores[by].double(), torch.full_like(scores[by].double(), -math.inf))
+    # score descending, then joint count descending, then index ascending
+    order = torch.argsort(-counts.double(), stable=True)
+    order = order[torch.argsort(-s[order], stable=True)]
+    return order[ok[order]][:k]
+
+
+def token_scores(stats: HarvestStats, comp: str | int, kind: TokenKind = "input") -> dict:
+    """All-vocabulary precision / recall / PMI / count for one component (V,) each."""
+    i = stats.index(comp)
+    joint_all, tok = _token_arrays(stats, kind)
+    joint = joint_all[i]
+    fire = stats.t["fire_count"][i]
+    return {
+        "count": joint,
+        "precision": joint.double() / fire.clamp(min=1),
+        "recall": joint.double() / tok.clamp(min=1),
+        "pmi": _pmi(joint, fire.expand_as(tok), tok, stats.n_tokens),
+    }
+
+
+def top_tokens(
+    stats: HarvestStats, comp: str | int, *, kind: TokenKind = "input", by: TokenRank = "pmi",
+    k: int = 10, min_count: int = 1,
+) -> list[TokenAssociation]:
+    """The k tokens most associated with a component's firing (joint count >= min_count)."""
+    _, tok = _token_arrays(stats, kind)
+    sc = token_scores(stats, comp, kind)
+    ok = sc["count"] >= max(min_count, 1)
+    idx = _rank(sc, sc["count"], by, k, ok)
+    return [
+        TokenAssociation(
+            token_id=int(v), count=int(sc["count"][v]), token_count=int(tok[v]),
+            precision=float(sc["precision"][v]), recall=float(sc["recall"][v]),
+            pmi=float(sc["pmi"][v]),
+        )
+        for v in idx.tolist()
+    ]
+
+
+def correlated(
+    stats: HarvestStats, comp: str | int, *, by: CoRank = "jaccard", k: int = 10,
+    min_count: int = 1,
+) -> list[ComponentAssociation]:
+    """The k components whose firing co-occurs most with this one's (itself excluded)."""
+    i = stats.index(comp)
+    co = stats.t["cofire"][i]
+    fire = stats.t["fire_count"]
+    fi = fire[i]
+    scores = {
+        "count": co,
+        "jaccard": co.double() / (fi + fire - co).clamp(min=1),
+        "pmi": _pmi(co, fi.expand_as(fire), fire, stats.n_tokens),
+        "precision": co.double() / fi.clamp(min=1),
+        "recall": co.double() / fire.clamp(min=1),
+    }
+    ok = co >= max(min_count, 1)
+    ok[i] = False
+    idx = _rank(scores, co, by, k, ok)
+    return [
+        ComponentAssociation(
+            index=j, key=stats.key(j), count=int(co[j]), fire_count=int(fire[j]),
+            jaccard=float(scores["jaccard"][j]), pmi=float(scores["pmi"][j]),
+            precision=float(scores["precision"][j]), recall=float(scores["recall"][j]),
+        )
+        for j in idx.tolist()
+    ]
+
+
+def components_for_token(
+    stats: HarvestStats, token_id: int, *, kind: TokenKind = "input", by: TokenRank = "pmi",
+    k: int = 10, min_count: int = 1,
+) -> list[TokenComponent]:
+    """The k components most associated with one token (for component search)."""
+    if not 0 <= token_id < stats.vocab_size:
+        raise HarvestError(f"token id {token_id} out of range 0..{stats.vocab_size - 1}")
+    joint_all, tok = _token_arrays(stats, kind)
+    joint = joint_all[:, token_id]
+    fire = stats.t["fire_count"]
+    tc = tok[token_id]
+    scores = {
+        "count": joint,
+        "precision": joint.double() / fire.clamp(min=1),
+        "recall": joint.double() / tc.clamp(min=1),
+        "pmi": _pmi(joint, fire, tc.expand_as(fire), stats.n_tokens),
+    }
+    ok = joint >= max(min_count, 1)
+    idx = _rank(scores, joint, by, k, ok)
+    return [
+        TokenComponent(
+            index=j, key=stats.key(j), count=int(joint[j]), fire_count=int(fire[j]),
+            precision=float(scores["precision"][j]), recall=float(scores["recall"][j]),
+            pmi=float(scores["pmi"][j]),
+        )
+        for j in idx.tolist()
+    ]
