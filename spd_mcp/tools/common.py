@@ -17,10 +17,13 @@ from pydantic import ConfigDict
 from spd_mcp.analysis.dataset import DatasetIndex
 from spd_mcp.analysis.session import AnalysisError, RunSession
 from spd_mcp.executor import Busy, ComputeExecutor
+from spd_mcp.harvest.config import HarvestError
+from spd_mcp.harvest.store import Harvest, load_harvest
 from spd_mcp.keys import BadKeyError
 from spd_mcp.store import AppStore
 
 T = TypeVar("T")
+INPUT_ERRORS = (AnalysisError, BadKeyError, HarvestError)
 
 MAX_TEXT_CHARS = 4000
 DATASET_DOCS = 2000
@@ -35,6 +38,13 @@ class AppState:
     store: AppStore
     _dataset: DatasetIndex | None = None
     _dataset_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _harvest: Harvest | None = None
+
+    async def harvest(self) -> Harvest | None:
+        """The newest finished harvest of the run (looked up again until one exists)."""
+        if self._harvest is None:
+            self._harvest = await asyncio.to_thread(load_harvest, self.session, missing_ok=True)
+        return self._harvest
 
     async def dataset(self) -> DatasetIndex:
         """The dataset index, built on first use off the event loop (not on the compute worker:
@@ -117,7 +127,7 @@ async def compute(ctx: Context, name: str, fn: Callable[[], T]) -> T:
         return await st.executor.run(name, fn)
     except Busy as e:
         raise fail(str(e)) from None
-    except (AnalysisError, BadKeyError) as e:
+    except INPUT_ERRORS as e:
         raise fail(str(e)) from None
 
 
@@ -125,7 +135,7 @@ def guard(fn: Callable[[], T]) -> T:
     """Run a cheap synchronous step, mapping input errors to ToolErrors."""
     try:
         return fn()
-    except (AnalysisError, BadKeyError) as e:
+    except INPUT_ERRORS as e:
         raise fail(str(e)) from None
 
 

@@ -55,11 +55,12 @@ class ModelInfo(BaseModel):
     compute_queue: dict[str, Any]
 
 
-def get_model_info(ctx: Context) -> ModelInfo:
+async def get_model_info(ctx: Context) -> ModelInfo:
     """The run being served: architecture, decomposed layers with C, key grammar, planted
     behaviours (with example prompts), and which analyses exist. Call this first."""
     st = state(ctx)
     s = st.session
+    h = await st.harvest()
     model = s.run.target.model
     arch: dict[str, Any] = {"type": type(model).__name__}
     if isinstance(model, Transformer):
@@ -83,7 +84,7 @@ def get_model_info(ctx: Context) -> ModelInfo:
         key_grammar=("component 'LAYER:C' (e.g. '1.attn.o:5'); node 'LAYER:POS:C' (e.g. "
                      "'1.attn.o:12:5'); 'embed:POS:0'; 'output:POS:TOKEN_ID'. Positions count "
                      "from 0, and position 0 is the <bos> token."),
-        analyses={"harvest": False, "dataset_attributions": False, "labels": False},
+        analyses={"harvest": h is not None, "dataset_attributions": False, "labels": False},
         planted_behaviours=behaviours, device=str(s.device),
         compute_queue={"running": st.executor.running, "estimated_wait_s":
                        round(st.executor.estimated_wait(), 2)},

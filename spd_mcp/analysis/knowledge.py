@@ -1,0 +1,197 @@
+"""What a component fires on and what it does, from the harvest (and dataset attributions when
+present): the views behind get_component_info, get_component_activation_examples and
+search_components."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from spd_mcp.harvest.examples import component_examples
+from spd_mcp.harvest.stats import (
+    ComponentSummary,
+    component_summary,
+    components_for_token,
+    correlated,
+    top_tokens,
+)
+from spd_mcp.harvest.store import Harvest
+
+from .session import AnalysisError, RunSession
+
+BIAS_DENSITY = 0.5
+"""A component firing on more than this fraction of tokens is an always-on "bias" component."""
+
+TokenRank = Literal["pmi", "precision", "recall", "count"]
+
+
+class TokenStat(BaseModel):
+    token: str
+    count: int = Field(description="firing tokens with this token")
+    precision: float = Field(description="P(token | component fires)")
+    recall: float = Field(description="P(component fires | token)")
+    pmi: float
+
+
+class RelatedComponent(BaseModel):
+    key: str
+    count: int = Field(description="tokens where both fire")
+    jaccard: float
+    pmi: float
+
+
+class ComponentInfo(BaseModel):
+    key: str
+    summary: ComponentSummary
+    is_bias: bool = Field(description=f"fires on more than {BIAS_DENSITY:.0%} of tokens")
+    top_input_tokens: list[TokenStat] = Field(description="tokens it fires on")
+    top_output_tokens: list[TokenStat] = Field(
+        description="the target's predicted next token where it fires")
+    correlated: list[RelatedComponent] = Field(description="components that co-fire with it")
+    label: str | None = Field(None, description="LLM-written label, when labels exist")
+    harvest: str = Field(description="harvest stage (config hash) these statistics come from")
+    n_tokens: int
+
+
+def _tokens(session: RunSession, rows: list, k: int) -> list[TokenStat]:
+    return [TokenStat(token=session.token_str(r.token_id), count=r.count,
+                      precision=round(r.precision, 5), recall=round(r.recall, 5),
+                      pmi=round(r.pmi, 4)) for r in rows[:k]]
+
+
+def component_info(
+    session: RunSession, h: Harvest, key: str, *, by: TokenRank = "pmi", k: int = 10,
+    min_count: int = 3, label: str | None = None,
+) -> ComponentInfo:
+    s = h.stats
+    comp = session.keys.component(key)
+    summary = component_summary(s, str(comp))
+    ins = top_tokens(s, str(comp), kind="input", by=by, k=k, min_count=min_count)
+    outs = top_tokens(s, str(comp), kind="output", by=by, k=k, min_count=min_count)
+    rel = correlated(s, str(comp), by="jaccard", k=k, min_count=min_count)
+    return ComponentInfo(
+        key=str(comp), summary=summary, is_bias=summary.density > BIAS_DENSITY,
+        top_input_tokens=_tokens(session, ins, k), top_output_tokens=_tokens(session, outs, k),
+        correlated=[RelatedComponent(key=r.key, count=r.count, jaccard=round(r.jaccard, 5),
+                                     pmi=round(r.pmi, 4)) for r in rel],
+        label=label, harvest=h.manifest.config_hash, n_tokens=s.n_tokens,
+    )
+
+
+class ExampleWindow(BaseModel):
+    doc: int
+    pos: int = Field(description="position of the firing token in its document (BOS = 0)")
+    text: str = Field(description="the window with the firing token in [[ ]]")
+    tokens: list[str]
+    firing_index: int = Field(description="index of the firing token in tokens / ci")
+    ci: list[float] = Field(description="this component's CI at each window token")
+    act: float = Field(description="activation at the firing token")
+
+
+class ActivationExamples(BaseModel):
+    key: str
+    fire_count: int
+    n_stored: int = Field(description="examples stored (a uniform sample of firing tokens)")
+    examples: list[ExampleWindow]
+    next_offset: int | None = None
+
+
+def activation_examples(
+    session: RunSession, h: Harvest, key: str, *, limit: int = 10, offset: int = 0,
+    order: Literal["random", "ci", "act"] = "random",
+) -> ActivationExamples:
+    comp = str(session.keys.component(key))
+    rows = component_examples(h, comp, order=order)
+    page = rows[offset : offset + limit]
+    out = []
+    for r in page:
+        toks = session.tokens(r.token_ids)
+        marked = [f"[[{t}]]" if i == r.offset else t for i, t in enumerate(toks)]
+        out.append(ExampleWindow(doc=r.doc, pos=r.pos, text=" ".join(marked), tokens=toks,
+                                 firing_index=r.offset, ci=[round(c, 4) for c in r.ci],
+                                 act=round(r.act, 4)))
+    fire = int(h.stats.t["fire_count"][h.stats.index(comp)])
+    nxt = offset + limit if offset + limit < len(rows) else None
+    return ActivationExamples(key=comp, fire_count=fire, n_stored=len(rows), examples=out,
+                              next_offset=nxt)
+
+
+class FoundComponent(BaseModel):
+    key: str
+    score: float
+    density: float
+    is_bias: bool
+    detail: dict[str, float] = Field(default_factory=dict)
+    label: str | None = None
+
+
+class ComponentSearch(BaseModel):
+    query: dict[str, str | None]
+    ranked_by: str
+    n_matching: int
+    components: list[FoundComponent]
+    excluded_bias: int = Field(description="always-on components left out (include_bias=false)")
+    notice: str | None = None
+
+
+def search_by_token(
+    session: RunSession, h: Harvest, token: str, *, kind: Literal["input", "output"],
+    by: TokenRank = "pmi", layer: str | None = None, k: int = 20, min_count: int = 3,
+    include_bias: bool = False,
+) -> ComponentSearch:
+    """Components most associated with an input token (fires on it) or an output token (fires
+    where the target predicts it), by PMI / precision / recall / count."""
+    tid = session.token_id(token)
+    density = h.stats.density()
+    rows = components_for_token(h.stats, tid, kind=kind, by=by, k=h.stats.t["fire_count"].numel(),
+                                min_count=min_count)
+    if layer is not None:
+        session.keys.layer(layer)
+        rows = [r for r in rows if r.key.rsplit(":", 1)[0] == layer]
+    kept, bias = [], 0
+    for r in rows:
+        d = float(density[r.index])
+        if d > BIAS_DENSITY and not include_bias:
+            bias += 1
+            continue
+        kept.append(FoundComponent(key=r.key, score=round(float(getattr(r, by)), 5),
+                                   density=round(d, 5), is_bias=d > BIAS_DENSITY,
+                                   detail={"precision": round(r.precision, 5),
+                                           "recall": round(r.recall, 5), "pmi": round(r.pmi, 4),
+                                           "count": r.count}))
+    return ComponentSearch(query={f"{kind}_token": token, "layer": layer}, ranked_by=by,
+                           n_matching=len(kept), components=kept[:k], excluded_bias=bias)
+
+
+def search_by_layer(
+    session: RunSession, h: Harvest, layer: str, *, k: int = 20, include_bias: bool = False,
+) -> ComponentSearch:
+    """A layer's components by firing density (most active first)."""
+    session.keys.layer(layer)
+    lo = h.stats.offsets[h.stats.layers.index(layer)]
+    C = session.keys.Cs[layer]
+    dens = h.stats.density()[lo : lo + C]
+    order = torch.argsort(dens, descending=True).tolist()
+    kept, bias = [], 0
+    for c in order:
+        d = float(dens[c])
+        if d == 0:
+            break
+        if d > BIAS_DENSITY and not include_bias:
+            bias += 1
+            continue
+        kept.append(FoundComponent(key=f"{layer}:{c}", score=round(d, 5), density=round(d, 5),
+                                   is_bias=d > BIAS_DENSITY))
+    return ComponentSearch(query={"layer": layer}, ranked_by="density", n_matching=len(kept),
+                           components=kept[:k], excluded_bias=bias)
+
+
+def require(h: Harvest | None, session: RunSession) -> Harvest:
+    if h is None:
+        raise AnalysisError(
+            f"no harvest for run {session.run.name!r}: build one with `spd-mcp harvest "
+            f"{session.run.name}` (about 20 s on one CPU core for tales)"
+        )
+    return h

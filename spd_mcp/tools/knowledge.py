@@ -1,0 +1,103 @@
+"""Component-knowledge tools (harvest-backed): get_component_info,
+get_component_activation_examples, search_components."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.tools.base import Tool
+from pydantic import Field
+
+from spd_mcp.analysis import knowledge as K
+from spd_mcp.harvest.store import Harvest
+
+from .common import READ_ONLY, AppState, fail, guard, state, strict_tool
+
+ComponentArg = Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")]
+
+
+async def _harvest(st: AppState) -> Harvest:
+    h = await st.harvest()
+    return guard(lambda: K.require(h, st.session))
+
+
+async def get_component_info(
+    ctx: Context,
+    component: ComponentArg,
+    rank_tokens_by: Annotated[Literal["pmi", "precision", "recall", "count"], Field(
+        description="how to rank associated tokens")] = "pmi",
+    top_k: Annotated[int, Field(ge=1, le=50)] = 10,
+    min_count: Annotated[int, Field(ge=1, description="ignore rarer token pairs")] = 3,
+) -> K.ComponentInfo:
+    """What a component fires on and where: density, mean CI / activation, top input tokens and
+    predicted output tokens (PMI / precision / recall), co-firing components, label if any.
+    Example: get_component_info(component="1.attn.o:5")."""
+    st = state(ctx)
+    h = await _harvest(st)
+    return await asyncio.to_thread(lambda: guard(lambda: K.component_info(
+        st.session, h, component, by=rank_tokens_by, k=top_k, min_count=min_count)))
+
+
+async def get_component_activation_examples(
+    ctx: Context,
+    component: ComponentArg,
+    limit: Annotated[int, Field(ge=1, le=50)] = 10,
+    offset: Annotated[int, Field(ge=0)] = 0,
+    order: Annotated[Literal["random", "ci", "act"], Field(
+        description="random = a uniform sample; ci / act = strongest first")] = "random",
+) -> K.ActivationExamples:
+    """Dataset windows where a component fires, the firing token in [[ ]], with the component's
+    CI at every window token. Example: get_component_activation_examples(component="0.mlp.up:3")."""
+    st = state(ctx)
+    h = await _harvest(st)
+    return await asyncio.to_thread(lambda: guard(lambda: K.activation_examples(
+        st.session, h, component, limit=limit, offset=offset, order=order)))
+
+
+async def search_components(
+    ctx: Context,
+    output_token: Annotated[str | None, Field(
+        description="components active where the model predicts this token")] = None,
+    input_token: Annotated[str | None, Field(description="components firing on this token")
+                           ] = None,
+    label: Annotated[str | None, Field(description="text to find in component labels")] = None,
+    layer: Annotated[str | None, Field(description="restrict to one canonical layer")] = None,
+    rank_by: Annotated[Literal["pmi", "precision", "recall", "count"], Field(
+        description="token association used for ranking")] = "pmi",
+    min_count: Annotated[int, Field(ge=1)] = 3,
+    limit: Annotated[int, Field(ge=1, le=100)] = 20,
+    include_bias: Annotated[bool, Field(
+        description="include always-on 'bias' components (excluded by default)")] = False,
+) -> K.ComponentSearch:
+    """Find components by the tokens they fire on (input_token), by the predictions they
+    accompany (output_token), by label text, or list a layer's components by density.
+    Example: search_components(output_token="she", layer="1.attn.o")."""
+    st = state(ctx)
+    given = [x for x in (output_token, input_token, label) if x is not None]
+    if len(given) > 1:
+        raise fail("give at most one of output_token, input_token, label")
+    if label is not None:
+        raise fail("no labels exist for this run yet (labelling comes with `spd-mcp label`); "
+                   "search by input_token, output_token or layer")
+    h = await _harvest(st)
+    s = st.session
+    if output_token is not None or input_token is not None:
+        kind: Literal["input", "output"] = "output" if output_token is not None else "input"
+        tok = output_token if output_token is not None else input_token
+        assert tok is not None
+        return await asyncio.to_thread(lambda: guard(lambda: K.search_by_token(
+            s, h, tok, kind=kind, by=rank_by, layer=layer, k=limit, min_count=min_count,
+            include_bias=include_bias)))
+    if layer is None:
+        raise fail("give output_token, input_token, label or layer")
+    return guard(lambda: K.search_by_layer(s, h, layer, k=limit, include_bias=include_bias))
+
+
+def tools() -> list[Tool]:
+    return [
+        strict_tool(get_component_info, READ_ONLY, "Component info"),
+        strict_tool(get_component_activation_examples, READ_ONLY, "Activation examples"),
+        strict_tool(search_components, READ_ONLY, "Search components"),
+    ]
