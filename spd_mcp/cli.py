@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     from spd_mcp.harvest.cli import add_harvest_parser  # light: no torch import
 
     add_harvest_parser(sub)
+
+    from spd_mcp.attributions.cli import add_attributions_parser  # light: no torch import
+
+    add_attributions_parser(sub)
     return p
 
 
@@ -113,6 +117,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from spd_mcp.harvest.cli import harvest_command
 
         return harvest_command(args)
+    if args.command == "attributions":
+        from spd_mcp.attributions.cli import attributions_command
+
+        return attributions_command(args)
     if args.command == "serve":
         from spd_mcp.model.decompose import resolve_device
         from spd_mcp.server import check_bind, serve

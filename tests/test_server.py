@@ -16,7 +16,8 @@ from spd_mcp.server import build_server
 TOOLS = {
     "ping", "get_model_info", "tokenize", "create_prompt", "search_dataset", "generate", "get_ci",
     "probe_component", "get_component_vectors", "find_components_by_examples", "compute_graph",
-    "optimize_graph", "get_graph", "run_intervention", "run_ablation",
+    "optimize_graph", "get_graph", "run_intervention", "run_ablation", "get_component_info",
+    "get_component_activation_examples", "search_components",
 }
 PROMPT = "mia found a ball in the park . the ball was"
 
@@ -122,6 +123,13 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("run_intervention", {"text": PROMPT, "nodes": [], "regimes": ["magic"]}, "regimes"),
     ("run_intervention", {"text": PROMPT, "nodes": [], "loss": "label"}, "needs label_token"),
     ("run_ablation", {"text": PROMPT, "components": []}, "components"),
+    ("get_component_info", {"component": "0.attn.q:128"}, "C=128: 0..127"),
+    ("get_component_info", {"component": "1.attn.o:1", "top_k": 0}, "top_k"),
+    ("get_component_activation_examples", {"component": "x"}, "must look like 'LAYER:C'"),
+    ("get_component_activation_examples", {"component": "0.attn.q:1"}, "spd-mcp harvest"),
+    ("search_components", {"output_token": "she", "input_token": "he"}, "at most one"),
+    ("search_components", {}, "give output_token, input_token, label or layer"),
+    ("search_components", {"layer": "3.attn.q"}, "unknown layer '3.attn.q'"),
     ("run_ablation", {"text": PROMPT, "components": ["1.mlp.down:5:3"]}, "'LAYER:C'"),
 ]
 

@@ -35,6 +35,7 @@ async def get_component_info(
     predicted output tokens (PMI / precision / recall), co-firing components, label if any.
     Example: get_component_info(component="1.attn.o:5")."""
     st = state(ctx)
+    guard(lambda: st.session.keys.component(component))
     h = await _harvest(st)
     return await asyncio.to_thread(lambda: guard(lambda: K.component_info(
         st.session, h, component, by=rank_tokens_by, k=top_k, min_count=min_count)))
@@ -51,6 +52,7 @@ async def get_component_activation_examples(
     """Dataset windows where a component fires, the firing token in [[ ]], with the component's
     CI at every window token. Example: get_component_activation_examples(component="0.mlp.up:3")."""
     st = state(ctx)
+    guard(lambda: st.session.keys.component(component))
     h = await _harvest(st)
     return await asyncio.to_thread(lambda: guard(lambda: K.activation_examples(
         st.session, h, component, limit=limit, offset=offset, order=order)))
@@ -81,6 +83,10 @@ async def search_components(
     if label is not None:
         raise fail("no labels exist for this run yet (labelling comes with `spd-mcp label`); "
                    "search by input_token, output_token or layer")
+    if not given and layer is None:
+        raise fail("give output_token, input_token, label or layer")
+    if layer is not None:
+        guard(lambda: st.session.keys.layer(layer))
     h = await _harvest(st)
     s = st.session
     if output_token is not None or input_token is not None:
@@ -90,8 +96,7 @@ async def search_components(
         return await asyncio.to_thread(lambda: guard(lambda: K.search_by_token(
             s, h, tok, kind=kind, by=rank_by, layer=layer, k=limit, min_count=min_count,
             include_bias=include_bias)))
-    if layer is None:
-        raise fail("give output_token, input_token, label or layer")
+    assert layer is not None
     return guard(lambda: K.search_by_layer(s, h, layer, k=limit, include_bias=include_bias))
 
 
