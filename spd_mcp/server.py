@@ -25,7 +25,14 @@ from spd_mcp.analysis.session import RunSession
 from spd_mcp.executor import ComputeExecutor
 from spd_mcp.model.run_io import spd_home
 from spd_mcp.store import AppStore
-from spd_mcp.tools import components, graphs, interventions, knowledge, model_data
+from spd_mcp.tools import (
+    attributions,
+    components,
+    graphs,
+    interventions,
+    knowledge,
+    model_data,
+)
 from spd_mcp.tools.common import AppState
 
 log = logging.getLogger("spd_mcp.server")
@@ -75,8 +82,8 @@ def build_server(
             executor.shutdown()
             await store.close()
 
-    tools = [*model_data.tools(), *components.tools(), *knowledge.tools(), *graphs.tools(),
-             *interventions.tools()]
+    tools = [*model_data.tools(), *components.tools(), *knowledge.tools(),
+             *attributions.tools(), *graphs.tools(), *interventions.tools()]
     return MCPServer("spd", instructions=INSTRUCTIONS, lifespan=lifespan, tools=tools,
                      version=_version())
 

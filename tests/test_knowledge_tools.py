@@ -68,3 +68,28 @@ def test_info_examples_search(session: RunSession, tmp_path: Path) -> None:
     assert dens == sorted(dens, reverse=True)
     assert all(c["is_bias"] == (c["density"] > 0.5) for c in comps)
     assert layer.structured_content["excluded_bias"] == 0
+
+
+def test_attribution_tools(session: RunSession, tmp_path: Path) -> None:
+    from spd_mcp.attributions import AttributionConfig, compute_attributions
+
+    missing, = call(session, tmp_path / "a.db", [("get_component_attributions", {"key": "x"})])
+    assert missing.is_error and "spd-mcp attributions tales" in missing.content[0].text
+    compute_attributions(session, AttributionConfig(n_tokens=1500, batch_size=8))
+    src, tgt, one, bad, info = call(session, tmp_path / "a.db", [
+        ("get_component_attributions", {"key": "1.mlp.down:5", "top_k": 5}),
+        ("get_component_attributions", {"key": "0.attn.o:5", "direction": "targets",
+                                        "signed": False, "top_k": 5}),
+        ("get_attribution_strength", {"source": "0.attn.o:5", "target": "1.mlp.up:3"}),
+        ("get_attribution_strength", {"source": "1.mlp.down:5", "target": "0.attn.q:1"}),
+        ("get_model_info", {}),
+    ])
+    assert info.structured_content["analyses"]["dataset_attributions"] is True
+    entries = src.structured_content["entries"]
+    assert entries and all(not e["key"].startswith("1.mlp.down") for e in entries)
+    vals = [e["value"] for e in entries]
+    assert vals == sorted(vals, reverse=True)
+    absvals = [abs(e["value"]) for e in tgt.structured_content["entries"]]
+    assert absvals == sorted(absvals, reverse=True)
+    assert isinstance(one.structured_content["value"], float)
+    assert not bad.is_error and bad.structured_content["value"] == 0.0  # not upstream

@@ -17,7 +17,8 @@ TOOLS = {
     "ping", "get_model_info", "tokenize", "create_prompt", "search_dataset", "generate", "get_ci",
     "probe_component", "get_component_vectors", "find_components_by_examples", "compute_graph",
     "optimize_graph", "get_graph", "run_intervention", "run_ablation", "get_component_info",
-    "get_component_activation_examples", "search_components",
+    "get_component_activation_examples", "search_components", "get_component_attributions",
+    "get_attribution_strength",
 }
 PROMPT = "mia found a ball in the park . the ball was"
 
@@ -130,6 +131,11 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("search_components", {"output_token": "she", "input_token": "he"}, "at most one"),
     ("search_components", {}, "give output_token, input_token, label or layer"),
     ("search_components", {"layer": "3.attn.q"}, "unknown layer '3.attn.q'"),
+    ("search_components", {"input_token": "she", "rank_by": "effect"}, "needs output_token"),
+    ("search_components", {"output_token": "zzq"}, "token 'zzq' is not in the vocabulary"),
+    ("get_component_attributions", {"key": "1.mlp.up:1", "direction": "up"}, "direction"),
+    ("get_component_attributions", {"key": "1.mlp.up:1"}, "spd-mcp attributions tales"),
+    ("get_attribution_strength", {"source": "1.mlp.up:1"}, "target"),
     ("run_ablation", {"text": PROMPT, "components": ["1.mlp.down:5:3"]}, "'LAYER:C'"),
 ]
 

@@ -16,6 +16,8 @@ from pydantic import ConfigDict
 
 from spd_mcp.analysis.dataset import DatasetIndex
 from spd_mcp.analysis.session import AnalysisError, RunSession
+from spd_mcp.attributions.config import AttributionError
+from spd_mcp.attributions.store import Attributions, load_attributions
 from spd_mcp.executor import Busy, ComputeExecutor
 from spd_mcp.harvest.config import HarvestError
 from spd_mcp.harvest.store import Harvest, load_harvest
@@ -23,7 +25,7 @@ from spd_mcp.keys import BadKeyError
 from spd_mcp.store import AppStore
 
 T = TypeVar("T")
-INPUT_ERRORS = (AnalysisError, BadKeyError, HarvestError)
+INPUT_ERRORS = (AnalysisError, BadKeyError, HarvestError, AttributionError)
 
 MAX_TEXT_CHARS = 4000
 DATASET_DOCS = 2000
@@ -39,6 +41,15 @@ class AppState:
     _dataset: DatasetIndex | None = None
     _dataset_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _harvest: Harvest | None = None
+    _attributions: Attributions | None = None
+
+    async def attributions(self) -> Attributions | None:
+        """The newest finished dataset attributions of the run (looked up until one exists)."""
+        if self._attributions is None:
+            self._attributions = await asyncio.to_thread(
+                load_attributions, self.session, missing_ok=True
+            )
+        return self._attributions
 
     async def harvest(self) -> Harvest | None:
         """The newest finished harvest of the run (looked up again until one exists)."""

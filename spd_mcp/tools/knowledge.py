@@ -13,7 +13,7 @@ from pydantic import Field
 from spd_mcp.analysis import knowledge as K
 from spd_mcp.harvest.store import Harvest
 
-from .common import READ_ONLY, AppState, fail, guard, state, strict_tool
+from .common import READ_ONLY, AppState, compute, fail, guard, state, strict_tool
 
 ComponentArg = Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")]
 
@@ -61,40 +61,53 @@ async def get_component_activation_examples(
 async def search_components(
     ctx: Context,
     output_token: Annotated[str | None, Field(
-        description="components active where the model predicts this token")] = None,
+        description="components that drive / accompany the model predicting this token")] = None,
     input_token: Annotated[str | None, Field(description="components firing on this token")
                            ] = None,
     label: Annotated[str | None, Field(description="text to find in component labels")] = None,
     layer: Annotated[str | None, Field(description="restrict to one canonical layer")] = None,
-    rank_by: Annotated[Literal["pmi", "precision", "recall", "count"], Field(
-        description="token association used for ranking")] = "pmi",
+    rank_by: Annotated[Literal["effect", "pmi", "precision", "recall", "count"] | None, Field(
+        description="effect (output_token only, the default there): first-order drop in "
+        "log P(token) when the component is ablated, over dataset positions predicting it; "
+        "pmi / precision / recall / count: firing association from the harvest (default for "
+        "input_token)")] = None,
     min_count: Annotated[int, Field(ge=1)] = 3,
-    limit: Annotated[int, Field(ge=1, le=100)] = 20,
+    limit: Annotated[int, Field(ge=1, le=100)] = 10,
     include_bias: Annotated[bool, Field(
         description="include always-on 'bias' components (excluded by default)")] = False,
 ) -> K.ComponentSearch:
-    """Find components by the tokens they fire on (input_token), by the predictions they
-    accompany (output_token), by label text, or list a layer's components by density.
-    Example: search_components(output_token="she", layer="1.attn.o")."""
+    """Find components by what they do for a predicted token (output_token), by the tokens they
+    fire on (input_token), by label text, or list a layer's components by density.
+    Example: search_components(output_token="she", limit=10)."""
     st = state(ctx)
+    s = st.session
     given = [x for x in (output_token, input_token, label) if x is not None]
     if len(given) > 1:
         raise fail("give at most one of output_token, input_token, label")
-    if label is not None:
-        raise fail("no labels exist for this run yet (labelling comes with `spd-mcp label`); "
-                   "search by input_token, output_token or layer")
     if not given and layer is None:
         raise fail("give output_token, input_token, label or layer")
     if layer is not None:
-        guard(lambda: st.session.keys.layer(layer))
+        guard(lambda: s.keys.layer(layer))
+    if label is not None:
+        raise fail("no labels exist for this run yet (labelling comes with `spd-mcp label`); "
+                   "search by input_token, output_token or layer")
+    if rank_by == "effect" and output_token is None:
+        raise fail("rank_by='effect' needs output_token")
+    if output_token is not None and rank_by in (None, "effect"):
+        tok = output_token
+        guard(lambda: s.token_id(tok))
+        h_opt = await st.harvest()
+        return await compute(ctx, "search_components", lambda: K.search_by_effect(
+            s, h_opt, tok, layer=layer, k=limit, include_bias=include_bias))
     h = await _harvest(st)
-    s = st.session
+    by = rank_by or "pmi"
+    assert by != "effect"
     if output_token is not None or input_token is not None:
         kind: Literal["input", "output"] = "output" if output_token is not None else "input"
         tok = output_token if output_token is not None else input_token
         assert tok is not None
         return await asyncio.to_thread(lambda: guard(lambda: K.search_by_token(
-            s, h, tok, kind=kind, by=rank_by, layer=layer, k=limit, min_count=min_count,
+            s, h, tok, kind=kind, by=by, layer=layer, k=limit, min_count=min_count,
             include_bias=include_bias)))
     assert layer is not None
     return guard(lambda: K.search_by_layer(s, h, layer, k=limit, include_bias=include_bias))

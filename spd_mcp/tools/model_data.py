@@ -61,6 +61,7 @@ async def get_model_info(ctx: Context) -> ModelInfo:
     st = state(ctx)
     s = st.session
     h = await st.harvest()
+    attr = await st.attributions()
     model = s.run.target.model
     arch: dict[str, Any] = {"type": type(model).__name__}
     if isinstance(model, Transformer):
@@ -84,7 +85,8 @@ async def get_model_info(ctx: Context) -> ModelInfo:
         key_grammar=("component 'LAYER:C' (e.g. '1.attn.o:5'); node 'LAYER:POS:C' (e.g. "
                      "'1.attn.o:12:5'); 'embed:POS:0'; 'output:POS:TOKEN_ID'. Positions count "
                      "from 0, and position 0 is the <bos> token."),
-        analyses={"harvest": h is not None, "dataset_attributions": False, "labels": False},
+        analyses={"harvest": h is not None, "dataset_attributions": attr is not None,
+                  "labels": False},
         planted_behaviours=behaviours, device=str(s.device),
         compute_queue={"running": st.executor.running, "estimated_wait_s":
                        round(st.executor.estimated_wait(), 2)},

@@ -1,0 +1,91 @@
+"""Dataset-attribution tools: get_component_attributions, get_attribution_strength."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.tools.base import Tool
+from pydantic import BaseModel, Field
+
+from spd_mcp.attributions.query import AttributionEntry, strength, top_sources, top_targets
+from spd_mcp.attributions.store import Attributions
+
+from .common import READ_ONLY, AppState, fail, guard, state, strict_tool
+
+NormArg = Annotated[Literal["raw", "mean", "fraction"], Field(
+    description="raw sums; mean = per dataset token; fraction = share of the target's total "
+    "|attribution|")]
+
+
+async def _attr(st: AppState) -> Attributions:
+    a = await st.attributions()
+    if a is None:
+        raise fail(f"no dataset attributions for run {st.session.run.name!r}: build them with "
+                   f"`spd-mcp attributions {st.session.run.name}` (about 40 s on one CPU core "
+                   "for tales)")
+    return a
+
+
+class AttributionList(BaseModel):
+    key: str
+    direction: Literal["sources", "targets"]
+    signed: bool
+    normalize: str
+    n_tokens: int
+    entries: list[AttributionEntry]
+
+
+async def get_component_attributions(
+    ctx: Context,
+    key: Annotated[str, Field(description="component 'LAYER:C', or a token: 'embed:ID' / "
+                              "'output:ID' or a vocabulary word")],
+    direction: Annotated[Literal["sources", "targets"], Field(
+        description="sources: what drives it; targets: what it drives")] = "sources",
+    signed: Annotated[bool, Field(description="rank by signed value (else by |value|)")] = True,
+    normalize: NormArg = "fraction",
+    top_k: Annotated[int, Field(ge=1, le=100)] = 10,
+) -> AttributionList:
+    """Dataset attributions (gradient × activation, weighted by the source's CI, summed over a
+    dataset sample; direct effects): the strongest upstream sources or downstream targets of a
+    component or token. Example: get_component_attributions(key="1.attn.o:5",
+    direction="targets")."""
+    st = state(ctx)
+    a = await _attr(st)
+    tok = st.session.tokenizer
+    fn = top_sources if direction == "sources" else top_targets
+    entries = await asyncio.to_thread(lambda: guard(lambda: fn(
+        a, key, top_k, signed=signed, normalize=normalize, tokenizer=tok)))
+    return AttributionList(key=key, direction=direction, signed=signed, normalize=normalize,
+                           n_tokens=int(a.manifest.n_tokens), entries=entries)
+
+
+class Strength(BaseModel):
+    source: str
+    target: str
+    value: float
+    normalize: str
+
+
+async def get_attribution_strength(
+    ctx: Context,
+    source: Annotated[str, Field(description="component 'LAYER:C' or input token")],
+    target: Annotated[str, Field(description="component 'LAYER:C' or output token")],
+    normalize: NormArg = "fraction",
+) -> Strength:
+    """The dataset attribution of one source to one target (0 if the source is not upstream).
+    Example: get_attribution_strength(source="0.attn.o:5", target="output:she")."""
+    st = state(ctx)
+    a = await _attr(st)
+    tok = st.session.tokenizer
+    v = await asyncio.to_thread(lambda: guard(lambda: strength(
+        a, source, target, normalize=normalize, tokenizer=tok)))
+    return Strength(source=source, target=target, value=v, normalize=normalize)
+
+
+def tools() -> list[Tool]:
+    return [
+        strict_tool(get_component_attributions, READ_ONLY, "Dataset attributions"),
+        strict_tool(get_attribution_strength, READ_ONLY, "Attribution strength"),
+    ]
