@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
+    pr = sub.add_parser("prepare", help="build a run's harvest and dataset attributions "
+                        "(default settings; finished stages are reused)")
+    pr.add_argument("run", nargs="?", default="tales", help="run directory or name")
+    pr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
     from spd_mcp.harvest.cli import add_harvest_parser  # light: no torch import
 
     add_harvest_parser(sub)
@@ -113,6 +118,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _decompose(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "prepare":
+        return _prepare(args)
     if args.command == "harvest":
         from spd_mcp.harvest.cli import harvest_command
 
@@ -133,6 +140,34 @@ def _dispatch(args: argparse.Namespace) -> int:
               device=resolve_device(args.device), threads=args.threads)
         return 0
     raise AssertionError(args.command)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Harvest + dataset attributions with default settings (what the tools and demo read)."""
+    import time
+
+    import torch
+
+    from spd_mcp.analysis.session import RunSession
+    from spd_mcp.attributions import compute_attributions
+    from spd_mcp.harvest import harvest
+    from spd_mcp.harvest.cli import token_progress
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    session = RunSession.load(args.run)
+    t0 = time.perf_counter()
+    with token_progress("harvest") as cb:
+        h = harvest(session, progress=cb)
+    print(f"harvest: {h.status} ({h.n_tokens:,} tokens) {h.path}", file=sys.stderr)
+    t1 = time.perf_counter()
+    with token_progress("attributions") as cb:
+        a = compute_attributions(session, progress=cb)
+    print(f"attributions: {a.status} ({a.n_tokens:,} tokens) {a.path}", file=sys.stderr)
+    t2 = time.perf_counter()
+    print(f"prepared {session.run.name}: harvest {t1 - t0:.1f} s, attributions {t2 - t1:.1f} s",
+          file=sys.stderr)
+    return 0
 
 
 def _console():
