@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer TOKEN' (mandatory off loopback)")
     sv.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sv.add_argument("--no-auto-prepare", action="store_true",
+                    help="do not build a missing harvest / attributions on first use")
 
     pr = sub.add_parser("prepare", help="build a run's harvest and dataset attributions "
                         "(default settings; finished stages are reused)")
@@ -137,7 +139,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not 0 <= args.port < 65536:
             return _fail(f"--port must be 0..65535, got {args.port}")
         serve(args.run, http=args.http, host=args.host, port=args.port, token=args.token,
-              device=resolve_device(args.device), threads=args.threads)
+              device=resolve_device(args.device), threads=args.threads,
+              auto_prepare=not args.no_auto_prepare)
         return 0
     raise AssertionError(args.command)
 

@@ -60,6 +60,7 @@ def build_server(
     max_queue: int = 16,
     max_wait_s: float = 120.0,
     on_state: Callable[[AppState], None] | None = None,
+    auto_prepare: bool = True,
 ) -> MCPServer[AppState]:
     """The server for one run (``session`` reuses an already loaded run, e.g. in tests)."""
     if session is None and run is None:
@@ -73,7 +74,7 @@ def build_server(
             session = await asyncio.to_thread(RunSession.load, run, device=device)
         store = await AppStore.open(db_path or app_db_path(session))
         executor = ComputeExecutor(max_queue=max_queue, max_wait_s=max_wait_s)
-        st = AppState(session=session, executor=executor, store=store)
+        st = AppState(session=session, executor=executor, store=store, auto_prepare=auto_prepare)
         if on_state is not None:
             on_state(st)
         try:
@@ -170,6 +171,7 @@ def serve(
     token: str | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    auto_prepare: bool = True,
 ) -> None:
     """Entry point of ``spd-mcp serve``."""
     if http:
@@ -178,7 +180,7 @@ def serve(
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = build_server(run, device=device)
+    server = build_server(run, device=device, auto_prepare=auto_prepare)
     if http:
         asyncio.run(serve_http(server, host, port, token))
     else:

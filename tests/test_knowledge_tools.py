@@ -20,9 +20,11 @@ def session() -> RunSession:
     return RunSession.load("tales")
 
 
-def call(session: RunSession, db: Path, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+def call(session: RunSession, db: Path, calls: list[tuple[str, dict[str, Any]]],
+         auto_prepare: bool = False) -> list[Any]:
     async def main() -> list[Any]:
-        async with Client(build_server(session=session, db_path=db)) as c:
+        server = build_server(session=session, db_path=db, auto_prepare=auto_prepare)
+        async with Client(server) as c:
             return [await c.call_tool(name, args) for name, args in calls]
 
     return asyncio.run(main())
@@ -93,3 +95,24 @@ def test_attribution_tools(session: RunSession, tmp_path: Path) -> None:
     assert absvals == sorted(absvals, reverse=True)
     assert isinstance(one.structured_content["value"], float)
     assert not bad.is_error and bad.structured_content["value"] == 0.0  # not upstream
+
+
+def test_harvest_is_built_on_first_use_with_progress(session: RunSession, tmp_path: Path) -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def main() -> Any:
+        server = build_server(session=session, db_path=tmp_path / "a.db")
+        async with Client(server) as c:
+            async def on_progress(done: float, total: float | None, msg: str | None) -> None:
+                seen.append((done, total, msg))
+
+            info = await c.call_tool("get_component_info", {"component": "0.attn.q:0"},
+                                     progress_callback=on_progress)
+            again = await c.call_tool("get_model_info", {})
+            return info, again
+
+    info, model = asyncio.run(main())
+    assert not info.is_error, info.content
+    assert info.structured_content["n_tokens"] >= 200_000
+    assert seen and "harvest" in (seen[-1][2] or "") and seen[-1][0] == seen[-1][1]
+    assert model.structured_content["analyses"]["harvest"] is True

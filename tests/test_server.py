@@ -30,7 +30,7 @@ def session() -> RunSession:
 
 def with_client(session: RunSession, db: Path, fn: Callable[[Client], Awaitable[Any]]) -> Any:
     async def main() -> Any:
-        async with Client(build_server(session=session, db_path=db)) as client:
+        async with Client(build_server(session=session, db_path=db, auto_prepare=False)) as client:
             return await fn(client)
 
     return asyncio.run(main())

@@ -10,22 +10,12 @@ from mcp.server.mcpserver.tools.base import Tool
 from pydantic import BaseModel, Field
 
 from spd_mcp.attributions.query import AttributionEntry, strength, top_sources, top_targets
-from spd_mcp.attributions.store import Attributions
 
-from .common import READ_ONLY, AppState, fail, guard, state, strict_tool
+from .common import READ_ONLY, ensure_attributions, guard, state, strict_tool
 
 NormArg = Annotated[Literal["raw", "mean", "fraction"], Field(
     description="raw sums; mean = per dataset token; fraction = share of the target's total "
     "|attribution|")]
-
-
-async def _attr(st: AppState) -> Attributions:
-    a = await st.attributions()
-    if a is None:
-        raise fail(f"no dataset attributions for run {st.session.run.name!r}: build them with "
-                   f"`spd-mcp attributions {st.session.run.name}` (about 40 s on one CPU core "
-                   "for tales)")
-    return a
 
 
 class AttributionList(BaseModel):
@@ -52,7 +42,7 @@ async def get_component_attributions(
     component or token. Example: get_component_attributions(key="1.attn.o:5",
     direction="targets")."""
     st = state(ctx)
-    a = await _attr(st)
+    a = await ensure_attributions(ctx)
     tok = st.session.tokenizer
     fn = top_sources if direction == "sources" else top_targets
     entries = await asyncio.to_thread(lambda: guard(lambda: fn(
@@ -77,7 +67,7 @@ async def get_attribution_strength(
     """The dataset attribution of one source to one target (0 if the source is not upstream).
     Example: get_attribution_strength(source="0.attn.o:5", target="output:she")."""
     st = state(ctx)
-    a = await _attr(st)
+    a = await ensure_attributions(ctx)
     tok = st.session.tokenizer
     v = await asyncio.to_thread(lambda: guard(lambda: strength(
         a, source, target, normalize=normalize, tokenizer=tok)))

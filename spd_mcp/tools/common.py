@@ -40,6 +40,8 @@ class AppState:
     store: AppStore
     _dataset: DatasetIndex | None = None
     _dataset_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    auto_prepare: bool = True
+    """Build a missing harvest / attributions stage on first use (default settings)."""
     _harvest: Harvest | None = None
     _attributions: Attributions | None = None
 
@@ -167,3 +169,44 @@ def strict_tool(fn: Callable[..., Any], annotations: ToolAnnotations, title: str
     tool.fn_metadata.arg_model = strict
     tool.parameters = strict.model_json_schema(by_alias=True)
     return tool
+
+
+def _can_prepare(st: AppState) -> bool:
+    entry = st.session.run.target.entry
+    return st.auto_prepare and getattr(entry, "dataset_text", None) is not None
+
+
+async def ensure_harvest(ctx: Context) -> Harvest:
+    """The run's harvest; built on first use (default settings, progress notifications)."""
+    from spd_mcp.harvest.runner import harvest
+
+    st = state(ctx)
+    h = await st.harvest()
+    if h is None and _can_prepare(st):
+        progress = Progress(ctx, asyncio.get_running_loop(), "building the harvest (first use)")
+        await compute(ctx, "harvest", lambda: harvest(st.session, progress=progress))
+        h = await st.harvest()
+    if h is None:
+        name = st.session.run.name
+        raise fail(f"no harvest for run {name!r}: build one with `spd-mcp prepare {name}` or "
+                   f"`spd-mcp harvest {name}` (about 15 s on one CPU core for tales)")
+    return h
+
+
+async def ensure_attributions(ctx: Context) -> Attributions:
+    """The run's dataset attributions; built on first use (default settings, progress)."""
+    from spd_mcp.attributions.runner import compute_attributions
+
+    st = state(ctx)
+    a = await st.attributions()
+    if a is None and _can_prepare(st):
+        progress = Progress(ctx, asyncio.get_running_loop(), "building dataset attributions")
+        await compute(ctx, "attributions",
+                      lambda: compute_attributions(st.session, progress=progress))
+        a = await st.attributions()
+    if a is None:
+        name = st.session.run.name
+        raise fail(f"no dataset attributions for run {name!r}: build them with `spd-mcp prepare "
+                   f"{name}` or `spd-mcp attributions {name}` (about 40 s on one CPU core for "
+                   "tales)")
+    return a

@@ -11,16 +11,10 @@ from mcp.server.mcpserver.tools.base import Tool
 from pydantic import Field
 
 from spd_mcp.analysis import knowledge as K
-from spd_mcp.harvest.store import Harvest
 
-from .common import READ_ONLY, AppState, compute, fail, guard, state, strict_tool
+from .common import READ_ONLY, compute, ensure_harvest, fail, guard, state, strict_tool
 
 ComponentArg = Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")]
-
-
-async def _harvest(st: AppState) -> Harvest:
-    h = await st.harvest()
-    return guard(lambda: K.require(h, st.session))
 
 
 async def get_component_info(
@@ -36,7 +30,7 @@ async def get_component_info(
     Example: get_component_info(component="1.attn.o:5")."""
     st = state(ctx)
     guard(lambda: st.session.keys.component(component))
-    h = await _harvest(st)
+    h = await ensure_harvest(ctx)
     return await asyncio.to_thread(lambda: guard(lambda: K.component_info(
         st.session, h, component, by=rank_tokens_by, k=top_k, min_count=min_count)))
 
@@ -53,7 +47,7 @@ async def get_component_activation_examples(
     CI at every window token. Example: get_component_activation_examples(component="0.mlp.up:3")."""
     st = state(ctx)
     guard(lambda: st.session.keys.component(component))
-    h = await _harvest(st)
+    h = await ensure_harvest(ctx)
     return await asyncio.to_thread(lambda: guard(lambda: K.activation_examples(
         st.session, h, component, limit=limit, offset=offset, order=order)))
 
@@ -99,7 +93,7 @@ async def search_components(
         h_opt = await st.harvest()
         return await compute(ctx, "search_components", lambda: K.search_by_effect(
             s, h_opt, tok, layer=layer, k=limit, include_bias=include_bias))
-    h = await _harvest(st)
+    h = await ensure_harvest(ctx)
     by = rank_by or "pmi"
     assert by != "effect"
     if output_token is not None or input_token is not None:
