@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -306,6 +307,10 @@ def test_fake_counts_concurrency_and_reports_planner_errors() -> None:
             t.start()
         for t in threads:
             t.join()
+        # The handler leaves after writing its response, possibly after the client returned.
+        deadline = time.monotonic() + 5
+        while fake.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert fake.max_in_flight == 4 and fake.in_flight == 0
 
     broken = FakeMessagesAPI(lambda body: 1 / 0, toolless_reply=None)
