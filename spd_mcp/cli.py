@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     from spd_mcp.attributions.cli import add_attributions_parser  # light: no torch import
 
     add_attributions_parser(sub)
+    from spd_mcp.interp.cli import add_label_parser  # light: no torch import
+
+    add_label_parser(sub)
+    from spd_mcp.interp.cli_graph import add_graph_interp_parsers  # light: no torch import
+
+    add_graph_interp_parsers(sub)
     return p
 
 
@@ -130,6 +136,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from spd_mcp.attributions.cli import attributions_command
 
         return attributions_command(args)
+    if args.command == "label":
+        from spd_mcp.interp.cli import label_command
+
+        return label_command(args)
+    if args.command in ("graph-interp", "score-labels"):
+        from spd_mcp.interp.cli_graph import graph_interp_command, score_labels_command
+
+        fn = graph_interp_command if args.command == "graph-interp" else score_labels_command
+        return fn(args)
     if args.command == "serve":
         from spd_mcp.model.decompose import resolve_device
         from spd_mcp.server import check_bind, serve
