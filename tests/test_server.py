@@ -18,9 +18,15 @@ TOOLS = {
     "probe_component", "get_component_vectors", "find_components_by_examples", "compute_graph",
     "optimize_graph", "get_graph", "run_intervention", "run_ablation", "get_component_info",
     "get_component_activation_examples", "search_components", "get_component_attributions",
-    "get_attribution_strength",
+    "get_attribution_strength", "label_component",
 }
 PROMPT = "mia found a ball in the park . the ball was"
+
+
+@pytest.fixture(autouse=True)
+def _no_llm_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +142,8 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("get_component_attributions", {"key": "1.mlp.up:1", "direction": "up"}, "direction"),
     ("get_component_attributions", {"key": "1.mlp.up:1"}, "spd-mcp attributions tales"),
     ("get_attribution_strength", {"source": "1.mlp.up:1"}, "target"),
+    ("label_component", {"component": "1.mlp.up:999"}, "C=128"),
+    ("label_component", {"component": "1.mlp.up:9"}, "ANTHROPIC_API_KEY"),
     ("run_ablation", {"text": PROMPT, "components": ["1.mlp.down:5:3"]}, "'LAYER:C'"),
 ]
 

@@ -51,6 +51,8 @@ class ComponentInfo(BaseModel):
         description="the target's predicted next token where it fires")
     correlated: list[RelatedComponent] = Field(description="components that co-fire with it")
     label: str | None = Field(None, description="LLM-written label, when labels exist")
+    label_info: dict[str, str | float | None] | None = Field(
+        None, description="where the label comes from: kind, confidence, reasoning")
     harvest: str = Field(description="harvest stage (config hash) these statistics come from")
     n_tokens: int
 
@@ -64,6 +66,7 @@ def _tokens(session: RunSession, rows: list, k: int) -> list[TokenStat]:
 def component_info(
     session: RunSession, h: Harvest, key: str, *, by: TokenRank = "pmi", k: int = 10,
     min_count: int = 3, label: str | None = None,
+    label_info: dict[str, str | float | None] | None = None,
 ) -> ComponentInfo:
     s = h.stats
     comp = session.keys.component(key)
@@ -76,7 +79,7 @@ def component_info(
         top_input_tokens=_tokens(session, ins, k), top_output_tokens=_tokens(session, outs, k),
         correlated=[RelatedComponent(key=r.key, count=r.count, jaccard=round(r.jaccard, 5),
                                      pmi=round(r.pmi, 4)) for r in rel],
-        label=label, harvest=h.manifest.config_hash, n_tokens=s.n_tokens,
+        label=label, label_info=label_info, harvest=h.manifest.config_hash, n_tokens=s.n_tokens,
     )
 
 

@@ -210,3 +210,26 @@ async def ensure_attributions(ctx: Context) -> Attributions:
                    f"{name}` or `spd-mcp attributions {name}` (about 40 s on one CPU core for "
                    "tales)")
     return a
+
+
+def _run_id(st: AppState) -> str:
+    return str(st.session.run.meta.get("run_id", st.session.run.name))
+
+
+def _read_labels(st: AppState, fn: Callable[[Any], T], empty: T) -> T:
+    from spd_mcp.interp.store import LabelStore, labels_path
+
+    path = labels_path(_run_id(st))
+    if not path.exists():
+        return empty
+    with LabelStore(path) as store:
+        return fn(store)
+
+
+async def best_labels(st: AppState) -> dict[str, Any]:
+    """Component key → its best stored label row (empty when the run has no labels)."""
+    return await asyncio.to_thread(_read_labels, st, lambda s: s.best_labels(), {})
+
+
+async def search_labels(st: AppState, text: str, limit: int) -> list[Any]:
+    return await asyncio.to_thread(_read_labels, st, lambda s: s.search(text, limit), [])

@@ -11,8 +11,20 @@ from mcp.server.mcpserver.tools.base import Tool
 from pydantic import Field
 
 from spd_mcp.analysis import knowledge as K
+from spd_mcp.interp.store import LabelRow
 
-from .common import READ_ONLY, compute, ensure_harvest, fail, guard, state, strict_tool
+from .common import (
+    READ_ONLY,
+    STORES,
+    best_labels,
+    compute,
+    ensure_harvest,
+    fail,
+    guard,
+    search_labels,
+    state,
+    strict_tool,
+)
 
 ComponentArg = Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")]
 
@@ -29,10 +41,15 @@ async def get_component_info(
     predicted output tokens (PMI / precision / recall), co-firing components, label if any.
     Example: get_component_info(component="1.attn.o:5")."""
     st = state(ctx)
-    guard(lambda: st.session.keys.component(component))
+    key = str(guard(lambda: st.session.keys.component(component)))
     h = await ensure_harvest(ctx)
+    row = (await best_labels(st)).get(key)
+    label = row.label if row is not None else None
+    info = ({"kind": row.kind, "confidence": row.confidence, "reasoning": row.reasoning}
+            if row is not None else None)
     return await asyncio.to_thread(lambda: guard(lambda: K.component_info(
-        st.session, h, component, by=rank_tokens_by, k=top_k, min_count=min_count)))
+        st.session, h, key, by=rank_tokens_by, k=top_k, min_count=min_count, label=label,
+        label_info=info)))
 
 
 async def get_component_activation_examples(
@@ -83,8 +100,18 @@ async def search_components(
     if layer is not None:
         guard(lambda: s.keys.layer(layer))
     if label is not None:
-        raise fail("no labels exist for this run yet (labelling comes with `spd-mcp label`); "
-                   "search by input_token, output_token or layer")
+        rows = await search_labels(st, label, 10_000)
+        if layer is not None:
+            rows = [r for r in rows if r.component.rsplit(":", 1)[0] == layer]
+        if not rows and not await best_labels(st):
+            raise fail("this run has no labels yet: build them with `spd-mcp label "
+                       f"{s.run.name}` (or label_component for one component); meanwhile search "
+                       "by input_token, output_token or layer")
+        found = [K.FoundComponent(key=r.component, score=round(r.confidence or 0.0, 4),
+                                  density=None, is_bias=False, label=r.label) for r in rows]
+        return K.ComponentSearch(query={"label": label, "layer": layer}, ranked_by="confidence",
+                                 n_matching=len(found), components=found[:limit],
+                                 excluded_bias=0)
     if rank_by == "effect" and output_token is None:
         raise fail("rank_by='effect' needs output_token")
     if output_token is not None and rank_by in (None, "effect"):
@@ -107,9 +134,40 @@ async def search_components(
     return guard(lambda: K.search_by_layer(s, h, layer, k=limit, include_bias=include_bias))
 
 
+async def label_component(
+    ctx: Context,
+    component: ComponentArg,
+    refresh: Annotated[bool, Field(description="ask again even if a label exists")] = False,
+    model: Annotated[str | None, Field(description="Anthropic model (default: the labeller's)")
+                     ] = None,
+) -> LabelRow:
+    """Label one component now with an LLM (autointerp from its activation examples and token
+    statistics); needs ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL) in the server's environment.
+    Example: label_component(component="1.attn.o:5")."""
+    from spd_mcp.interp.autointerp import label_one
+    from spd_mcp.interp.cli import NO_KEY
+    from spd_mcp.interp.client import LLMSettings, api_key_configured
+    from spd_mcp.interp.store import LabelStore, labels_path
+
+    st = state(ctx)
+    key = str(guard(lambda: st.session.keys.component(component)))
+    settings = LLMSettings(max_concurrency=1, **({"model": model} if model else {}))
+    if not api_key_configured(settings):
+        raise fail(f"cannot label: {NO_KEY} in the environment of `spd-mcp serve`, then restart "
+                   "it (or run `spd-mcp label RUN` offline)")
+    h = await ensure_harvest(ctx)
+    run_id = str(st.session.run.meta.get("run_id", st.session.run.name))
+    with LabelStore(labels_path(run_id)) as store:
+        row = await label_one(st.session, h, key, settings, store, refresh=refresh)
+    if row.status != "ok":
+        raise fail(f"labelling {key} {row.status}: {row.error}")
+    return row
+
+
 def tools() -> list[Tool]:
     return [
         strict_tool(get_component_info, READ_ONLY, "Component info"),
         strict_tool(get_component_activation_examples, READ_ONLY, "Activation examples"),
         strict_tool(search_components, READ_ONLY, "Search components"),
+        strict_tool(label_component, STORES, "Label a component"),
     ]

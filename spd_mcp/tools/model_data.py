@@ -15,6 +15,7 @@ from spd_mcp.model.zoo.transformer import Transformer
 from .common import (
     READ_ONLY,
     STORES,
+    best_labels,
     check_text,
     compute,
     guard,
@@ -62,6 +63,7 @@ async def get_model_info(ctx: Context) -> ModelInfo:
     s = st.session
     h = await st.harvest()
     attr = await st.attributions()
+    labels = await best_labels(st)
     model = s.run.target.model
     arch: dict[str, Any] = {"type": type(model).__name__}
     if isinstance(model, Transformer):
@@ -86,7 +88,7 @@ async def get_model_info(ctx: Context) -> ModelInfo:
                      "'1.attn.o:12:5'); 'embed:POS:0'; 'output:POS:TOKEN_ID'. Positions count "
                      "from 0, and position 0 is the <bos> token."),
         analyses={"harvest": h is not None, "dataset_attributions": attr is not None,
-                  "labels": False},
+                  "labels": bool(labels)},
         planted_behaviours=behaviours, device=str(s.device),
         compute_queue={"running": st.executor.running, "estimated_wait_s":
                        round(st.executor.estimated_wait(), 2)},
