@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build. GPU users can install any torch >= 2.3 before `pip install -e .`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo venv lint clean bench node-tools
+.PHONY: test demo demo-tms venv lint clean bench node-tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ test: venv node-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# A scripted (LLM-free) investigation of the shipped `tales` run through the MCP server.
 demo: venv
+	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp demo
+
+# Decompose the tms-5-2 toy and evaluate it against its ground truth.
+demo-tms: venv
 	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp zoo build tms-5-2 --device cpu --overwrite
 	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp evaluate tms-5-2
 

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sv.add_argument("--no-auto-prepare", action="store_true",
                     help="do not build a missing harvest / attributions on first use")
+    sv.add_argument("--task-dir", type=Path, default=None,
+                    help="investigation task directory the investigation tools write to")
 
     pr = sub.add_parser("prepare", help="build a run's harvest and dataset attributions "
                         "(default settings; finished stages are reused)")
@@ -79,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     from spd_mcp.interp.cli_graph import add_graph_interp_parsers  # light: no torch import
 
     add_graph_interp_parsers(sub)
+    from spd_mcp.investigation.cli import add_investigation_parsers  # light: no torch import
+
+    add_investigation_parsers(sub)
+    from spd_mcp.launch.cli import add_investigate_parser, add_slurm_to_parsers  # light
+
+    add_investigate_parser(sub)
+    add_slurm_to_parsers(sub)
+    from spd_mcp.demo import add_demo_parser  # light: no torch / mcp import
+
+    add_demo_parser(sub)
     return p
 
 
@@ -111,6 +123,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from spd_mcp.demo import demo_command
+
+        return demo_command(args)
+    if args.command == "investigate":
+        from spd_mcp.launch.cli import investigate_command
+
+        return investigate_command(args)
+    if getattr(args, "slurm", False):
+        from spd_mcp.launch.cli import slurm_command
+
+        done = slurm_command(args)
+        if done is not None:
+            return done
     if args.command == "zoo" and args.zoo_command == "list":
         return _zoo_list()
     if args.command == "runs":
@@ -145,6 +171,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         fn = graph_interp_command if args.command == "graph-interp" else score_labels_command
         return fn(args)
+    if args.command in ("investigations", "export-graph"):
+        from spd_mcp.investigation.cli import investigation_command
+
+        return investigation_command(args)
     if args.command == "serve":
         from spd_mcp.model.decompose import resolve_device
         from spd_mcp.server import check_bind, serve
@@ -155,7 +185,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _fail(f"--port must be 0..65535, got {args.port}")
         serve(args.run, http=args.http, host=args.host, port=args.port, token=args.token,
               device=resolve_device(args.device), threads=args.threads,
-              auto_prepare=not args.no_auto_prepare)
+              auto_prepare=not args.no_auto_prepare, task_dir=args.task_dir)
         return 0
     raise AssertionError(args.command)
 

@@ -33,6 +33,7 @@ from spd_mcp.tools import (
     knowledge,
     model_data,
 )
+from spd_mcp.tools import investigation as investigation_tools
 from spd_mcp.tools.common import AppState
 
 log = logging.getLogger("spd_mcp.server")
@@ -61,10 +62,15 @@ def build_server(
     max_wait_s: float = 120.0,
     on_state: Callable[[AppState], None] | None = None,
     auto_prepare: bool = True,
+    task_dir: Path | None = None,
 ) -> MCPServer[AppState]:
-    """The server for one run (``session`` reuses an already loaded run, e.g. in tests)."""
+    """The server for one run (``session`` reuses an already loaded run, e.g. in tests).
+
+    Investigation tools write to ``task_dir`` (made a task if it is not one), or to a task
+    created under ``$SPD_MCP_HOME/investigations/`` on their first call."""
     if session is None and run is None:
         raise ValueError("give run or session")
+    inv = investigation_tools.Investigation(task_dir)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
@@ -72,9 +78,12 @@ def build_server(
         if session is None:
             assert run is not None
             session = await asyncio.to_thread(RunSession.load, run, device=device)
-        store = await AppStore.open(db_path or app_db_path(session))
+        # An investigation gets its own app database (concurrent agents never share one).
+        default_db = task_dir / "app.db" if task_dir is not None else app_db_path(session)
+        store = await AppStore.open(db_path or default_db)
         executor = ComputeExecutor(max_queue=max_queue, max_wait_s=max_wait_s)
         st = AppState(session=session, executor=executor, store=store, auto_prepare=auto_prepare)
+        await asyncio.to_thread(inv.start, session.run.name)
         if on_state is not None:
             on_state(st)
         try:
@@ -84,9 +93,12 @@ def build_server(
             await store.close()
 
     tools = [*model_data.tools(), *components.tools(), *knowledge.tools(),
-             *attributions.tools(), *graphs.tools(), *interventions.tools()]
-    return MCPServer("spd", instructions=INSTRUCTIONS, lifespan=lifespan, tools=tools,
-                     version=_version())
+             *attributions.tools(), *graphs.tools(), *interventions.tools(),
+             *investigation_tools.tools(inv)]
+    server = MCPServer("spd", instructions=INSTRUCTIONS, lifespan=lifespan, tools=tools,
+                       version=_version())
+    investigation_tools.register(server, inv)
+    return server
 
 
 def _version() -> str:
@@ -172,15 +184,16 @@ def serve(
     device: str = "cpu",
     threads: int | None = None,
     auto_prepare: bool = True,
+    task_dir: Path | None = None,
 ) -> None:
-    """Entry point of ``spd-mcp serve``."""
+    """Entry point of ``spd-mcp serve`` (``task_dir``: where investigation tools write)."""
     if http:
         check_bind(host, token)
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = build_server(run, device=device, auto_prepare=auto_prepare)
+    server = build_server(run, device=device, auto_prepare=auto_prepare, task_dir=task_dir)
     if http:
         asyncio.run(serve_http(server, host, port, token))
     else:

@@ -18,7 +18,8 @@ TOOLS = {
     "probe_component", "get_component_vectors", "find_components_by_examples", "compute_graph",
     "optimize_graph", "get_graph", "run_intervention", "run_ablation", "get_component_info",
     "get_component_activation_examples", "search_components", "get_component_attributions",
-    "get_attribution_strength", "label_component",
+    "get_attribution_strength", "label_component", "update_research_log", "save_explanation",
+    "set_investigation_summary", "save_graph_artifact", "submit_suggestion", "get_investigation",
 }
 PROMPT = "mia found a ball in the park . the ball was"
 
@@ -145,6 +146,14 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("label_component", {"component": "1.mlp.up:999"}, "C=128"),
     ("label_component", {"component": "1.mlp.up:9"}, "ANTHROPIC_API_KEY"),
     ("run_ablation", {"text": PROMPT, "components": ["1.mlp.down:5:3"]}, "'LAYER:C'"),
+    ("update_research_log", {"entry": ""}, "entry"),
+    ("save_explanation", {"behaviour": "b", "components": [{"key": "1.mlp.up:999", "role": "r"}],
+                          "evidence": [{"type": "graph", "description": "d"}],
+                          "confidence": 0.5}, "components[0].key"),
+    ("set_investigation_summary", {"title": "t", "summary": "s", "status": "done"}, "status"),
+    ("save_graph_artifact", {"graph_id": 12345, "title": "t"}, "graph_id 12345 does not exist"),
+    ("submit_suggestion", {"text": "t", "kind": "x"}, "kind"),
+    ("get_investigation", {"verbose": True}, "verbose"),
 ]
 
 

@@ -1,0 +1,353 @@
+"""``spd-mcp demo``: a built-in, LLM-free scripted investigator driving the MCP server over stdio.
+
+It answers a planted-behaviour question on ``tales`` the way an agent would (circuit, interventions
+under four regimes, a random control, component knowledge, an output-token search and ablation),
+writes the research log, a graph artifact, an explanation and a summary into a task directory, and
+prints a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep that light
+    from mcp import ClientSession
+    from rich.console import Console
+
+QUESTION = "How does the model know which pronoun (he/she) to use after '..., and then'?"
+REGIMES = ("ci", "stochastic", "adversarial", "ablated")
+N_TOP = 3
+
+
+class DemoError(RuntimeError):
+    """A tool call failed."""
+
+
+@dataclass
+class Findings:
+    """What the scripted investigation found (for the final report)."""
+
+    prompt: str = ""
+    label: str = ""
+    circuit: list[str] = field(default_factory=list)
+    n_alive: int = 0
+    graph_probs: dict[str, float] = field(default_factory=dict)
+    regime_probs: dict[str, float] = field(default_factory=dict)
+    control: list[str] = field(default_factory=list)
+    control_probs: dict[str, float] = field(default_factory=dict)
+    top: list[dict[str, Any]] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)
+    search_probs: dict[str, float] = field(default_factory=dict)
+    artifact_id: str = ""
+
+
+class Investigator:
+    """Calls tools through one MCP client session and prints a line per step."""
+
+    def __init__(self, session: ClientSession, console: Console) -> None:
+        self.session = session
+        self.console = console
+        self.t0 = time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        self.console.print(f"[dim]{time.perf_counter() - self.t0:6.1f}s[/dim] {msg}",
+                           highlight=False, soft_wrap=True)
+
+    async def call(self, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+        res = await self.session.call_tool(tool, args)
+        if res.is_error:
+            text = " ".join(getattr(c, "text", "") for c in res.content)
+            raise DemoError(f"{tool} failed: {text}")
+        return dict(res.structured_content or {})
+
+    async def log(self, title: str, entry: str) -> None:
+        await self.call("update_research_log", {"entry": entry, "title": title})
+
+
+def _fmt_probs(probs: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in probs.items())
+
+
+def _component(node: str) -> str:
+    layer, _pos, c = node.rsplit(":", 2)
+    return f"{layer}:{c}"
+
+
+def _pick_probe() -> tuple[str, str]:
+    from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
+
+    probe = BEHAVIOURS["pronoun"].probes(seed=7, n=1)[0]
+    return probe.prompt, probe.expected
+
+
+def _node(component: str, pos: int) -> str:
+    layer, c = component.rsplit(":", 1)
+    return f"{layer}:{pos}:{c}"
+
+
+async def _natural_ci(inv: Investigator, text: str, nodes: list[str]
+                      ) -> dict[str, tuple[float, float]]:
+    """Natural (CI, |activation|) of every alive node at the positions of ``nodes``."""
+    positions = sorted({int(n.rsplit(":", 2)[1]) for n in nodes})
+    ci = await inv.call("get_ci", {"text": text, "positions": positions, "top_per_position": 100})
+    return {_node(t["key"], row["pos"]): (float(t["ci"]), abs(float(t["act"])))
+            for row in ci["positions"] for t in row["top"]}
+
+
+def _random_control(circuit: list[str], alive: list[str], Cs: dict[str, int],
+                    rng: random.Random) -> list[str]:
+    """Random alive nodes at the circuit's positions, as many per position as the circuit."""
+    out: list[str] = []
+    for pos, want in sorted(Counter(int(n.rsplit(":", 2)[1]) for n in circuit).items()):
+        pool = sorted(n for n in alive if int(n.rsplit(":", 2)[1]) == pos and n not in circuit)
+        while len(pool) < want:  # too few alive: random component indices at this position
+            layer = rng.choice(sorted(Cs))
+            pool.append(f"{layer}:{pos}:{rng.randrange(Cs[layer])}")
+        out += rng.sample(pool, want)
+    return out
+
+
+async def investigate(inv: Investigator, run: str) -> Findings:
+    """The scripted investigation; every step goes through an MCP tool."""
+    f = Findings()
+    info = await inv.call("get_model_info", {})
+    Cs = {x["name"]: int(x["C"]) for x in info["layers"]}
+    inv.say(f"model: {info['architecture']['type']}, {len(Cs)} decomposed layers, "
+            f"{sum(Cs.values())} components")
+    f.prompt, f.label = _pick_probe()
+    await inv.log("Question and plan", (
+        f"**Question:** {QUESTION}\n\n"
+        f"Run `{run}`: {len(Cs)} decomposed layers, {sum(Cs.values())} components.\n\n"
+        "Plan: (1) take a held-out pronoun probe and optimise a sparse circuit for the pronoun; "
+        "(2) test it under the CI, stochastic, adversarial and ablated regimes against a random "
+        "control of the same size; (3) read what the strongest circuit components do across the "
+        "dataset; (4) cross-check with a dataset-wide search by output token and its ablation."))
+
+    inv.say(f"probe: …{f.prompt[-60:]!r} → {f.label!r}; optimising a sparse circuit")
+    g = await inv.call("optimize_graph", {"text": f.prompt, "label_token": f.label})
+    m = g["metrics"]
+    f.circuit = [n["key"] for n in g["circuit"]]
+    f.n_alive = int(m["n_alive_start"])
+    f.graph_probs = {k: float(v) for k, v in m["label_prob"].items()}
+    inv.say(f"circuit: {len(f.circuit)} of {f.n_alive} alive nodes; P({f.label}) "
+            f"{_fmt_probs(f.graph_probs)}")
+    art = await inv.call("save_graph_artifact", {
+        "graph_id": g["graph_id"], "title": f"Sparse circuit for '{f.label}' after ', and then'",
+        "caption": f"optimize_graph on a pronoun probe; {len(f.circuit)} component nodes kept."})
+    f.artifact_id = art["artifact_id"]
+    await inv.log("Sparse circuit", (
+        f"Probe: `{f.prompt}` → **{f.label}**.\n\n"
+        f"`optimize_graph` kept **{len(f.circuit)} of {f.n_alive}** alive component nodes: "
+        f"{', '.join(f'`{k}`' for k in f.circuit)}.\n\n"
+        f"P({f.label}): {_fmt_probs(f.graph_probs)}.\n\n{art['reference']}"))
+
+    inv.say("intervening on the circuit under ci / stochastic / adversarial / ablated")
+    r = await inv.call("run_intervention", {
+        "text": f.prompt, "nodes": f.circuit, "regimes": list(REGIMES), "loss": "label",
+        "label_token": f.label})
+    f.regime_probs = {k: float(v) for k, v in r["label_prob"].items()}
+    natural = await _natural_ci(inv, f.prompt, f.circuit)
+    f.control = _random_control(f.circuit, sorted(natural), Cs, random.Random(0))
+    c = await inv.call("run_intervention", {
+        "text": f.prompt, "nodes": f.control, "regimes": ["ablated"], "loss": "label",
+        "label_token": f.label})
+    f.control_probs = {k: float(v) for k, v in c["label_prob"].items()}
+    inv.say(f"circuit: {_fmt_probs(f.regime_probs)}; random control ablated "
+            f"{f.control_probs['ablated']:.3f}")
+    await inv.log("Interventions", (
+        f"Circuit nodes kept (others masked) / ablated, P({f.label}): "
+        f"{_fmt_probs(f.regime_probs)}.\n\n"
+        f"Control: ablating {len(f.control)} random alive nodes at the same positions "
+        f"({', '.join(f'`{k}`' for k in f.control)}) gives P({f.label}) "
+        f"{f.control_probs['ablated']:.3f} (target {f.control_probs['target']:.3f})."))
+
+    await _components(inv, f, natural)
+    await _conclude(inv, f)
+    return f
+
+
+async def _components(inv: Investigator, f: Findings,
+                      natural: dict[str, tuple[float, float]]) -> None:
+    """Knowledge about the strongest circuit components, then a dataset-wide output-token search."""
+    ranked = sorted(f.circuit, key=lambda n: natural.get(n, (0.0, 0.0)), reverse=True)
+    comps = list(dict.fromkeys(_component(n) for n in ranked))[:N_TOP]
+    inv.say(f"reading {', '.join(comps)} (the first call builds the harvest)")
+    lines = []
+    for key in comps:
+        info = await inv.call("get_component_info", {"component": key, "top_k": 5})
+        ex = await inv.call("get_component_activation_examples",
+                            {"component": key, "limit": 3, "order": "ci"})
+        node = next(n for n in ranked if _component(n) == key)
+        row = {"key": key, "ci": natural.get(node, (0.0, 0.0))[0],
+               "density": float(info["summary"]["density"]),
+               "inputs": [t["token"] for t in info["top_input_tokens"]],
+               "outputs": [t["token"] for t in info["top_output_tokens"]],
+               "example": ex["examples"][0]["text"] if ex["examples"] else ""}
+        f.top.append(row)
+        lines.append(f"- `{key}` (natural CI {row['ci']:.2f}, density {row['density']:.3f}): "
+                     f"fires on {', '.join(row['inputs']) or '—'}; predicts "
+                     f"{', '.join(row['outputs']) or '—'}. Example: `{row['example']}`")
+    await inv.log("Circuit components across the dataset", "\n".join(lines))
+
+    inv.say(f"searching components by output token {f.label!r} and ablating them")
+    s = await inv.call("search_components", {"output_token": f.label, "limit": 10})
+    f.searched = [x["key"] for x in s["components"]]
+    a = await inv.call("run_ablation", {"text": f.prompt, "components": f.searched,
+                                        "label_token": f.label})
+    f.search_probs = {k: float(v) for k, v in a["label_prob"].items()}
+    overlap = sorted({_component(n) for n in f.circuit} & set(f.searched))
+    inv.say(f"ablating the {len(f.searched)} found components: P({f.label}) "
+            f"{_fmt_probs(f.search_probs)}")
+    await inv.log("Search by output token", (
+        f"`search_components(output_token='{f.label}')` ranks by first-order ablation effect: "
+        f"{', '.join(f'`{k}`' for k in f.searched)}. Ablating all of them everywhere gives "
+        f"P({f.label}) {_fmt_probs(f.search_probs)}. Shared with the circuit: "
+        f"{', '.join(f'`{k}`' for k in overlap) or 'none'}."))
+
+
+async def _conclude(inv: Investigator, f: Findings) -> None:
+    p = f.regime_probs
+    drop = 1 - p["ablated"] / p["target"]
+    control_drop = 1 - f.control_probs["ablated"] / f.control_probs["target"]
+    search_drop = 1 - f.search_probs["ablated"] / f.search_probs["target"]
+    roles = []
+    for n in f.circuit:
+        key = _component(n)
+        top = next((t for t in f.top if t["key"] == key), None)
+        role = (f"strong circuit component at the pronoun position; predicts "
+                f"{', '.join(top['outputs'][:3]) or 'no clear token'}" if top
+                else f"member of the sparse circuit for '{f.label}' at the pronoun position")
+        if key in f.searched:
+            role += f"; also ranked by search_components(output_token='{f.label}')"
+        roles.append({"key": key, "role": role})
+    roles = list({r["key"]: r for r in roles}.values())
+    evidence = [
+        {"type": "graph", "value": len(f.circuit), "artifact_id": f.artifact_id,
+         "description": f"optimize_graph keeps {len(f.circuit)} of {f.n_alive} alive nodes with "
+                        f"CI-masked P({f.label}) {f.graph_probs.get('ci', 0):.3f}"},
+        {"type": "intervention", "value": p["ci"],
+         "description": f"circuit alone (CI regime) gives P({f.label}) {p['ci']:.3f}; "
+                        f"stochastic {p['stochastic']:.3f}, adversarial {p['adversarial']:.3f}"},
+        {"type": "intervention", "value": drop,
+         "description": f"ablating the circuit lowers P({f.label}) from {p['target']:.3f} to "
+                        f"{p['ablated']:.3f} ({drop:.0%}); a random same-size control: "
+                        f"{control_drop:.0%}"},
+        {"type": "ablation", "value": search_drop,
+         "description": f"ablating the {len(f.searched)} components found by output token "
+                        f"lowers P({f.label}) by {search_drop:.0%}"},
+        {"type": "activation_examples", "value": f.top[0]["density"] if f.top else None,
+         "description": "; ".join(f"{t['key']} fires on {', '.join(t['inputs'][:3])}"
+                                  for t in f.top) or "no harvest statistics"},
+    ]
+    confidence = 0.8 if p["ci"] >= 0.5 and drop >= 0.5 and control_drop < 0.2 else 0.5
+    await inv.call("save_explanation", {
+        "behaviour": f"predicting the pronoun '{f.label}' after ', and then' (pronoun agreement "
+                     "with the most recently named character)",
+        "components": roles, "evidence": evidence, "confidence": confidence,
+        "alternatives": ["the gender could be carried by earlier-position components that the "
+                         "single-prediction circuit does not separate"],
+        "limitations": ["one probe; the circuit is optimised for a single prediction",
+                        "scripted investigator: roles are summarised from statistics"]})
+    status = "completed"
+    await inv.call("set_investigation_summary", {
+        "title": f"Pronoun '{f.label}' circuit in tales",
+        "summary": (f"A {len(f.circuit)}-node circuit (of {f.n_alive} alive) predicts "
+                    f"'{f.label}' alone (P {p['ci']:.3f}) and is necessary (ablated "
+                    f"{p['ablated']:.3f} vs target {p['target']:.3f}; random control "
+                    f"{f.control_probs['ablated']:.3f}). See [[artifact:{f.artifact_id}]]."),
+        "status": status})
+    inv.say(f"explanation saved (confidence {confidence}); summary status {status}")
+
+
+def _report(console: Console, f: Findings, task_path: Path, elapsed: float) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.rule("[bold]spd-mcp demo: scripted investigation")
+    console.print(f"[bold]Question:[/bold] {QUESTION}")
+    console.print(f"[bold]Probe:[/bold] …{f.prompt[-80:]} → [bold]{f.label}[/bold]")
+    console.print(f"[bold]Circuit:[/bold] {len(f.circuit)} of {f.n_alive} alive nodes "
+                  f"({len(f.circuit) / max(1, f.n_alive):.1%}); graph artifact "
+                  + escape(f"[[artifact:{f.artifact_id}]]"))
+    t = Table("regime", f"P({f.label}) circuit", f"P({f.label}) random control",
+              title="interventions (label probability)")
+    for reg in ("target", *REGIMES):
+        ctrl = f.control_probs.get(reg)
+        t.add_row(reg, f"{f.regime_probs.get(reg, float('nan')):.3f}",
+                  "" if ctrl is None else f"{ctrl:.3f}")
+    console.print(t)
+    ct = Table("component", "natural CI", "density", "top input tokens", "top output tokens",
+               title="strongest circuit components")
+    for row in f.top:
+        ct.add_row(row["key"], f"{row['ci']:.2f}", f"{row['density']:.3f}",
+                   ", ".join(row["inputs"][:5]), ", ".join(row["outputs"][:5]))
+    console.print(ct)
+    console.print(f"[bold]Search by output token:[/bold] {', '.join(f.searched)}; ablated "
+                  f"P({f.label}) {f.search_probs.get('ablated', float('nan')):.3f} "
+                  f"(target {f.search_probs.get('target', float('nan')):.3f})")
+    console.print(f"[bold]Task directory:[/bold] {task_path}  ({elapsed:.0f} s)")
+
+
+async def _run(run: str, task_path: Path, console: Console, threads: int) -> Findings | str:
+    """The investigation's findings, or why a tool failed (caught here, inside the task groups)."""
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "spd_mcp.cli", "serve", "--run", run, "--task-dir", str(task_path),
+              "--threads", str(threads)],
+        env=dict(os.environ))
+    with open(task_path / "server.log", "a") as errlog:
+        async with stdio_client(params, errlog=errlog) as (read, write), \
+                ClientSession(read, write) as session:
+            await session.initialize()
+            try:
+                return await investigate(Investigator(session, console), run)
+            except DemoError as err:
+                return str(err)
+
+
+def run_demo(run: str = "tales", root: Path | None = None, threads: int | None = None) -> int:
+    """Create a task, investigate it through the MCP server, print the report; 0 on success."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from spd_mcp.investigation.taskdir import create_task
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # logs and pipes: keep tables and progress lines whole
+    t0 = time.perf_counter()
+    task = create_task(run, QUESTION, root=root, launcher={"kind": "demo"})
+    console.print(f"task {task.id}: {task.path}", highlight=False, soft_wrap=True)
+    n = threads or int(os.environ.get("SPD_MCP_THREADS") or 1)  # 1: fastest on small CPUs
+    f = asyncio.run(_run(run, task.path, console, n))
+    if isinstance(f, str):
+        console.print(f"[red]demo failed:[/red] {escape(f)}", highlight=False)
+        console.print(f"server log: {task.path / 'server.log'}", highlight=False, soft_wrap=True)
+        return 1
+    _report(console, f, task.path, time.perf_counter() - t0)
+    return 0
+
+
+def add_demo_parser(sub: Any) -> None:
+    """``spd-mcp demo [--run RUN] [--root DIR]``."""
+    d = sub.add_parser("demo", help="a scripted (LLM-free) investigation through the MCP server")
+    d.add_argument("--run", default="tales", help="run directory or name (default: tales)")
+    d.add_argument("--root", type=Path, default=None,
+                   help="where task directories go (default: $SPD_MCP_HOME/investigations)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="the server's torch CPU threads (default: $SPD_MCP_THREADS or 1)")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    return run_demo(args.run, args.root, args.threads)

@@ -1,0 +1,1 @@
+"""Launchers (DESIGN §9): run an investigation (server + Claude Code) locally or under SLURM."""

@@ -1,0 +1,40 @@
+"""``spd-mcp demo`` end to end: a scripted investigation through the MCP server over stdio fills a
+task directory (research log with a saved graph artifact, an explanation, a completed summary)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_fills_a_task_directory(tmp_path: Path) -> None:
+    root = tmp_path / "tasks"
+    env = {**os.environ, "SPD_MCP_HOME": str(tmp_path / "home"), "COLUMNS": "160"}
+    proc = subprocess.run([sys.executable, "-m", "spd_mcp.cli", "demo", "--root", str(root)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (task,) = [p for p in root.iterdir() if p.is_dir()]
+    assert str(task) in proc.stdout.replace("\n", "")
+
+    log = (task / "research_log.md").read_text()
+    refs = re.findall(r"\[\[artifact:([^\]]+)\]\]", log)
+    assert refs, log
+    assert all((task / "artifacts" / f"{ref}.json").is_file() for ref in refs)
+
+    explanations = [json.loads(line) for line in
+                    (task / "explanations.jsonl").read_text().splitlines() if line.strip()]
+    assert explanations
+    exp = explanations[0]
+    assert exp["components"] and all(":" in c["key"] and c["role"] for c in exp["components"])
+    types = {e["type"] for e in exp["evidence"]}
+    assert {"intervention", "ablation", "graph", "activation_examples"} <= types
+
+    assert json.loads((task / "summary.json").read_text())["status"] == "completed"
+    assert (task / "server.log").is_file()
