@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--http", action="store_true", help="streamable HTTP instead of stdio")
     sv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     sv.add_argument("--port", type=int, default=8765, help="HTTP port (0 = OS-assigned)")
-    sv.add_argument("--token", default=None,
-                    help="require 'Authorization: Bearer TOKEN' (mandatory off loopback)")
+    sv.add_argument("--token", default=os.environ.get("SPD_MCP_TOKEN") or None,
+                    help="require 'Authorization: Bearer TOKEN' (mandatory off loopback; default "
+                    "$SPD_MCP_TOKEN, which keeps the token out of the process list)")
     sv.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sv.add_argument("--no-auto-prepare", action="store_true",

@@ -208,12 +208,13 @@ class Investigation:
 
     def start_server(self, with_task_dir: bool) -> None:
         argv = [sys.executable, "-m", "spd_mcp.cli", "serve", "--run", self.opts.run, "--http",
-                "--host", "127.0.0.1", "--port", "0", f"--token={self.token}"]
+                "--host", "127.0.0.1", "--port", "0"]
         if with_task_dir:
             argv += ["--task-dir", str(self.path)]
         if self.opts.server_threads:
             argv += ["--threads", str(self.opts.server_threads)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The token goes through the environment, not argv (argv is visible in `ps`).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPD_MCP_TOKEN": self.token}
         with open(self.path / "server.log", "ab") as log:
             self.server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                            env=env, cwd=self.path, start_new_session=True)
