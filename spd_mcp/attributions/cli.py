@@ -6,9 +6,6 @@ Importing this module is light (no torch), so arguments are checked before torch
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 from .config import DEFAULT_TOKENS, AttributionConfig, AttributionError
 
@@ -44,6 +41,7 @@ def attributions_command(args: argparse.Namespace) -> int:
     import torch
 
     from spd_mcp.analysis.session import RunSession
+    from spd_mcp.harvest.cli import token_progress
     from spd_mcp.model.decompose import resolve_device
 
     from .config import config_hash
@@ -61,38 +59,3 @@ def attributions_command(args: argparse.Namespace) -> int:
         out = compute_attributions(session, config, progress=cb)
     print(out.message)
     return 0
-
-
-@contextmanager
-def token_progress(label: str) -> Iterator[Callable[[int, int], None]]:
-    """``cb(done, total)``: a rich bar with tokens/s on a TTY, else a plain line every 10%."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    plain = not console.is_terminal
-    t0 = time.perf_counter()
-    decile = [-1]
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,} tokens"), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=plain,
-    ) as progress:
-        task = progress.add_task(label, total=None, rate="")
-
-        def cb(done: int, total: int) -> None:
-            dt = time.perf_counter() - t0
-            rate = f"{done / dt:,.0f} tok/s" if dt > 0 and done else ""
-            progress.update(task, completed=done, total=total, rate=rate)
-            d = done * 10 // max(1, total)
-            if plain and d > decile[0]:
-                decile[0] = d
-                console.print(f"{label} {done}/{total} tokens {rate}", highlight=False)
-
-        yield cb

@@ -8,6 +8,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .client import LLMSettings
 
 NO_KEY = ("no Anthropic API key: set ANTHROPIC_API_KEY (e.g. `export ANTHROPIC_API_KEY=sk-ant-...`)"
           ", or point --base-url (or ANTHROPIC_BASE_URL) at a Messages-API-compatible endpoint")
@@ -28,8 +32,8 @@ def add_label_parser(sub: argparse._SubParsersAction) -> None:
                     "or Anthropic's)")
 
 
-def label_command(args: argparse.Namespace) -> int:
-    """Run ``spd-mcp label``; usage errors raise ValueError with the reason."""
+def settings_from_args(args: argparse.Namespace) -> LLMSettings:
+    """LLM settings from the shared labelling flags; usage errors raise ValueError."""
     from .client import LLMSettings, api_key_configured
 
     if args.limit is not None and args.limit < 1:
@@ -42,6 +46,12 @@ def label_command(args: argparse.Namespace) -> int:
                            max_concurrency=args.concurrency, budget_usd=args.budget_usd)
     if not api_key_configured(settings):
         raise ValueError(NO_KEY)
+    return settings
+
+
+def label_command(args: argparse.Namespace) -> int:
+    """Run ``spd-mcp label``; usage errors raise ValueError with the reason."""
+    settings = settings_from_args(args)
 
     from spd_mcp.analysis.session import RunSession
     from spd_mcp.harvest import load_harvest

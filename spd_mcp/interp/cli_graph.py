@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import sys
 
+from .cli import settings_from_args
+
 
 def _llm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory or name")
@@ -37,26 +39,9 @@ def add_graph_interp_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=None, help="trial construction seed (default 0)")
 
 
-def _settings(args: argparse.Namespace):  # -> LLMSettings
-    from .cli import NO_KEY
-    from .client import LLMSettings, api_key_configured
-
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be >= 1")
-    if args.concurrency < 1:
-        raise ValueError("--concurrency must be >= 1")
-    if args.budget_usd is not None and args.budget_usd < 0:
-        raise ValueError("--budget-usd must be >= 0")
-    settings = LLMSettings(model=args.model, base_url=args.base_url,
-                           max_concurrency=args.concurrency, budget_usd=args.budget_usd)
-    if not api_key_configured(settings):
-        raise ValueError(NO_KEY)
-    return settings
-
-
 def graph_interp_command(args: argparse.Namespace) -> int:
     """Run ``spd-mcp graph-interp``; usage errors raise ValueError with the reason."""
-    settings = _settings(args)
+    settings = settings_from_args(args)
     from spd_mcp.analysis.session import RunSession
 
     from .cli import count_progress
@@ -83,7 +68,7 @@ def graph_interp_command(args: argparse.Namespace) -> int:
 
 def score_labels_command(args: argparse.Namespace) -> int:
     """Run ``spd-mcp score-labels``; usage errors raise ValueError with the reason."""
-    settings = _settings(args)
+    settings = settings_from_args(args)
     from spd_mcp.analysis.session import RunSession
 
     from .cli import count_progress
