@@ -316,8 +316,11 @@ async def _run(run: str, task_path: Path, console: Console, threads: int) -> Fin
                 return str(err)
 
 
-def run_demo(run: str = "tales", root: Path | None = None, threads: int | None = None) -> int:
-    """Create a task, investigate it through the MCP server, print the report; 0 on success."""
+def run_demo(run: str = "tales", root: Path | None = None, threads: int | None = None,
+             question: str = QUESTION) -> int:
+    """Create a task, investigate it through the MCP server, print the report; 0 on success.
+
+    ``question`` is recorded in the task; the scripted plan itself is fixed."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -327,7 +330,7 @@ def run_demo(run: str = "tales", root: Path | None = None, threads: int | None =
     if not console.is_terminal:
         console = Console(width=140)  # logs and pipes: keep tables and progress lines whole
     t0 = time.perf_counter()
-    task = create_task(run, QUESTION, root=root, launcher={"kind": "demo"})
+    task = create_task(run, question, root=root, launcher={"kind": "demo"})
     console.print(f"task {task.id}: {task.path}", highlight=False, soft_wrap=True)
     n = threads or int(os.environ.get("SPD_MCP_THREADS") or 1)  # 1: fastest on small CPUs
     f = asyncio.run(_run(run, task.path, console, n))
@@ -347,7 +350,12 @@ def add_demo_parser(sub: Any) -> None:
                    help="where task directories go (default: $SPD_MCP_HOME/investigations)")
     d.add_argument("--threads", type=int, default=None,
                    help="the server's torch CPU threads (default: $SPD_MCP_THREADS or 1)")
+    d.add_argument("--question", default=None,
+                   help="question recorded in the task, or @FILE (the scripted plan is fixed)")
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    return run_demo(args.run, args.root, args.threads)
+    question = args.question or QUESTION
+    if question.startswith("@"):
+        question = Path(question[1:]).expanduser().read_text().strip() or QUESTION
+    return run_demo(args.run, args.root, args.threads, question)

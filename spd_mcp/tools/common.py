@@ -133,9 +133,17 @@ class Progress:
         )
 
 
+ProgressFn = Callable[[int, int], None]
+"""``progress(done, total)``, called from the compute worker (MCP notifications or the viewer)."""
+
+
 async def compute(ctx: Context, name: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` on the compute worker; turn input errors and overload into ToolErrors."""
-    st = state(ctx)
+    return await compute_on(state(ctx), name, fn)
+
+
+async def compute_on(st: AppState, name: str, fn: Callable[[], T]) -> T:
+    """:func:`compute` for callers without an MCP context (the viewer)."""
     try:
         return await st.executor.run(name, fn)
     except Busy as e:

@@ -27,8 +27,9 @@ from .common import (
     STORES,
     AppState,
     Progress,
+    ProgressFn,
     check_position,
-    compute,
+    compute_on,
     fail,
     guard,
     resolve_prompt,
@@ -100,7 +101,19 @@ async def compute_graph_tool(
     """Attribution graph of a prompt with natural CI: nodes are alive components at positions
     (plus embed and output tokens); an edge is gradient × source activation on the exact target
     (a direct effect). Example: compute_graph(text="mia found a ball . the ball was")."""
-    st = state(ctx)
+    progress = Progress(ctx, asyncio.get_running_loop(), "attribution graph")
+    return await natural_graph(state(ctx), text=text, prompt_id=prompt_id,
+                               ci_threshold=ci_threshold, output_position=output_position,
+                               top_k_outputs=top_k_outputs, label_token=label_token,
+                               progress=progress)
+
+
+async def natural_graph(
+    st: AppState, *, text: str | None, prompt_id: int | None, ci_threshold: float = 0.0,
+    output_position: int = -1, top_k_outputs: int = 5, label_token: str | None = None,
+    progress: ProgressFn | None = None,
+) -> GraphSummary:
+    """compute_graph without an MCP context (shared with the viewer); stored get-or-create."""
     ids, pid = await resolve_prompt(st, text, prompt_id)
     pos = check_position(output_position, len(ids), "output_position")
     label = _label(st, label_token)
@@ -110,7 +123,6 @@ async def compute_graph_tool(
     if hit is not None:
         return _summary(st.session, hit[0], hit[1], True)
     s = st.session
-    progress = Progress(ctx, asyncio.get_running_loop(), "attribution graph")
 
     def work() -> AttributionGraph:
         nat = s.natural_ci(ids)
@@ -119,7 +131,7 @@ async def compute_graph_tool(
             output_positions=[pos], top_k_outputs=top_k_outputs, label_token=label,
             max_edges=MAX_STORED_EDGES, progress=progress)
 
-    g = await compute(ctx, "compute_graph", work)
+    g = await compute_on(st, "compute_graph", work)
     gid = await _store_graph(st, "graph", params, pid, g, {"kind": "natural"})
     return _summary(s, gid, g, False)
 
@@ -151,23 +163,33 @@ async def optimize_graph(
     graph. Reports the label probability under CI, stochastic and adversarial masks and in the
     target. Example: optimize_graph(text="... stella played all day , and then",
     label_token="she")."""
-    st = state(ctx)
+    progress = Progress(ctx, asyncio.get_running_loop(), "optimising CI")
+    return await optimized_graph(
+        state(ctx), text=text, prompt_id=prompt_id, label_token=label_token, position=position,
+        settings=OptimizeSettings(loss=loss, steps=steps, lr=lr, imp_coeff=imp_coeff, p=p,
+                                  mask_type=mask_type, adv_coeff=adv_coeff, pgd_steps=pgd_steps,
+                                  seed=seed),
+        progress=progress)
+
+
+async def optimized_graph(
+    st: AppState, *, text: str | None, prompt_id: int | None, label_token: str | None,
+    position: int = -1, settings: OptimizeSettings, progress: ProgressFn | None = None,
+) -> OptimizedGraph:
+    """optimize_graph without an MCP context (shared with the viewer); stored get-or-create."""
     s = st.session
     ids, pid = await resolve_prompt(st, text, prompt_id)
     pos = check_position(position, len(ids))
     label = _label(st, label_token)
+    loss = settings.loss
     if loss in ("ce", "logit") and label is None:
         raise fail(f"loss={loss!r} needs label_token (a vocabulary word); or use loss='kl'")
-    settings = OptimizeSettings(loss=loss, steps=steps, lr=lr, imp_coeff=imp_coeff, p=p,
-                                mask_type=mask_type, adv_coeff=adv_coeff, pgd_steps=pgd_steps,
-                                seed=seed)
     params = {"prompt_id": pid, "position": pos, "label_token": label,
               **settings.model_dump()}
     hit = await _load_graph(st, "optimized_graph", params)
     if hit is not None:
         gid, g, summary = hit
         return _optimized(s, gid, g, True, OptimizeMetrics.model_validate(summary["metrics"]))
-    progress = Progress(ctx, asyncio.get_running_loop(), "optimising CI")
 
     def work() -> tuple[AttributionGraph, OptimizeMetrics]:
         opt = optimize_ci(s, ids, position=pos, label_token=label, settings=settings,
@@ -176,7 +198,7 @@ async def optimize_graph(
                           output_positions=[pos], label_token=label, max_edges=MAX_STORED_EDGES)
         return g, opt.metrics
 
-    g, metrics = await compute(ctx, "optimize_graph", work)
+    g, metrics = await compute_on(st, "optimize_graph", work)
     gid = await _store_graph(st, "optimized_graph", params, pid, g,
                              {"kind": "optimized", "metrics": metrics.model_dump()})
     return _optimized(s, gid, g, False, metrics)
@@ -205,19 +227,21 @@ async def get_graph(
     """Read a stored graph: the largest edges after filters, with the nodes they touch.
     Example: get_graph(graph_id=1, node="output:12:57", top_k=20)."""
     st = state(ctx)
-    g = None
-    for kind in ("graph", "optimized_graph"):
-        row = await st.store.get_result(kind, graph_id)
-        if row is not None and row[2] is not None:
-            g = await asyncio.to_thread(graph_from_bytes, row[2])
-            break
-    if g is None:
-        recent = [i for k in ("graph", "optimized_graph")
-                  for i, _ in await st.store.list_results(k, 5)]
-        raise fail(f"graph_id {graph_id} does not exist; recent graph ids: {sorted(recent)}")
+    g = await stored_graph(st, graph_id)
     return guard(lambda: view_graph(st.session, graph_id, g, edge_kind=edge_kind,
                                     ci_threshold=ci_threshold, node=node, top_k=top_k,
                                     offset=offset))
+
+
+async def stored_graph(st: AppState, graph_id: int) -> AttributionGraph:
+    """A stored graph (natural or optimised) by id; a ToolError naming recent ids if absent."""
+    for kind in ("graph", "optimized_graph"):
+        row = await st.store.get_result(kind, graph_id)
+        if row is not None and row[2] is not None:
+            return await asyncio.to_thread(graph_from_bytes, row[2])
+    recent = [i for k in ("graph", "optimized_graph")
+              for i, _ in await st.store.list_results(k, 5)]
+    raise fail(f"graph_id {graph_id} does not exist; recent graph ids: {sorted(recent)}")
 
 
 def tools() -> list[Tool]:

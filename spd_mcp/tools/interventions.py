@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools.base import Tool
 from pydantic import Field
 
-from spd_mcp.analysis.intervene import InterventionResult, Regime, run_intervention
+from spd_mcp.analysis.intervene import REGIMES, InterventionResult, Regime, run_intervention
 from spd_mcp.keys import NodeKey
 
 from .common import (
     STORES,
+    AppState,
     Progress,
+    ProgressFn,
     check_position,
-    compute,
+    compute_on,
     fail,
     guard,
     resolve_prompt,
@@ -34,15 +37,13 @@ class StoredIntervention(InterventionResult):
     cached: bool
 
 
-async def _run(ctx: Context, kind: str, ids: list[int], pid: int, nodes: list[NodeKey],
-               params: dict, **kw) -> StoredIntervention:
-    st = state(ctx)
+async def _run(st: AppState, kind: str, ids: list[int], pid: int, nodes: list[NodeKey],
+               params: dict, progress: ProgressFn | None, **kw) -> StoredIntervention:
     key = {"prompt_id": pid, "nodes": sorted(str(n) for n in nodes), **params}
     found = await st.store.find_result(kind, key)
     if found is not None:
         return StoredIntervention(**found[1], run_id=found[0], cached=True)
-    progress = Progress(ctx, asyncio.get_running_loop(), kind)
-    res = await compute(ctx, kind, lambda: run_intervention(
+    res = await compute_on(st, kind, lambda: run_intervention(
         st.session, ids, nodes, progress=progress, **kw))
     rid = await st.store.put_result(kind, key, res.model_dump(), None, pid)
     return StoredIntervention(**res.model_dump(), run_id=rid, cached=False)
@@ -77,7 +78,22 @@ async def run_intervention_tool(
     compare top-k predictions, the loss and the label token's probability with the target.
     Example: run_intervention(text="...", nodes=["1.attn.o:57:12"], loss="label",
     label_token="she")."""
-    st = state(ctx)
+    progress = Progress(ctx, asyncio.get_running_loop(), "intervention")
+    return await intervention(
+        state(ctx), nodes=nodes, text=text, prompt_id=prompt_id, regimes=regimes, loss=loss,
+        label_token=label_token, label_position=label_position, positions=positions, top_k=top_k,
+        n_samples=n_samples, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, seed=seed,
+        progress=progress)
+
+
+async def intervention(
+    st: AppState, *, nodes: list[str], text: str | None, prompt_id: int | None,
+    regimes: Sequence[Regime] = REGIMES, loss: Literal["kl", "label"] = "kl",
+    label_token: str | None = None, label_position: int | None = None,
+    positions: list[int] | None = None, top_k: int = 5, n_samples: int = 8, pgd_steps: int = 20,
+    pgd_step_size: float = 0.1, seed: int = 0, progress: ProgressFn | None = None,
+) -> StoredIntervention:
+    """run_intervention without an MCP context (shared with the viewer); stored get-or-create."""
     s = st.session
     ids, pid = await resolve_prompt(st, text, prompt_id)
     T = len(ids)
@@ -92,7 +108,8 @@ async def run_intervention_tool(
     params = {"regimes": regs, "loss": loss, "label": label, "label_position": lpos,
               "positions": show, "top_k": top_k, "n_samples": n_samples, "pgd_steps": pgd_steps,
               "pgd_step_size": pgd_step_size, "seed": seed}
-    return await _run(ctx, "intervention", ids, pid, keys, params, regimes=regs, loss=loss,
+    return await _run(st, "intervention", ids, pid, keys, params, progress, regimes=regs,
+                      loss=loss,
                       label_token=label, label_position=lpos, positions=show, top_k=top_k,
                       n_samples=n_samples, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
                       seed=seed)
@@ -127,7 +144,9 @@ async def run_ablation(
     show = ([check_position(p, T, "positions[]") for p in positions] if positions is not None
             else [T - 1])
     params = {"components": sorted(components), "label": label, "positions": show, "top_k": top_k}
-    return await _run(ctx, "ablation", ids, pid, keys, params, regimes=["ablated"], loss="kl",
+    progress = Progress(ctx, asyncio.get_running_loop(), "ablation")
+    return await _run(st, "ablation", ids, pid, keys, params, progress, regimes=["ablated"],
+                      loss="kl",
                       label_token=label, label_position=T - 1 if label is not None else None,
                       positions=show, top_k=top_k)
 

@@ -30,7 +30,7 @@ from spd_mcp.investigation.taskdir import (
 )
 from spd_mcp.keys import BadKeyError
 
-from .common import READ_ONLY, STORES, best_labels, fail, state, strict_tool
+from .common import READ_ONLY, STORES, AppState, best_labels, fail, state, strict_tool
 
 ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,80}$")
 SOURCE = "server"
@@ -147,6 +147,39 @@ def _event(inv: Investigation, type: str, message: str, data: dict[str, Any] | N
     inv.task().append_event(SOURCE, type, message, data)
 
 
+async def graph_artifact(
+    st: AppState, graph_id: int, *, artifact_id: str, title: str, caption: str | None = None,
+    max_edges: int = 300, ci_threshold: float = 0.0,
+) -> dict[str, Any]:
+    """The graph artifact dict of a stored graph (shared by save_graph_artifact and the viewer)."""
+    row, kind = None, "graph"
+    for kind in ("optimized_graph", "graph"):
+        row = await st.store.get_result(kind, graph_id)
+        if row is not None and row[2] is not None:
+            break
+    if row is None or row[2] is None:
+        raise fail(f"graph_id {graph_id} does not exist; compute one with compute_graph or "
+                   "optimize_graph")
+    params, summary, blob, prompt_id = row
+    assert blob is not None
+    prompt = await st.store.get_prompt(prompt_id) if prompt_id is not None else None
+    labels = {k: getattr(r, "label", None) or "" for k, r in (await best_labels(st)).items()}
+    s = st.session
+
+    def build() -> dict[str, Any]:
+        from spd_mcp.analysis.graph_view import graph_from_bytes
+
+        g = graph_from_bytes(blob)
+        return build_graph_artifact(
+            artifact_id=artifact_id, title=title, caption=caption, run=s.run.name,
+            graph_id=graph_id, graph_kind=kind, params=params, summary=summary,
+            prompt_id=prompt_id, prompt_text=prompt[1] if prompt else None, g=g,
+            token_str=s.token_str, labels=labels, max_edges=max_edges,
+            ci_threshold=ci_threshold)
+
+    return await asyncio.to_thread(build)
+
+
 # -- tools -----------------------------------------------------------------------------------------
 def tools(inv: Investigation) -> list[Tool]:
     """The investigation tools bound to one task directory holder."""
@@ -236,35 +269,11 @@ def tools(inv: Investigation) -> list[Tool]:
         """Save a stored graph as a self-contained JSON artifact (nodes, top edges, prompt,
         optimisation metrics) in the task directory; cite it in the research log as
         [[artifact:ID]]. Example: save_graph_artifact(graph_id=3, title="she circuit")."""
-        st = state(ctx)
-        row, kind = None, "graph"
-        for kind in ("optimized_graph", "graph"):
-            row = await st.store.get_result(kind, graph_id)
-            if row is not None and row[2] is not None:
-                break
-        if row is None or row[2] is None:
-            raise fail(f"graph_id {graph_id} does not exist; compute one with compute_graph or "
-                       "optimize_graph")
-        params, summary, blob, prompt_id = row
-        assert blob is not None
-        prompt = await st.store.get_prompt(prompt_id) if prompt_id is not None else None
-        labels = {k: getattr(r, "label", None) or "" for k, r in (await best_labels(st)).items()}
         td = inv.task()
         aid = f"g{graph_id}-{secrets.token_hex(3)}"
-        s = st.session
-
-        def build() -> dict[str, Any]:
-            from spd_mcp.analysis.graph_view import graph_from_bytes
-
-            g = graph_from_bytes(blob)
-            return build_graph_artifact(
-                artifact_id=aid, title=title, caption=caption, run=s.run.name,
-                graph_id=graph_id, graph_kind=kind, params=params, summary=summary,
-                prompt_id=prompt_id, prompt_text=prompt[1] if prompt else None, g=g,
-                token_str=s.token_str, labels=labels, max_edges=max_edges,
-                ci_threshold=ci_threshold)
-
-        art = await asyncio.to_thread(build)
+        art = await graph_artifact(state(ctx), graph_id, artifact_id=aid, title=title,
+                                   caption=caption, max_edges=max_edges,
+                                   ci_threshold=ci_threshold)
         path = td.write_artifact(aid, art)
         td.append_event(SOURCE, "artifact", title, {"artifact_id": aid, "graph_id": graph_id,
                                                     "n_edges": len(art["edges"])})

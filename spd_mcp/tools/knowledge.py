@@ -11,11 +11,13 @@ from mcp.server.mcpserver.tools.base import Tool
 from pydantic import Field
 
 from spd_mcp.analysis import knowledge as K
+from spd_mcp.harvest.store import Harvest
 from spd_mcp.interp.store import LabelRow
 
 from .common import (
     READ_ONLY,
     STORES,
+    AppState,
     best_labels,
     compute,
     ensure_harvest,
@@ -41,8 +43,18 @@ async def get_component_info(
     predicted output tokens (PMI / precision / recall), co-firing components, label if any.
     Example: get_component_info(component="1.attn.o:5")."""
     st = state(ctx)
-    key = str(guard(lambda: st.session.keys.component(component)))
+    guard(lambda: st.session.keys.component(component))
     h = await ensure_harvest(ctx)
+    return await component_info(st, h, component, rank_tokens_by=rank_tokens_by, top_k=top_k,
+                                min_count=min_count)
+
+
+async def component_info(
+    st: AppState, h: Harvest, component: str, *, rank_tokens_by: K.TokenRank = "pmi",
+    top_k: int = 10, min_count: int = 3,
+) -> K.ComponentInfo:
+    """get_component_info without an MCP context (shared with the viewer), its label included."""
+    key = str(guard(lambda: st.session.keys.component(component)))
     row = (await best_labels(st)).get(key)
     label = row.label if row is not None else None
     info = ({"kind": row.kind, "confidence": row.confidence, "reasoning": row.reasoning}

@@ -15,6 +15,7 @@ from spd_mcp.model.zoo.transformer import Transformer
 from .common import (
     READ_ONLY,
     STORES,
+    AppState,
     best_labels,
     check_text,
     compute,
@@ -59,7 +60,11 @@ class ModelInfo(BaseModel):
 async def get_model_info(ctx: Context) -> ModelInfo:
     """The run being served: architecture, decomposed layers with C, key grammar, planted
     behaviours (with example prompts), and which analyses exist. Call this first."""
-    st = state(ctx)
+    return await model_info(state(ctx))
+
+
+async def model_info(st: AppState) -> ModelInfo:
+    """get_model_info without an MCP context (shared with the viewer)."""
     s = st.session
     h = await st.harvest()
     attr = await st.attributions()
