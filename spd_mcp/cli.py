@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     from spd_mcp.demo import add_demo_parser  # light: no torch / mcp import
 
     add_demo_parser(sub)
+    from spd_mcp.viewer.cli import add_view_parser  # light: no torch / web import
+
+    add_view_parser(sub)
     return p
 
 
@@ -128,6 +131,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from spd_mcp.demo import demo_command
 
         return demo_command(args)
+    if args.command == "view":
+        from spd_mcp.viewer.cli import view_command
+
+        return view_command(args)
     if args.command == "investigate":
         from spd_mcp.launch.cli import investigate_command
 

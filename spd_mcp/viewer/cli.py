@@ -1,0 +1,46 @@
+"""``spd-mcp view [--run RUN] [--port P]``: serve the viewer on 127.0.0.1 (light imports here).
+
+The viewer binds loopback only: it can launch investigations and run computations, and it has no
+authentication, so ``--host`` accepts only loopback addresses. To look at it from another machine,
+forward the port over SSH (``ssh -L 8780:127.0.0.1:8780 host``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_view_parser(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("view", help="local web viewer: runs, graphs, interventions, investigations")
+    v.add_argument("--run", default="tales", help="run shown first (default: tales)")
+    v.add_argument("--port", type=int, default=8780, help="port (default 8780; 0 = OS-assigned)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="loopback address to bind (127.0.0.1, localhost or ::1 only)")
+    v.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+    v.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def view_command(args: argparse.Namespace) -> int:
+    if args.host not in LOOPBACK:
+        print(f"spd-mcp: error: the viewer binds loopback only ({', '.join(LOOPBACK)}), not "
+              f"{args.host!r}; use an SSH tunnel to reach it from elsewhere", file=sys.stderr)
+        return 2
+    if not 0 <= args.port < 65536:
+        print(f"spd-mcp: error: --port must be 0..65535, got {args.port}", file=sys.stderr)
+        return 2
+    import asyncio
+
+    from spd_mcp.viewer.server import serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from spd_mcp.model.decompose import resolve_device
+
+    asyncio.run(serve(args.run, host=args.host, port=args.port,
+                      device=resolve_device(args.device)))
+    return 0
