@@ -149,29 +149,39 @@ def http_server(
     app: Any = server.streamable_http_app()
     if token:
         app = bearer_guard(app, token)
+    sock, base = bind_socket(host, port)
+    userver = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    return userver, sock, f"{base}/mcp"
+
+
+def bind_socket(host: str, port: int) -> tuple[socket.socket, str]:
+    """A socket bound to ``host:port`` (0 = OS-assigned) and its base URL ``http://host:port``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    userver = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    return userver, sock, f"http://{shown}:{bound}/mcp"
+    return sock, f"http://{shown}:{sock.getsockname()[1]}"
 
 
-async def serve_http(server: MCPServer[Any], host: str, port: int, token: str | None) -> None:
-    userver, sock, url = http_server(server, host, port, token)
+async def serve_announced(userver: Any, sock: socket.socket, line: str) -> None:
+    """Serve on ``sock``; print ``line`` on stderr once uvicorn is listening."""
 
     async def announce() -> None:
         while not userver.started:
             await asyncio.sleep(0.02)
-        print(f"SPD-MCP READY {url}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
     task = asyncio.create_task(announce())
     try:
         await userver.serve(sockets=[sock])
     finally:
         task.cancel()
+
+
+async def serve_http(server: MCPServer[Any], host: str, port: int, token: str | None) -> None:
+    userver, sock, url = http_server(server, host, port, token)
+    await serve_announced(userver, sock, f"SPD-MCP READY {url}")
 
 
 def serve(
