@@ -28,6 +28,7 @@ from spd_mcp.store import AppStore
 from spd_mcp.tools import (
     attributions,
     components,
+    editing,
     graphs,
     interventions,
     knowledge,
@@ -44,7 +45,9 @@ spd-mcp serves one SPD decomposition: every weight matrix split into rank-1 comp
 learned causal importance (CI). Start with get_model_info (layers, C, key grammar, planted
 behaviours). Keys: component 'LAYER:C', node 'LAYER:POS:C'. Typical loop: create_prompt →
 get_ci / optimize_graph (sparse circuit for one prediction) → get_graph → run_intervention
-(ci / stochastic / adversarial / ablated) and run_ablation to test it."""
+(ci / stochastic / adversarial / ablated) and run_ablation to test it. To change behaviour:
+edit_components (scale / ablate) or train_component_edit (rank-1 adapters) → measure_edit →
+generate(edit=ID)."""
 
 
 def app_db_path(session: RunSession, home: Path | None = None) -> Path:
@@ -94,7 +97,7 @@ def build_server(
 
     tools = [*model_data.tools(), *components.tools(), *knowledge.tools(),
              *attributions.tools(), *graphs.tools(), *interventions.tools(),
-             *investigation_tools.tools(inv)]
+             *editing.tools(), *investigation_tools.tools(inv)]
     server = MCPServer("spd", instructions=INSTRUCTIONS, lifespan=lifespan, tools=tools,
                        version=_version())
     investigation_tools.register(server, inv)

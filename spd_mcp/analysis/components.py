@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from spd_mcp.keys import ComponentKey, component_key
 from spd_mcp.model.zoo.transformer import Transformer
 
+from .edit import Edit, edited_logits
 from .session import AnalysisError, RunSession
 
 
@@ -252,10 +253,15 @@ class Generation(BaseModel):
 @torch.no_grad()
 def generate(
     session: RunSession, ids: list[int], *, max_new_tokens: int = 20, temperature: float = 0.0,
-    seed: int = 0,
+    seed: int = 0, edit: Edit | None = None,
 ) -> Generation:
-    """Greedy (temperature 0) or sampled continuation from the target model."""
-    model = session.run.target.model
+    """Greedy (temperature 0) or sampled continuation from the target model (or the target with
+    ``edit`` applied)."""
+    target = session.run.target.model
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return target(x) if edit is None else edited_logits(session, edit, x)
+
     limit = session.max_len or (len(ids) + max_new_tokens)
     out = list(ids)
     probs: list[float] = []

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import torch
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools.base import Tool
 from pydantic import BaseModel, Field
 
 from spd_mcp.analysis.components import Generation, generate
 from spd_mcp.analysis.dataset import DatasetSearchResult
+from spd_mcp.analysis.edit import edited_logits
 from spd_mcp.model.zoo.transformer import Transformer
 
 from .common import (
@@ -24,6 +26,7 @@ from .common import (
     state,
     strict_tool,
 )
+from .editing import get_edit
 
 
 class LayerInfo(BaseModel):
@@ -132,21 +135,54 @@ def tokenize(
                      fits_context=s.max_len is None or len(ids) <= s.max_len)
 
 
+class NextToken(BaseModel):
+    token: str
+    prob: float
+
+
 class PromptCreated(BaseModel):
     prompt_id: int
     n_tokens: int
     tokens: list[str]
+    edit_id: int | None = None
+    next_tokens: list[NextToken] | None = Field(
+        None, description="with edit: the target's top-5 next tokens after the prompt")
+    next_tokens_edited: list[NextToken] | None = Field(
+        None, description="with edit: the edited model's top-5 next tokens")
+
+
+EditArg = Annotated[int | None, Field(
+    description="a stored edit's id (edit_components / train_component_edit) to apply")]
 
 
 async def create_prompt(
     ctx: Context,
     text: Annotated[str, Field(description="prompt text, e.g. 'mia found a ball . the ball was'")],
+    edit: EditArg = None,
 ) -> PromptCreated:
     """Store a prompt and return its id (the same text always gets the same id); other tools
-    accept prompt_id instead of text."""
+    accept prompt_id instead of text. With edit=ID, also compares the next-token predictions of
+    the target and the edited model."""
     st = state(ctx)
     ids, pid = await resolve_prompt(st, text, None)
-    return PromptCreated(prompt_id=pid, n_tokens=len(ids), tokens=st.session.tokens(ids))
+    out = PromptCreated(prompt_id=pid, n_tokens=len(ids), tokens=st.session.tokens(ids))
+    e = await get_edit(st, edit)
+    if e is None:
+        return out
+    s = st.session
+
+    def top5() -> tuple[list[NextToken], list[NextToken]]:
+        x = s.ids_tensor(ids)
+        with torch.no_grad():
+            rows = [torch.softmax(lg[0, -1].float(), -1)
+                    for lg in (s.cm.target(x), edited_logits(s, e, x))]
+        return tuple(  # type: ignore[return-value]
+            [NextToken(token=s.token_str(i), prob=round(v, 6))
+             for v, i in zip(*(t.tolist() for t in p.topk(5)), strict=True)] for p in rows)
+
+    out.edit_id = edit
+    out.next_tokens, out.next_tokens_edited = await compute(ctx, "create_prompt", top5)
+    return out
 
 
 async def search_dataset(
@@ -164,6 +200,12 @@ async def search_dataset(
     return guard(lambda: index.search(st.session, query, offset=offset, limit=limit))
 
 
+class EditedGeneration(Generation):
+    edit_id: int | None = None
+    unedited_text: str | None = Field(
+        None, description="with edit: the target's own continuation, for comparison")
+
+
 async def generate_tool(
     ctx: Context,
     text: Annotated[str | None, Field(description="prompt text (or give prompt_id)")] = None,
@@ -171,12 +213,25 @@ async def generate_tool(
     max_new_tokens: Annotated[int, Field(ge=1, le=64)] = 20,
     temperature: Annotated[float, Field(ge=0, le=5, description="0 = greedy")] = 0.0,
     seed: int = 0,
-) -> Generation:
-    """Continue a prompt with the target model. Example: generate(text="once upon a time")."""
+    edit: EditArg = None,
+) -> EditedGeneration:
+    """Continue a prompt with the target model, or with a stored edit applied (edit=ID; the
+    unedited continuation is returned alongside). Example: generate(text="once upon a time")."""
     st = state(ctx)
     ids, _ = await resolve_prompt(st, text, prompt_id)
-    return await compute(ctx, "generate", lambda: generate(
-        st.session, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    e = await get_edit(st, edit)
+
+    def run() -> EditedGeneration:
+        g = generate(st.session, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                     seed=seed, edit=e)
+        out = EditedGeneration(**g.model_dump())
+        if e is not None:
+            out.edit_id = edit
+            out.unedited_text = generate(st.session, ids, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, seed=seed).text
+        return out
+
+    return await compute(ctx, "generate", run)
 
 
 generate_tool.__name__ = "generate"

@@ -97,6 +97,10 @@ class TalesEntry(ZooEntry[TalesKwargs]):
         """Story ``index`` of the stream SPD was trained on (deterministic, random access)."""
         return TalesCorpus(SPD_DATA_SEED).story(index).text
 
+    def heldout_text(self, index: int) -> str:
+        """Story ``index`` of a stream neither the target nor SPD saw (for edit measurements)."""
+        return TalesCorpus(HELD_OUT_TEXT_SEED).story(index).text
+
     def dataset_texts(self, n: int) -> list[str]:
         """The first ``n`` stories of the stream SPD was trained on."""
         return [self.dataset_text(i) for i in range(n)]

@@ -1,0 +1,242 @@
+"""Editing tools: edit_components, train_component_edit, measure_edit, list_edits, export_edit."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.tools.base import Tool
+from mcp_types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+from spd_mcp.analysis.edit import ComponentScale, Edit, export_baked, scale_edit
+from spd_mcp.analysis.edit_measure import EditMeasurement, MeasureSettings, Probe, measure_edit
+from spd_mcp.analysis.edit_train import EditTarget, TrainSettings, train_edit
+from spd_mcp.analysis.session import AnalysisError
+from spd_mcp.edit_store import MEASURE_KIND, EditBook, EditInfo, describe_scales
+from spd_mcp.model.run_io import spd_home
+
+from .common import (
+    READ_ONLY,
+    STORES,
+    AppState,
+    Progress,
+    compute,
+    fail,
+    guard,
+    state,
+    strict_tool,
+)
+
+WRITES_FILES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True,
+                               openWorldHint=False)
+
+
+def book(st: AppState) -> EditBook:
+    """The run's edit book (created once per app state)."""
+    b = st.__dict__.get("_edit_book")
+    if b is None:
+        b = EditBook(st.store, st.session)
+        st.__dict__["_edit_book"] = b
+    return b
+
+
+async def get_edit(st: AppState, edit_id: int | None) -> Edit | None:
+    """The stored edit ``edit_id`` (None passes through); unknown ids are tool errors."""
+    if edit_id is None:
+        return None
+    b = book(st)
+    edit, _, _ = await _guarded(b.get(edit_id))
+    return edit
+
+
+async def _guarded(coro: Any) -> Any:
+    try:
+        return await coro
+    except AnalysisError as e:
+        raise fail(str(e)) from None
+
+
+class EditCreated(EditInfo):
+    cached: bool = Field(description="true if this exact edit was already stored")
+
+
+async def edit_components(
+    ctx: Context,
+    components: Annotated[list[ComponentScale], Field(
+        min_length=1, max_length=256,
+        description="[{component: 'LAYER:C', scale: 0 (ablate) | >1 (boost), ci_threshold: "
+                    "null (everywhere) or t (only where the component's natural CI > t)}]")],
+    name: Annotated[str | None, Field(max_length=200, description="a name for the edit")] = None,
+) -> EditCreated:
+    """Create a runtime edit that scales components (0 = ablate, >1 = boost), everywhere or only
+    where they are active. The full model (weight delta included) is the baseline, so an edit
+    changes only what it names. Use the returned edit_id with measure_edit, generate(edit=...),
+    create_prompt(edit=...) and export_edit. Example: edit_components(components=[{"component":
+    "1.mlp.down:17", "scale": 0}])."""
+    st = state(ctx)
+    edit = guard(lambda: scale_edit(st.session, components))
+    params = {"scales": [s.model_dump() for s in edit.scales]}
+    info, cached = await book(st).put(params, edit, type="scale", name=name,
+                                      description=describe_scales(edit))
+    return EditCreated(**info.model_dump(), cached=cached)
+
+
+class TrainedEdit(EditCreated):
+    pass
+
+
+async def train_component_edit(
+    ctx: Context,
+    components: Annotated[list[str], Field(
+        min_length=1, max_length=64, description="component keys 'LAYER:C' whose vectors train")],
+    targets: Annotated[list[EditTarget], Field(
+        min_length=1, max_length=256,
+        description="[{prompt, token, direction: raise|lower}]: the behaviour to change")],
+    preserve: Annotated[list[str], Field(
+        max_length=256, description="prompts whose predictions must not change (locality set, "
+        "e.g. the same template with other subjects)")] = [],  # noqa: B006
+    vectors: Annotated[Literal["read", "write", "both"], Field(
+        description="train read vectors (V columns), write vectors (U rows) or both")] = "both",
+    mode: Annotated[Literal["components", "full_matrix"], Field(
+        description="components = rank-1 adapters; full_matrix = baseline fine-tuning the "
+                    "layers' whole matrices")] = "components",
+    steps: Annotated[int, Field(ge=1, le=2000)] = 200,
+    lr: Annotated[float, Field(gt=0, le=1)] = 0.01,
+    kl_coeff: Annotated[float, Field(ge=0, le=1000, description="weight of the KL-to-original "
+                                     "penalty on other text")] = 1.0,
+    n_kl_texts: Annotated[int, Field(ge=0, le=1000)] = 64,
+    seed: int = 0,
+    name: Annotated[str | None, Field(max_length=200)] = None,
+) -> TrainedEdit:
+    """Train rank-1 adapters: the selected components' vectors become trainable (nothing else
+    moves), starting from the exact target, to raise/lower tokens after prompts while a KL
+    penalty keeps other text unchanged. Stored as an edit (reversible: the run is untouched).
+    Example: train_component_edit(components=["1.attn.v:15"], targets=[{"prompt": "... the ball
+    was", "token": "blue"}], preserve=["... the spoon was"])."""
+    st = state(ctx)
+    settings = TrainSettings(vectors=vectors, mode=mode, steps=steps, lr=lr, kl_coeff=kl_coeff,
+                             n_kl_texts=n_kl_texts, seed=seed)
+    params = {"components": components, "targets": [t.model_dump() for t in targets],
+              "preserve": list(preserve), "settings": settings.model_dump()}
+    b = book(st)
+    found = await b.find(params, "train")
+    if found is not None:
+        return TrainedEdit(**found.model_dump(), cached=True)
+    progress = Progress(ctx, asyncio.get_running_loop(), "training edit")
+    edit, report = await compute(ctx, "train_component_edit", lambda: train_edit(
+        st.session, components, targets, settings, preserve=preserve, progress=progress))
+    desc = (f"{report.mode} edit of {', '.join(report.components[:6])} "
+            f"({report.vectors} vectors, {report.steps} steps)")
+    info, cached = await b.put(params, edit, type="train", name=name, description=desc,
+                               report=report.model_dump())
+    return TrainedEdit(**info.model_dump(), cached=cached)
+
+
+class Measured(EditMeasurement):
+    edit_id: int
+    cached: bool
+
+
+async def measure_edit_tool(
+    ctx: Context,
+    edit_id: Annotated[int, Field(
+        description="an edit from edit_components / train_component_edit")],
+    probes: Annotated[list[Probe], Field(
+        max_length=500, description="[{prompt, expected}]: P(expected) before/after")] = [],  # noqa: B006
+    token_groups: Annotated[dict[str, list[str]], Field(
+        description="name → tokens, e.g. {'she': ['she']}: probability shift on held-out text"
+    )] = {},  # noqa: B006
+    generation_prompts: Annotated[list[str], Field(
+        max_length=16, description="prompts to continue greedily, target vs edited")] = [],  # noqa: B006
+    n_texts: Annotated[int, Field(ge=1, le=1000, description="held-out documents")] = 64,
+    behaviours: Annotated[bool, Field(description="planted-behaviour accuracy")] = True,
+    control: Annotated[bool, Field(description="random components of the same size as a "
+                                   "control (trained edits: retrained on them)")] = True,
+    control_seed: int = 0,
+) -> Measured:
+    """Measure what an edit did against the exact target: KL and perplexity change on held-out
+    text, token-group probability shifts, probe probabilities, planted-behaviour accuracy, greedy
+    generations side by side, and the same for a random-components control (concentration
+    ratio). Example: measure_edit(edit_id=1, probes=[{"prompt": "... and there", "expected":
+    "she"}], token_groups={"she": ["she"]})."""
+    st = state(ctx)
+    settings = MeasureSettings(probes=probes, token_groups=token_groups,
+                               generation_prompts=generation_prompts, n_texts=n_texts,
+                               behaviours=behaviours, control=control, control_seed=control_seed)
+    b = book(st)
+    edit, info, params = await _guarded(b.get(edit_id))
+    key = {"edit_id": edit_id, **settings.model_dump()}
+    found = await st.store.find_result(MEASURE_KIND, key)
+    if found is not None:
+        return Measured(**found[1], edit_id=edit_id, cached=True)
+    control_fn = None
+    if info.type == "train":
+        recipe = TrainSettings.model_validate(params["settings"])
+        targets = [EditTarget.model_validate(t) for t in params["targets"]]
+
+        def control_fn(randoms: list[str]) -> Edit:
+            return train_edit(st.session, randoms, targets, recipe,
+                              preserve=params["preserve"])[0]
+
+    progress = Progress(ctx, asyncio.get_running_loop(), "measuring edit")
+    m = await compute(ctx, "measure_edit", lambda: measure_edit(
+        st.session, edit, settings, control_edit=control_fn, progress=progress))
+    await st.store.put_result(MEASURE_KIND, key, m.model_dump())
+    return Measured(**m.model_dump(), edit_id=edit_id, cached=False)
+
+
+measure_edit_tool.__name__ = "measure_edit"
+
+
+class EditList(BaseModel):
+    edits: list[EditInfo]
+    notice: str
+
+
+async def list_edits(
+    ctx: Context, limit: Annotated[int, Field(ge=1, le=200)] = 50,
+) -> EditList:
+    """Stored edits of this run, newest first (scalings and trained adapters)."""
+    edits = await book(state(ctx)).list(limit)
+    return EditList(edits=edits, notice=(
+        "edits are applied only where you pass edit=ID; the run's weights are never modified"))
+
+
+class Exported(BaseModel):
+    edit_id: int
+    path: str
+    files: list[str]
+    load_with: str
+
+
+async def export_edit(
+    ctx: Context,
+    edit_id: Annotated[int, Field(description="a stored, ungated edit")],
+) -> Exported:
+    """Bake an edit into plain target weights and write a standalone target checkpoint under
+    $SPD_MCP_HOME/exports/. CI-gated edits depend on the input and cannot be baked."""
+    st = state(ctx)
+    edit, info, _ = await _guarded(book(st).get(edit_id))
+    out = spd_home() / "exports" / st.session.run.name / f"edit-{edit_id}"
+
+    def run() -> Path:
+        if out.exists():
+            return out
+        return export_baked(st.session, edit, out, note=info.model_dump())
+
+    path = await compute(ctx, "export_edit", run)
+    return Exported(edit_id=edit_id, path=str(path), files=sorted(p.name for p in path.iterdir()),
+                    load_with="spd_mcp.analysis.edit.load_edited_target(path)")
+
+
+def tools() -> list[Tool]:
+    return [
+        strict_tool(edit_components, STORES, "Edit components (scale / ablate)"),
+        strict_tool(train_component_edit, STORES, "Train a rank-1 component edit"),
+        strict_tool(measure_edit_tool, STORES, "Measure an edit"),
+        strict_tool(list_edits, READ_ONLY, "List edits"),
+        strict_tool(export_edit, WRITES_FILES, "Export a baked edit"),
+    ]
