@@ -199,13 +199,15 @@ function renderGraph(container, art, options) {
     if (opts.onNodeClick) opts.onNodeClick(n);
   });
   svg.dataset.ready = "1";
-  return {
+  const controller = {
     svg,
     edges,
     setEdgeKind: colour,
     pinned: () => [...pinned],
     neighbours: (key) => (idx.has(key) ? nodeEdges[idx.get(key)].slice() : []),
   };
+  window.SPDGraph.last = controller; // the most recently drawn graph (tests, benchmark, console)
+  return controller;
 }
 
 window.SPDGraph = { renderGraph, rowOf, layout };
