@@ -10,12 +10,17 @@ Same analysis code as the MCP tools; keys are the canonical strings of ``spd_mcp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from spd_mcp.analysis import components as comp
 from spd_mcp.analysis.dataset import DatasetIndex, DatasetSearchResult
+from spd_mcp.analysis.edit import ComponentScale, Edit, applied, export_baked, scale_edit
+from spd_mcp.analysis.edit_measure import EditMeasurement, MeasureSettings, Probe, measure_edit
+from spd_mcp.analysis.edit_train import EditTarget, TrainReport, TrainSettings, train_edit
 from spd_mcp.analysis.graph import AttributionGraph, compute_graph
 from spd_mcp.analysis.intervene import REGIMES, InterventionResult, Regime, run_intervention
 from spd_mcp.analysis.optimize import OptimizedCI, OptimizeSettings, optimize_ci
@@ -63,8 +68,40 @@ class Run:
     def vectors(self, component: str, **kw: Any) -> comp.ComponentVectors:
         return comp.component_vectors(self.session, self.session.keys.component(component), **kw)
 
-    def generate(self, text: str, **kw: Any) -> comp.Generation:
-        return comp.generate(self.session, self.session.encode(text), **kw)
+    def generate(self, text: str, *, edit: Edit | None = None, **kw: Any) -> comp.Generation:
+        return comp.generate(self.session, self.session.encode(text), edit=edit, **kw)
+
+    # ------------------------------------------------------------------------------- editing
+    def edit(self, scales: Mapping[str, float], *, ci_threshold: float | None = None) -> Edit:
+        """A runtime edit: component key → scale (0 ablates), optionally CI-gated."""
+        return scale_edit(self.session, [
+            ComponentScale(component=k, scale=v, ci_threshold=ci_threshold)
+            for k, v in scales.items()])
+
+    def train_edit(self, components: Sequence[str], targets: Sequence[tuple[str, str] | EditTarget],
+                   *, preserve: Sequence[str] = (), **settings: Any) -> tuple[Edit, TrainReport]:
+        """Rank-1 adapters on ``components``; targets are (prompt, token) pairs to raise, or
+        EditTarget objects (direction raise / lower)."""
+        ts = [t if isinstance(t, EditTarget) else EditTarget(prompt=t[0], token=t[1])
+              for t in targets]
+        return train_edit(self.session, components, ts, TrainSettings(**settings),
+                          preserve=preserve)
+
+    def measure(self, edit: Edit, *, probes: Sequence[tuple[str, str]] = (),
+                **settings: Any) -> EditMeasurement:
+        """measure_edit: KL / perplexity on held-out text, probes, behaviours, random control."""
+        ps = [Probe(prompt=p, expected=e) for p, e in probes]
+        return measure_edit(self.session, edit, MeasureSettings(probes=ps, **settings))
+
+    @contextmanager
+    def applied(self, edit: Edit) -> Iterator[None]:
+        """Inside the block, ``run.session.cm.target`` computes the edited model (ungated)."""
+        with applied(self.session, edit):
+            yield
+
+    def export(self, edit: Edit, out: str | Path) -> Path:
+        """Bake ``edit`` into the target weights and write a standalone checkpoint."""
+        return export_baked(self.session, edit, Path(out))
 
     def search(self, query: str, **kw: Any) -> DatasetSearchResult:
         if self._index is None:

@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_investigate_parser(sub)
     add_slurm_to_parsers(sub)
+    from spd_mcp.edit_cli import add_edit_parser  # light: no torch import
+
+    add_edit_parser(sub)
     from spd_mcp.demo import add_demo_parser  # light: no torch / mcp import
 
     add_demo_parser(sub)
@@ -135,6 +138,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from spd_mcp.viewer.cli import view_command
 
         return view_command(args)
+    if args.command == "edit":
+        from spd_mcp.edit_cli import edit_command
+
+        return edit_command(args)
     if args.command == "investigate":
         from spd_mcp.launch.cli import investigate_command
 

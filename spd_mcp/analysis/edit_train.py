@@ -220,3 +220,27 @@ def train_edit(
         objective_after=round(float(_objective(after_last, tok, lower)), 6),
         kl_train_text_after=round(kl_sum / max(n_tok, 1.0), 6), targets=rows, curve=curve)
     return edit, report
+
+
+def rank_for_change(
+    session: RunSession, prompts: Sequence[str], current: str, wanted: str, k: int = 4,
+) -> list[tuple[str, float]]:
+    """Components that most support ``current`` over ``wanted`` after the prompts: the
+    first-order change of Σ [log p(current) − log p(wanted)] at the last positions when the
+    component is removed at every position (masks all 1 with the delta on = the exact target).
+    The natural candidates to train for an edit current → wanted."""
+    if not prompts:
+        raise AnalysisError("give at least one prompt")
+    cm = session.cm
+    a, b = session.token_id(current), session.token_id(wanted)
+    pb = prompt_batch(session, list(prompts))
+    B, T = pb.ids.shape
+    masks = {m: torch.ones(B, T, C, device=session.device, requires_grad=True)
+             for m, C in cm.Cs.items()}
+    with torch.enable_grad():
+        lp = _last_lp(cm(pb.ids, masks=masks, delta_masks={m: 1.0 for m in masks}), pb)
+        grads = torch.autograd.grad((lp[:, a] - lp[:, b]).sum(), list(masks.values()))
+    keys = [f"{session.to_canonical[m]}:{c}" for m, C in cm.Cs.items() for c in range(C)]
+    eff = torch.cat([(g * pb.mask[..., None]).sum((0, 1)) / B for g in grads])
+    top = torch.argsort(eff, descending=True)[:k].tolist()
+    return [(keys[i], round(float(eff[i]), 5)) for i in top]
