@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build. GPU users can install any torch >= 2.3 before `pip install -e .`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo demo-tms venv lint clean bench node-tools
+.PHONY: test demo demo-tms venv lint clean bench node-tools browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ venv: $(VENV)/.installed
 node-tools: venv
 	$(PY) -m tests.realclients.node_tools
 
-test: venv node-tools
+# Debian's chromium for the viewer's browser tests (Playwright drives it; nothing is downloaded).
+# Installed quietly when missing and we are root; otherwise those tests skip, saying why.
+browser:
+	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the viewer's browser tests will skip"
+
+test: venv node-tools browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

@@ -141,7 +141,7 @@ def test_graph_page_matches_the_analysis_layer(page: Any, url: str, session: Any
     gid = open_graph(page, url)
     view = expected_view(session, gid)
     n_nodes = page.locator("svg.graph circle.node").count()
-    n_edges = page.locator("svg.graph path.edge").count()
+    n_edges = page.locator("#graph path.edge").count()
     assert (n_nodes, n_edges) == (len(view.nodes), len(view.edges))
     assert len(view.edges) == min(view.n_edges_matching, 2000) > 50  # the page's default cap
     assert page.get_attribute("#max-edges", "value") == "2000"
@@ -153,8 +153,8 @@ def test_hover_spotlights_neighbours(page: Any, url: str) -> None:
     key, near, far = page.evaluate("""() => {
         const svg = document.querySelector('svg.graph');
         const nodes = [...svg.querySelectorAll('circle.node')];
-        const total = svg.querySelectorAll('path.edge').length;
         const ctl = window.SPDGraph.last;
+        const total = ctl.edges.length;
         let best = null;
         for (const n of nodes) {
             const nb = ctl.neighbours(n.dataset.key);
@@ -164,21 +164,27 @@ def test_hover_spotlights_neighbours(page: Any, url: str) -> None:
         const far = [...Array(total).keys()].find(i => !best[1].includes(i));
         return [best[0], best[1][0], far];
     }""")
-    opacity = "i => getComputedStyle(document.querySelector(`path.edge[data-i=\"${i}\"]`)).opacity"
-    assert float(page.evaluate(opacity, far)) == 1.0
+    # Effective opacity: the edge's own times its ancestors' (the whole edge layer is dimmed).
+    opacity = """sel => { let el = document.querySelector(sel), o = 1;
+        while (el) { o *= Number(getComputedStyle(el).opacity); el = el.parentElement; }
+        return o; }"""
+    far_sel = f'#graph path.edge[data-i="{far}"]'
+    assert page.evaluate(opacity, far_sel) == 1.0
     page.locator(f'circle.node[data-key="{key}"]').hover()
     page.wait_for_selector("svg.graph.spot")
-    assert float(page.evaluate(opacity, far)) < 0.1
-    assert float(page.evaluate(opacity, near)) == 1.0
+    assert page.evaluate(opacity, far_sel) < 0.1
+    lit = page.evaluate("k => window.SPDGraph.last.neighbours(k).length", key)
+    assert page.locator("#graph path.edge-hl").count() == lit
+    assert page.evaluate(opacity, f'#graph path.edge-hl[data-i="{near}"]') == 1.0
     shot(page, "viewer-graph-hover", full=False)
     page.mouse.move(2, 2)
     page.wait_for_selector("svg.graph:not(.spot)")
-    assert float(page.evaluate(opacity, far)) == 1.0
+    assert page.evaluate(opacity, far_sel) == 1.0
 
 
 def test_signed_abs_toggle_recolours_edges(page: Any, url: str) -> None:
     open_graph(page, url)
-    strokes = "() => [...document.querySelectorAll('svg.graph path.edge')]" \
+    strokes = "() => [...document.querySelectorAll('#graph path.edge')]" \
               ".map(e => e.getAttribute('stroke') + e.getAttribute('stroke-opacity'))"
     flips = page.evaluate("() => window.SPDGraph.last.edges"
                           ".filter(e => (e.value >= 0) !== (e.value_abs >= 0)).length")

@@ -183,7 +183,7 @@ async function pageGraph(view) {
       onPinChange: (keys) => { S.pinned = keys; showPinned(); },
       onNodeClick: (n) => showCard(card, n),
     });
-    canvas.querySelector("svg").dataset.graphId = String(g.gid);
+    g.controller.svg.dataset.graphId = String(g.gid);
   }
 
   async function compute() {
@@ -431,7 +431,7 @@ async function fillArtifact(slot, taskId, cache) {
       h("div", { class: "artifact-head" }, h("b", {}, art.title), ` · ${art.nodes.length} nodes, ${art.edges.length} edges · `, signed, abs),
       art.caption ? h("p", { class: "muted small" }, art.caption) : null, canvas));
     const ctl = window.SPDGraph.renderGraph(canvas, art, { compact: true, rowHeight: 36 });
-    canvas.querySelector("svg").dataset.artifact = aid;
+    ctl.svg.dataset.artifact = aid;
   } catch (e) { slot.replaceChildren(errorBox(`artifact ${aid}: ${e.message}`)); }
 }
 

@@ -91,7 +91,11 @@ function renderGraph(container, art, options) {
   edges.forEach((e, i) => { nodeEdges[idx.get(e.src)].push(i); nodeEdges[idx.get(e.tgt)].push(i); });
 
   const parts = [];
-  parts.push(`<svg xmlns="${SVGNS}" class="graph" width="${L.width}" height="${L.height}" viewBox="0 0 ${L.width} ${L.height}" data-n-nodes="${art.nodes.length}" data-n-edges="${edges.length}">`);
+  // Two stacked layers: the base (grid, labels, all edges) is dimmed as a whole on hover, which
+  // the compositor does without repainting thousands of paths; the top layer holds the nodes and
+  // copies of the hovered node's edges.
+  const size = `width="${L.width}" height="${L.height}" viewBox="0 0 ${L.width} ${L.height}"`;
+  parts.push(`<div class="graph-stack"><svg xmlns="${SVGNS}" class="graph-base" ${size}>`);
   parts.push('<g class="rows">');
   for (const r of L.rows) {
     const y = L.rowY.get(r);
@@ -114,7 +118,7 @@ function renderGraph(container, art, options) {
     const dy = (y1 - y2) * 0.45;
     parts.push(`<path class="edge" data-i="${i}" d="M${x1.toFixed(1)},${y1.toFixed(1)} C${x1.toFixed(1)},${(y1 - dy).toFixed(1)} ${x2.toFixed(1)},${(y2 + dy).toFixed(1)} ${x2.toFixed(1)},${y2.toFixed(1)}"/>`);
   }
-  parts.push("</g><g class=\"nodes\">");
+  parts.push(`</g></svg><svg xmlns="${SVGNS}" class="graph" ${size} data-n-nodes="${art.nodes.length}" data-n-edges="${edges.length}"><g class="hl"></g><g class="nodes">`);
   art.nodes.forEach((n, i) => {
     if (!L.place.has(n.key)) return;
     const [x, y] = L.place.get(n.key);
@@ -123,11 +127,13 @@ function renderGraph(container, art, options) {
     if (n.layer === "output") parts.push(`<text class="outlabel" x="${x.toFixed(1)}" y="${(y - 8).toFixed(1)}" transform="rotate(-50 ${x.toFixed(1)} ${(y - 8).toFixed(1)})">${esc(n.output_token ?? "")}</text>`);
     parts.push(`<circle class="node n-${sub}" data-i="${i}" data-key="${esc(n.key)}" cx="${x.toFixed(1)}" cy="${y.toFixed(1)}" r="${r}" fill="${SUBLAYER_COLOURS[sub] || SUBLAYER_COLOURS.other}"/>`);
   });
-  parts.push("</g></svg>");
+  parts.push("</g></svg></div>");
   container.innerHTML = parts.join("");
-  const svg = container.querySelector("svg");
+  const svg = container.querySelector("svg.graph");
+  const base = container.querySelector("svg.graph-base");
+  const hl = svg.querySelector("g.hl");
   const edgeEls = new Array(edges.length);
-  svg.querySelectorAll("path.edge").forEach((el) => { edgeEls[Number(el.dataset.i)] = el; });
+  base.querySelectorAll("path.edge").forEach((el) => { edgeEls[Number(el.dataset.i)] = el; });
   const nodeEls = new Map();
   svg.querySelectorAll("circle.node").forEach((el) => nodeEls.set(Number(el.dataset.i), el));
 
@@ -148,20 +154,25 @@ function renderGraph(container, art, options) {
   let lit = [];
   function spotlight(i) {
     clear();
+    base.classList.add("dim");
     svg.classList.add("spot");
     const me = nodeEls.get(i);
     if (me) { me.classList.add("lit"); lit.push(me); }
+    const copies = document.createDocumentFragment();
     for (const ei of nodeEdges[i]) {
-      const el = edgeEls[ei];
-      el.classList.add("lit");
-      lit.push(el);
+      const copy = edgeEls[ei].cloneNode(false);
+      copy.setAttribute("class", "edge-hl");
+      copies.appendChild(copy);
       const e = edges[ei];
       const other = nodeEls.get(idx.get(e.src === art.nodes[i].key ? e.tgt : e.src));
       if (other) { other.classList.add("lit"); lit.push(other); }
     }
+    hl.appendChild(copies);
   }
   function clear() {
+    base.classList.remove("dim");
     svg.classList.remove("spot");
+    hl.replaceChildren();
     for (const el of lit) el.classList.remove("lit");
     lit = [];
   }
@@ -201,6 +212,7 @@ function renderGraph(container, art, options) {
   svg.dataset.ready = "1";
   const controller = {
     svg,
+    base,
     edges,
     setEdgeKind: colour,
     pinned: () => [...pinned],
