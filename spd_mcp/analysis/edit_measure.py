@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .edit import ComponentScale, Edit, applied
+from .edit import ComponentScale, Edit, applied, scale_edit
 from .edit_text import Batch, document_batch, documents, prompt_batch
 from .session import AnalysisError, RunSession
 
@@ -387,3 +387,19 @@ def measure_edit(
         components=components, text=texts[0], token_groups=group_rows(shifts[0]),
         probes=summary, probe_rows=rows[:50], behaviours=behaviours, generations=gens,
         control=control, concentration=concentration, notes=notes)
+
+
+def screen_components(
+    session: RunSession, keys: Sequence[str], *, scale: float = 0.0,
+    ci_threshold: float | None = 0.0, n_texts: int = 64, batch_size: int = 16,
+) -> list[tuple[str, float]]:
+    """Collateral of each component alone: KL(target ‖ edited) per token on the *training*
+    stream when only that component is scaled. Use it to drop candidates that change text
+    everywhere before building an edit (measure the edit itself on held-out text)."""
+    edits = [scale_edit(session, [ComponentScale(component=k, scale=scale,
+                                                 ci_threshold=ci_threshold)]) for k in keys]
+    docs = documents(session, "train", n_texts)
+    batches = [document_batch(session, docs[i : i + batch_size])
+               for i in range(0, len(docs), batch_size)]
+    metrics, _ = text_metrics(session, edits, batches, {})
+    return [(e.scales[0].component, m.kl) for e, m in zip(edits, metrics, strict=True)]

@@ -712,3 +712,23 @@ BEHAVIOURS: dict[str, Behaviour] = {
         ),
     )
 }
+
+
+def attribute_object(prompt: str) -> str | None:
+    """The object whose colour an `attribute` probe asks for (None if it is not one)."""
+    t = prompt.split()
+    if len(t) >= 3 and t[-1] == "was" and t[-3] == "the" and t[-2] in OBJECT_COLOUR:
+        return t[-2]
+    if len(t) >= 6 and t[-1] == "was" and t[-6] == "the" and t[-4] == "that":
+        return t[-5] if t[-5] in OBJECT_COLOUR else None
+    return None
+
+
+def attribute_probes_by_object(seed: int, n: int) -> dict[str, list[Probe]]:
+    """``n`` attribute probes of ``TalesCorpus(seed)`` grouped by object."""
+    out: dict[str, list[Probe]] = {}
+    for p in BEHAVIOURS["attribute"].probes(seed, n):
+        obj = attribute_object(p.prompt)
+        assert obj is not None, p.prompt
+        out.setdefault(obj, []).append(p)
+    return out
