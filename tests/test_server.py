@@ -20,6 +20,7 @@ TOOLS = {
     "get_component_activation_examples", "search_components", "get_component_attributions",
     "get_attribution_strength", "label_component", "update_research_log", "save_explanation",
     "set_investigation_summary", "save_graph_artifact", "submit_suggestion", "get_investigation",
+    "edit_components", "train_component_edit", "measure_edit", "list_edits", "export_edit",
 }
 PROMPT = "mia found a ball in the park . the ball was"
 
@@ -154,6 +155,17 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("save_graph_artifact", {"graph_id": 12345, "title": "t"}, "graph_id 12345 does not exist"),
     ("submit_suggestion", {"text": "t", "kind": "x"}, "kind"),
     ("get_investigation", {"verbose": True}, "verbose"),
+    ("edit_components", {"components": [{"component": "1.mlp.up:999", "scale": 0}]}, "0..127"),
+    ("edit_components", {"components": []}, "components"),
+    ("train_component_edit", {"components": ["1.mlp.up:1"], "targets": [
+        {"prompt": PROMPT, "token": "qqq"}]}, "qqq"),
+    ("train_component_edit", {"components": ["1.mlp.up:1"], "targets": []}, "targets"),
+    ("measure_edit", {"edit_id": 9999}, "edit 9999 does not exist"),
+    ("measure_edit", {"edit_id": 1, "n_texts": 0}, "n_texts"),
+    ("list_edits", {"limit": 0}, "limit"),
+    ("export_edit", {"edit_id": 31337}, "edit 31337 does not exist"),
+    ("generate", {"text": PROMPT, "edit": 404}, "edit 404 does not exist"),
+    ("create_prompt", {"text": PROMPT, "edit": 405}, "edit 405 does not exist"),
 ]
 
 
