@@ -67,7 +67,7 @@ def add_edit_parser(sub: Any) -> None:
     tr.add_argument("--mode", choices=["components", "full_matrix"], default="components")
     tr.add_argument("--steps", type=int, default=200)
     tr.add_argument("--lr", type=float, default=0.01)
-    tr.add_argument("--kl-coeff", type=float, default=1.0)
+    tr.add_argument("--kl-coeff", type=float, default=5.0)
     tr.add_argument("--n-kl-texts", type=int, default=64)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--name", default=None)

@@ -49,7 +49,7 @@ class TrainSettings(BaseModel):
         "components", description="full_matrix = baseline: the layers' whole matrices train")
     steps: int = Field(200, ge=1, le=5000)
     lr: float = Field(0.01, gt=0.0, le=1.0)
-    kl_coeff: float = Field(1.0, ge=0.0, le=1000.0)
+    kl_coeff: float = Field(5.0, ge=0.0, le=1000.0)
     n_kl_texts: int = Field(64, ge=0, le=2000, description="training-stream documents for the KL")
     kl_batch_size: int = Field(16, ge=1, le=256)
     seed: int = 0

@@ -106,7 +106,7 @@ async def train_component_edit(
     steps: Annotated[int, Field(ge=1, le=2000)] = 200,
     lr: Annotated[float, Field(gt=0, le=1)] = 0.01,
     kl_coeff: Annotated[float, Field(ge=0, le=1000, description="weight of the KL-to-original "
-                                     "penalty on other text")] = 1.0,
+                                     "penalty on other text")] = 5.0,
     n_kl_texts: Annotated[int, Field(ge=0, le=1000)] = 64,
     seed: int = 0,
     name: Annotated[str | None, Field(max_length=200)] = None,
