@@ -253,3 +253,13 @@ def test_job_result_is_json() -> None:
     v = JobView(id="a", kind="graph", status="done", done=1, total=1, message="m",
                 elapsed_s=0.1, result={"graph_id": 1})
     assert json.loads(v.model_dump_json())["result"] == {"graph_id": 1}
+
+
+def test_optimised_graph_job_reports_progress_and_metrics(client: TestClient) -> None:
+    job = wait_job(client, client.post("/api/runs/tales/graphs", json={
+        "text": PROMPT, "mode": "optimized", "label_token": "red", "steps": 5}).json())
+    assert job["status"] == "done", job
+    assert job["done"] == job["total"] == 5
+    assert set(job["result"]["metrics"]["label_prob"]) >= {"target", "ci"}
+    art = client.get(f"/api/runs/tales/graphs/{job['result']['graph_id']}").json()
+    assert art["metadata"]["graph_kind"] == "optimized" and art["edges"]

@@ -230,6 +230,8 @@ def test_node_card_and_interventions(page: Any, url: str) -> None:
     assert page.locator("#iv-table .label-token.outside").count() > 0
     assert "ablated" in page.inner_text("#iv-summary")
     shot(page, "viewer-interventions")
+    page.locator("#iv-table tbody tr").last.scroll_into_view_if_needed()
+    shot(page, "viewer-interventions-last", full=False)
 
 
 def test_demo_investigation_renders_its_graph_inline(page: Any, url: str, home: Path) -> None:
@@ -244,6 +246,9 @@ def test_demo_investigation_renders_its_graph_inline(page: Any, url: str, home: 
     assert page.locator("#timeline li").count() >= 5
     assert page.inner_text("#inv-status") == "completed"
     shot(page, "viewer-investigation")
+    page.locator("#research-log .artifact").scroll_into_view_if_needed()
+    page.evaluate("() => window.scrollBy(0, -170)")
+    shot(page, "viewer-investigation-graph", full=False)
 
 
 def test_malicious_research_log_is_inert(page: Any, url: str) -> None:

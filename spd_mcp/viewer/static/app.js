@@ -380,6 +380,7 @@ async function pageInvestigations(view) {
 }
 
 async function pageInvestigation(view, id) {
+  try { await ensureRun(); } catch { /* the log does not need the run */ }
   let lastStamp = null;
   const artifacts = new Map();
   async function refresh() {

@@ -82,7 +82,7 @@ function esc(s) {
 
 /* Draw `art` into `container`; returns a controller {setEdgeKind, pinned, destroy, svg}. */
 function renderGraph(container, art, options) {
-  const opts = Object.assign({ spacing: 9, minCol: 30, emptyCol: 16, rowHeight: 46, compact: false, edgeKind: "signed",
+  const opts = Object.assign({ spacing: art.nodes.length < 150 ? 20 : 9, minCol: 30, emptyCol: 16, rowHeight: 46, compact: false, edgeKind: "signed",
     onNodeClick: null, onPinChange: null, pinned: [] }, options || {});
   const L = layout(art, opts);
   const idx = new Map(art.nodes.map((n, i) => [n.key, i]));
@@ -91,11 +91,12 @@ function renderGraph(container, art, options) {
   edges.forEach((e, i) => { nodeEdges[idx.get(e.src)].push(i); nodeEdges[idx.get(e.tgt)].push(i); });
 
   const parts = [];
-  // Two stacked layers: the base (grid, labels, all edges) is dimmed as a whole on hover, which
-  // the compositor does without repainting thousands of paths; the top layer holds the nodes and
-  // copies of the hovered node's edges.
+  // Four stacked layers: the grid and labels; all edges; all nodes (mouse events); on top, an
+  // overlay that ignores the mouse. Hovering dims the edge and node layers as a whole (the
+  // compositor does that without repainting thousands of elements) and copies the hovered node's
+  // neighbourhood into the overlay.
   const size = `width="${L.width}" height="${L.height}" viewBox="0 0 ${L.width} ${L.height}"`;
-  parts.push(`<div class="graph-stack"><svg xmlns="${SVGNS}" class="graph-base" ${size}>`);
+  parts.push(`<div class="graph-stack"><svg xmlns="${SVGNS}" class="graph-grid" ${size}>`);
   parts.push('<g class="rows">');
   for (const r of L.rows) {
     const y = L.rowY.get(r);
@@ -107,7 +108,7 @@ function renderGraph(container, art, options) {
     parts.push(`<line class="colline" x1="${x}" x2="${x}" y1="8" y2="${ty - 8}"/>`);
     parts.push(`<text class="posno" x="${cx}" y="${ty - 2}">${p}</text><text class="tok" x="${cx + 3}" y="${ty + 8}" transform="rotate(-45 ${cx + 3} ${ty + 8})" data-pos="${p}">${esc(tok)}</text>`);
   });
-  parts.push("</g>");
+  parts.push(`</g></svg><svg xmlns="${SVGNS}" class="graph-base" ${size}>`);
   // Edges: smallest first so that the strongest are drawn on top.
   const order = edges.map((_, i) => i).sort((a, b) => Math.abs(edges[a].value) - Math.abs(edges[b].value));
   parts.push('<g class="edges">');
@@ -118,7 +119,7 @@ function renderGraph(container, art, options) {
     const dy = (y1 - y2) * 0.45;
     parts.push(`<path class="edge" data-i="${i}" d="M${x1.toFixed(1)},${y1.toFixed(1)} C${x1.toFixed(1)},${(y1 - dy).toFixed(1)} ${x2.toFixed(1)},${(y2 + dy).toFixed(1)} ${x2.toFixed(1)},${y2.toFixed(1)}"/>`);
   }
-  parts.push(`</g></svg><svg xmlns="${SVGNS}" class="graph" ${size} data-n-nodes="${art.nodes.length}" data-n-edges="${edges.length}"><g class="hl"></g><g class="nodes">`);
+  parts.push(`</g></svg><svg xmlns="${SVGNS}" class="graph" ${size} data-n-nodes="${art.nodes.length}" data-n-edges="${edges.length}"><g class="nodes">`);
   art.nodes.forEach((n, i) => {
     if (!L.place.has(n.key)) return;
     const [x, y] = L.place.get(n.key);
@@ -127,11 +128,13 @@ function renderGraph(container, art, options) {
     if (n.layer === "output") parts.push(`<text class="outlabel" x="${x.toFixed(1)}" y="${(y - 8).toFixed(1)}" transform="rotate(-50 ${x.toFixed(1)} ${(y - 8).toFixed(1)})">${esc(n.output_token ?? "")}</text>`);
     parts.push(`<circle class="node n-${sub}" data-i="${i}" data-key="${esc(n.key)}" cx="${x.toFixed(1)}" cy="${y.toFixed(1)}" r="${r}" fill="${SUBLAYER_COLOURS[sub] || SUBLAYER_COLOURS.other}"/>`);
   });
-  parts.push("</g></svg></div>");
+  parts.push(`</g></svg><svg xmlns="${SVGNS}" class="graph-hl" ${size}><g class="hl-edges"></g><g class="hl-nodes"></g></svg></div>`);
   container.innerHTML = parts.join("");
   const svg = container.querySelector("svg.graph");
   const base = container.querySelector("svg.graph-base");
-  const hl = svg.querySelector("g.hl");
+  const overlay = container.querySelector("svg.graph-hl");
+  const hlEdges = overlay.querySelector("g.hl-edges");
+  const hlNodes = overlay.querySelector("g.hl-nodes");
   const edgeEls = new Array(edges.length);
   base.querySelectorAll("path.edge").forEach((el) => { edgeEls[Number(el.dataset.i)] = el; });
   const nodeEls = new Map();
@@ -151,30 +154,31 @@ function renderGraph(container, art, options) {
   }
   colour(opts.edgeKind);
 
-  let lit = [];
+  function copyInto(group, el, cls) {
+    const copy = el.cloneNode(false);
+    copy.setAttribute("class", cls);
+    group.appendChild(copy);
+  }
   function spotlight(i) {
     clear();
     base.classList.add("dim");
     svg.classList.add("spot");
-    const me = nodeEls.get(i);
-    if (me) { me.classList.add("lit"); lit.push(me); }
-    const copies = document.createDocumentFragment();
+    const seen = new Set([i]);
     for (const ei of nodeEdges[i]) {
-      const copy = edgeEls[ei].cloneNode(false);
-      copy.setAttribute("class", "edge-hl");
-      copies.appendChild(copy);
+      copyInto(hlEdges, edgeEls[ei], "edge-hl");
       const e = edges[ei];
-      const other = nodeEls.get(idx.get(e.src === art.nodes[i].key ? e.tgt : e.src));
-      if (other) { other.classList.add("lit"); lit.push(other); }
+      seen.add(idx.get(e.src === art.nodes[i].key ? e.tgt : e.src));
     }
-    hl.appendChild(copies);
+    for (const j of seen) {
+      const el = nodeEls.get(j);
+      if (el) copyInto(hlNodes, el, `node-hl ${el.classList.contains("pinned") ? "pinned" : ""}`);
+    }
   }
   function clear() {
     base.classList.remove("dim");
     svg.classList.remove("spot");
-    hl.replaceChildren();
-    for (const el of lit) el.classList.remove("lit");
-    lit = [];
+    hlEdges.replaceChildren();
+    hlNodes.replaceChildren();
   }
   const pinned = new Set(opts.pinned.filter((k) => idx.has(k)));
   for (const k of pinned) { const el = nodeEls.get(idx.get(k)); if (el) el.classList.add("pinned"); }
@@ -209,10 +213,13 @@ function renderGraph(container, art, options) {
     }
     if (opts.onNodeClick) opts.onNodeClick(n);
   });
+  // Start scrolled to the outputs (the last positions), where a graph's story ends.
+  container.scrollLeft = container.scrollWidth;
   svg.dataset.ready = "1";
   const controller = {
     svg,
     base,
+    overlay,
     edges,
     setEdgeKind: colour,
     pinned: () => [...pinned],
