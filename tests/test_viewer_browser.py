@@ -270,3 +270,19 @@ def test_malicious_research_log_is_inert(page: Any, url: str) -> None:
     assert page.evaluate("() => window.__pwned") is None and dialogs == []
     text = page.inner_text("#research-log")
     assert "<script>" in text and "javascript:window.__pwned=2" in text
+
+
+def test_running_investigation_refreshes_live(page: Any, url: str) -> None:
+    from spd_mcp.investigation.taskdir import create_task
+
+    td = create_task("tales", "live?", launcher={"kind": "test"})
+    td.append_log("first finding", "First")
+    page.goto(url + f"#/investigation/{td.path.name}")
+    page.wait_for_selector("#research-log h2")
+    assert page.inner_text("#inv-status") == "in progress"
+    td.append_log("second finding", "Second")
+    td.set_summary("Live one", "done", "completed")
+    page.wait_for_function("() => document.querySelector('#research-log').textContent"
+                           ".includes('second finding')", timeout=10_000)
+    page.wait_for_selector("#inv-status:has-text('completed')")
+    assert "Live one" in page.inner_text("h1")
