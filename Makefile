@@ -30,7 +30,7 @@ browser:
 
 test: venv node-tools browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	SPD_MCP_REQUIRE_BROWSER=$$([ "$$(id -u)" = 0 ] && echo 1) $(PY) -m pytest -q
 
 # A scripted (LLM-free) investigation of the shipped `tales` run through the MCP server.
 demo: venv
