@@ -14,12 +14,6 @@ def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known shortfall (see CHANGELOG): within the 3-minute CPU budget the default recipe "
-    "recovers linear2 (5 alive, MMCS 0.992, ML2R 1.000) but linear1 ends in a local minimum where "
-    "one feature is written as the sum of two other features' components (MMCS 0.989, ML2R 0.80)",
-)
 def test_tms_5_2_recovers_every_feature(tmp_path):
     t0 = time.time()
     r = _cli("zoo", "build", "tms-5-2", "--out", str(tmp_path / "tms"), "--device", "cpu")

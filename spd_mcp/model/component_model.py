@@ -100,6 +100,7 @@ class ComponentModel(nn.Module):
             },
         )
         self._state: _ForwardState | None = None
+        self._ties: list[tuple[str, str]] = []
         self._handles = [
             mods[n].register_forward_hook(self._make_hook(n)) for n in self.layer_names
         ]
@@ -121,6 +122,46 @@ class ComponentModel(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.components.parameters()
         yield from self.ci_fns.parameters()
+
+    # ------------------------------------------------------------------------------------ ties
+    def tie(self, source: str, follower: str) -> None:
+        """Share parameters between two linear layers whose target weights are transposes of each
+        other (TMS's W and Wᵀ): the follower's V becomes the source's Uᵀ and its U the source's Vᵀ,
+        so component c of the follower is the transpose of component c of the source. Each layer
+        keeps its own CI function. ``untie`` turns the follower back into independent parameters.
+        """
+        unknown = [n for n in (source, follower) if n not in self.Cs]
+        if unknown or source == follower:
+            raise ValueError(
+                f"cannot tie {source!r} and {follower!r}: name two different decomposed layers "
+                f"({', '.join(self.layer_names)})"
+            )
+        s, f = self.component(source), self.component(follower)
+        if s.kind != "linear" or f.kind != "linear" or s.C != f.C:
+            raise ValueError(f"cannot tie {source!r} and {follower!r}: need linear layers, equal C")
+        if (f.d_in, f.d_out) != (s.d_out, s.d_in):
+            raise ValueError(f"cannot tie {source!r} and {follower!r}: shapes are not transposes")
+        if any(follower in pair or source == pair[1] for pair in self._ties):
+            raise ValueError(f"{follower!r} or {source!r} is already tied")
+        del f._parameters["V"], f._parameters["U"]
+        self._ties.append((source, follower))
+        self.refresh_ties()
+
+    def refresh_ties(self) -> None:
+        """Point each follower's V, U at (transposed views of) its source's current parameters."""
+        for source, follower in self._ties:
+            s, f = self.component(source), self.component(follower)
+            object.__setattr__(f, "V", s.U.T)
+            object.__setattr__(f, "U", s.V.T)
+
+    def untie(self) -> None:
+        """Give every follower independent parameters holding its current (tied) values."""
+        for _, follower in self._ties:
+            f = self.component(follower)
+            V, U = f.V.detach().clone(), f.U.detach().clone()
+            del f.V, f.U
+            f.V, f.U = nn.Parameter(V), nn.Parameter(U)
+        self._ties = []
 
     # ----------------------------------------------------------------------------------- hooks
     def _make_hook(self, name: str):

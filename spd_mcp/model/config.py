@@ -119,6 +119,12 @@ class DecomposeConfig(Strict):
     target: ZooTarget | ImportTarget
     modules: list[ModulePattern] = Field(min_length=1)
     ci_fn: CIFnConfig = Field(default_factory=CIFnConfig)
+    tied: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="(source, follower) linear layers trained with shared components: the "
+        "follower's V, U are the source's Uᵀ, Vᵀ (targets with tied weights, e.g. TMS's W and "
+        "Wᵀ); each keeps its own CI function, and the saved run stores both layers untied",
+    )
     sampling: Literal["continuous", "binomial"] = "continuous"
     use_delta_component: bool = Field(
         True, description="stochastic and PGD losses include the weight delta with its own mask"

@@ -140,7 +140,25 @@ def train_components(
     device: str,
     reporter: Reporter | None = None,
 ) -> list[dict[str, Any]]:
-    """Optimise U, V and CI functions in place; return the metrics rows (also eval rows)."""
+    """Optimise U, V and CI functions in place; return the metrics rows (also eval rows).
+
+    Layers in ``config.tied`` share parameters during training and are untied at the end."""
+    for source, follower in config.tied:
+        cm.tie(source, follower)
+    try:
+        return _train(cm, target, config, device=device, reporter=reporter)
+    finally:
+        cm.untie()
+
+
+def _train(
+    cm: ComponentModel,
+    target: ResolvedTarget,
+    config: DecomposeConfig,
+    *,
+    device: str,
+    reporter: Reporter | None,
+) -> list[dict[str, Any]]:
     output_loss = config.output_loss or target.output_loss
     metrics: list[dict[str, Any]] = []
     if config.faithfulness_warmup_steps:
@@ -163,6 +181,7 @@ def train_components(
             break
         for group in opt.param_groups:
             group["lr"] = config.lr * lr_factor(config.schedule, step, config.steps)
+        cm.refresh_ties()
         x = target.sampler(config.batch_size, device)
         terms = compute_losses(
             cm, config, x, output_loss=output_loss, step=step, mask=target.position_mask(x)
@@ -176,7 +195,7 @@ def train_components(
         opt.step()
         if reporter is not None and (step % 10 == 0 or step == config.steps - 1):
             latest = {k: v.item() for k, v in terms.items()}
-            latest["total"] = float(total)  # type: ignore[arg-type]
+            latest["total"] = float(total.detach())  # type: ignore[union-attr]
             reporter(step + 1, config.steps, latest)
             if step % max(1, config.eval_every // 5) == 0:
                 metrics.append({"step": step, "train": latest})

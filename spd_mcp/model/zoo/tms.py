@@ -2,7 +2,8 @@
 
 x ∈ R^n (each feature active with probability p, value U(0, 1)) → h = W x ∈ R^m → [identity
 hidden layers] → y = ReLU(Wᵀ h + b). ``linear1`` holds W (m×n) and ``linear2`` holds Wᵀ (n×m); they
-are tied during training and decomposed as two separate matrices.
+are tied during training and decomposed as two separate matrices (in ``tms-5-2``'s recipe their
+components are tied the same way while SPD trains, as in the paper; the saved run stores both).
 Ground truth: linear1's pieces are W[:, i] e_iᵀ (feature i's column), linear2's are e_i W[:, i]ᵀ.
 """
 
@@ -106,6 +107,30 @@ class TMSEntry(ZooEntry[TMSKwargs]):
         return {"loss": per[best].item(), "instance": best, "seconds": time.time() - t0}
 
     def default_config(self) -> dict[str, Any]:
+        """The SPD paper's TMS recipe, sized for a CPU: linear2's components are tied to linear1's
+        (transposes, as the target's weights are), scalar CI MLPs, continuous masks, L1 importance
+        minimality, no faithfulness term after a short warm-up (the weight delta is masked with
+        the components instead)."""
+        cfg = self.untied_config()
+        cfg.update(
+            modules=[{"pattern": "linear*", "C": 4 * self.kwargs.n_features}],
+            tied=[["linear1", "linear2"]],
+            ci_fn={"type": "mlp", "hidden": [16]},
+            sampling="continuous",
+            losses=[
+                {"type": "importance_minimality", "coeff": 0.015, "p": 1.0},
+                {"type": "stochastic_recon", "coeff": 1.0},
+                {"type": "stochastic_recon", "coeff": 1.0, "routing": "layerwise"},
+            ],
+            faithfulness_warmup_steps=200,
+            faithfulness_warmup_lr=1e-2,
+            steps=4000,
+            lr=3e-3,
+        )
+        return cfg
+
+    def untied_config(self) -> dict[str, Any]:
+        """The earlier recipe (separate components per layer), kept by the other TMS entries."""
         C = 2 * self.kwargs.n_features  # twice as many components as true features
         return {
             "name": self.name,
@@ -157,6 +182,9 @@ class TMSIdentityEntry(TMSEntry):
     description = "TMS 5-2 with a fixed 2×2 identity hidden layer (also decomposed)"
     default_kwargs: ClassVar[dict[str, Any]] = {"n_hidden_layers": 1}
 
+    def default_config(self) -> dict[str, Any]:
+        return self.untied_config()
+
 
 class TMS40Entry(TMSEntry):
     name = "tms-40-10"
@@ -164,6 +192,6 @@ class TMS40Entry(TMSEntry):
     default_kwargs: ClassVar[dict[str, Any]] = {"n_features": 40, "n_hidden": 10}
 
     def default_config(self) -> dict[str, Any]:
-        cfg = super().default_config()
+        cfg = self.untied_config()
         cfg["steps"] = 8000
         return cfg
