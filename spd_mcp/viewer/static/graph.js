@@ -96,11 +96,17 @@ function renderGraph(container, art, options) {
   // compositor does that without repainting thousands of elements) and copies the hovered node's
   // neighbourhood into the overlay.
   const size = `width="${L.width}" height="${L.height}" viewBox="0 0 ${L.width} ${L.height}"`;
-  parts.push(`<div class="graph-stack"><svg xmlns="${SVGNS}" class="graph-grid" ${size}>`);
+  // Row labels live in a zero-size sticky box, so they stay readable when the graph scrolls.
+  parts.push(`<div class="graph-stack"><div class="row-labels"><svg xmlns="${SVGNS}" width="1" height="1">`);
+  for (const r of L.rows) {
+    const y = L.rowY.get(r);
+    parts.push(`<rect x="2" y="${y - 7}" width="${6 * r.length + 6}" height="14" rx="3"/><text class="rowlabel" x="5" y="${y + 4}">${esc(r)}</text>`);
+  }
+  parts.push(`</svg></div><svg xmlns="${SVGNS}" class="graph-grid" ${size}>`);
   parts.push('<g class="rows">');
   for (const r of L.rows) {
     const y = L.rowY.get(r);
-    parts.push(`<line class="rowline" x1="0" x2="${L.width}" y1="${y}" y2="${y}"/><text class="rowlabel" x="4" y="${y + 4}">${esc(r)}</text>`);
+    parts.push(`<line class="rowline" x1="0" x2="${L.width}" y1="${y}" y2="${y}"/>`);
   }
   L.colX.forEach(([x, w], p) => {
     const tok = L.tokens[p] !== undefined ? L.tokens[p] : String(p);
