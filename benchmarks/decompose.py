@@ -46,11 +46,14 @@ def bench(name: str, *, device: str, steps: int, warmup: int) -> dict:
     target = resolve_target(config.target)
     model = target.model.to(device)
     cm = ComponentModel(model, config.modules, config.ci_fn).to(device)
+    for source, follower in config.tied:  # as in training (tms-5-2 ties linear2 to linear1)
+        cm.tie(source, follower)
     opt = torch.optim.AdamW(list(cm.trainable_parameters()), lr=config.lr)
     output_loss = config.output_loss or target.output_loss
     B = config.batch_size
 
     def spd_step() -> None:
+        cm.refresh_ties()
         x = target.sampler(B, device)
         terms = compute_losses(cm, config, x, output_loss=output_loss, step=0)
         coeff = {k: loss.coeff for k, loss in zip(terms, config.losses, strict=True)}
