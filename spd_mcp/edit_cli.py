@@ -69,7 +69,6 @@ def add_edit_parser(sub: Any) -> None:
     tr.add_argument("--lr", type=float, default=0.01)
     tr.add_argument("--kl-coeff", type=float, default=5.0)
     tr.add_argument("--n-kl-texts", type=int, default=64)
-    tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--name", default=None)
     tr.add_argument("--measure", action="store_true", help="measure the edit right away")
     tr.add_argument("--export", type=Path, default=None, metavar="DIR")
@@ -128,20 +127,13 @@ def _measure(session: Any, edit: Any, info: Any, params: dict[str, Any],
     from rich.console import Console
 
     from spd_mcp.analysis.edit_measure import MeasureSettings, Probe, measure_edit
-    from spd_mcp.analysis.edit_train import EditTarget, TrainSettings, train_edit
+    from spd_mcp.edit_store import control_recipe
 
     settings = MeasureSettings(
         probes=[Probe(prompt=p, expected=t) for p, t in (_pair(x, "--probe") for x in args.probe)],
         token_groups=_groups(args.group), generation_prompts=args.generate,
         n_texts=args.n_texts, control=not args.no_control, behaviours=not args.no_behaviours)
-    control = None
-    if info.type == "train":
-        recipe = TrainSettings.model_validate(params["settings"])
-        targets = [EditTarget.model_validate(t) for t in params["targets"]]
-
-        def control(randoms: list[str]) -> Any:
-            return train_edit(session, randoms, targets, recipe, preserve=params["preserve"])[0]
-
+    control = control_recipe(session, info, params)
     console = Console(stderr=True)
     with console.status("measuring (held-out text, probes, behaviours, control) ..."):
         m = measure_edit(session, edit, settings, control_edit=control)
@@ -247,8 +239,7 @@ def edit_command(args: argparse.Namespace) -> int:
             preserve += [ln.strip() for ln in args.preserve_file.read_text().splitlines()
                          if ln.strip()]
         settings = TrainSettings(vectors=args.vectors, mode=args.mode, steps=args.steps,
-                                 lr=args.lr, kl_coeff=args.kl_coeff, n_kl_texts=args.n_kl_texts,
-                                 seed=args.seed)
+                                 lr=args.lr, kl_coeff=args.kl_coeff, n_kl_texts=args.n_kl_texts)
         params = {"components": args.component, "targets": [t.model_dump() for t in targets],
                   "preserve": preserve, "settings": settings.model_dump()}
         from rich.progress import Progress

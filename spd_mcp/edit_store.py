@@ -8,11 +8,13 @@ exactly by loading its row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from spd_mcp.analysis.edit import Edit
+from spd_mcp.analysis.edit_train import EditTarget, TrainSettings, train_edit
 from spd_mcp.analysis.session import AnalysisError, RunSession
 from spd_mcp.store import AppStore
 
@@ -38,6 +40,21 @@ def describe_scales(edit: Edit) -> str:
         parts.append(f"{what} {s.component}{where}")
     more = f" (+{len(edit.scales) - 8} more)" if len(edit.scales) > 8 else ""
     return "; ".join(parts) + more
+
+
+def control_recipe(session: RunSession, info: EditInfo, params: dict[str, Any]
+                   ) -> Callable[[list[str]], Edit] | None:
+    """For a trained edit: retrain its stored recipe on other components (measure_edit's random
+    control). None for scalings, whose control is the same scales on other components."""
+    if info.type != "train":
+        return None
+    recipe = TrainSettings.model_validate(params["settings"])
+    targets = [EditTarget.model_validate(t) for t in params["targets"]]
+
+    def control(randoms: list[str]) -> Edit:
+        return train_edit(session, randoms, targets, recipe, preserve=params["preserve"])[0]
+
+    return control
 
 
 class EditBook:

@@ -19,6 +19,7 @@ from spd_mcp.analysis.session import RunSession
 from spd_mcp.investigation.taskdir import create_task
 from spd_mcp.viewer.app import STATIC, create_app
 from spd_mcp.viewer.markdown import artifact_refs, link_allowed, render_markdown
+from tests.viewer_browser import stored_graph
 
 PROMPT = "mia found a ball . the ball was"
 
@@ -106,22 +107,7 @@ def test_graph_matches_the_analysis_view(client: TestClient, session: RunSession
     gid = job["result"]["graph_id"]
     art = client.get(f"/api/runs/tales/graphs/{gid}?ci_threshold=0.2&max_edges=5000").json()
 
-    import asyncio
-
-    from spd_mcp.analysis.graph_view import graph_from_bytes
-    from spd_mcp.server import app_db_path
-    from spd_mcp.store import AppStore
-
-    async def stored() -> bytes:
-        store = await AppStore.open(app_db_path(session))
-        try:
-            row = await store.get_result("graph", gid)
-        finally:
-            await store.close()
-        assert row is not None and row[2] is not None
-        return row[2]
-
-    g = graph_from_bytes(asyncio.run(stored()))
+    g = stored_graph(session, gid)
     view = view_graph(session, gid, g, ci_threshold=0.2, top_k=5000)
     assert len(art["edges"]) == min(view.n_edges_matching, 5000) > 0
     assert {n["key"] for n in art["nodes"]} == {n.key for n in view.nodes}

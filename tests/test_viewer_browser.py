@@ -5,19 +5,17 @@ log. Screenshots go to ``$SPD_MCP_SCREENSHOTS`` (default ``out/screenshots``).""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.viewer_browser import browser, local_page, missing_reason
+from tests.viewer_browser import browser, local_page, missing_reason, stored_graph
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))]
@@ -100,22 +98,9 @@ def open_graph(page: Any, url: str) -> int:
 
 def expected_view(session: Any, gid: int) -> Any:
     """What the analysis layer says about the stored graph at the same threshold."""
-    from spd_mcp.analysis.graph_view import graph_from_bytes, view_graph
-    from spd_mcp.server import app_db_path
-    from spd_mcp.store import AppStore
+    from spd_mcp.analysis.graph_view import view_graph
 
-    async def blob() -> bytes:
-        store = await AppStore.open(app_db_path(session))
-        try:
-            row = await store.get_result("graph", gid)
-        finally:
-            await store.close()
-        assert row is not None and row[2] is not None
-        return row[2]
-
-    # Playwright's sync API runs an event loop in this thread: read the store from another one.
-    with ThreadPoolExecutor(1) as pool:
-        g = graph_from_bytes(pool.submit(lambda: asyncio.run(blob())).result())
+    g = stored_graph(session, gid)
     return view_graph(session, gid, g, ci_threshold=THRESHOLD, top_k=2000)
 
 

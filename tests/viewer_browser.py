@@ -87,3 +87,26 @@ def local_page(b: Any, width: int = 1500, height: int = 1000) -> Iterator[tuple[
         yield page, traffic
     finally:
         ctx.close()
+
+
+def stored_graph(session: Any, gid: int) -> Any:
+    """Graph ``gid`` as stored in the run's app database (read on a separate thread, because
+    Playwright's sync API keeps an event loop running in the calling one)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spd_mcp.analysis.graph_view import graph_from_bytes
+    from spd_mcp.server import app_db_path
+    from spd_mcp.store import AppStore
+
+    async def blob() -> bytes:
+        store = await AppStore.open(app_db_path(session))
+        try:
+            row = await store.get_result("graph", gid)
+        finally:
+            await store.close()
+        assert row is not None and row[2] is not None
+        return row[2]
+
+    with ThreadPoolExecutor(1) as pool:
+        return graph_from_bytes(pool.submit(lambda: asyncio.run(blob())).result())

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ from safetensors.torch import load, save, save_file
 from torch import Tensor, nn
 
 from spd_mcp.model.components import Components
+from spd_mcp.model.run_io import publish_dir
 
 from .session import AnalysisError, RunSession
 
@@ -295,10 +293,7 @@ def export_baked(session: RunSession, edit: Edit, out: Path, *, note: dict[str, 
     if out.exists() and not overwrite:
         raise AnalysisError(f"{out} already exists; choose another directory or overwrite")
     state = baked_target_state(session, edit)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with publish_dir(out) as tmp:
         save_file(state, str(tmp / EDITED_TARGET_FILE))
         entry = session.run.target.entry
         if entry is not None:
@@ -311,12 +306,6 @@ def export_baked(session: RunSession, edit: Edit, out: Path, *, note: dict[str, 
             "note": note or {},
         }
         (tmp / EDITED_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

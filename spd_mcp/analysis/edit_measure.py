@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .edit import ComponentScale, Edit, applied, scale_edit
-from .edit_text import Batch, document_batch, documents, prompt_batch
+from .components import generate
+from .edit import ComponentScale, Edit, edited_logits, scale_edit
+from .edit_text import Batch, document_batches, documents, prompt_batch
 from .session import AnalysisError, RunSession
 
 PROBE_SEED = 99
@@ -121,10 +122,8 @@ class EditMeasurement(BaseModel):
 
 # ------------------------------------------------------------------------------ primitives
 def _logprobs(session: RunSession, edit: Edit | None, ids: Tensor) -> Tensor:
-    if edit is None:
-        return F.log_softmax(session.cm.target(ids).float(), -1)
-    with applied(session, edit, ids):
-        return F.log_softmax(session.cm.target(ids).float(), -1)
+    logits = session.cm.target(ids) if edit is None else edited_logits(session, edit, ids)
+    return F.log_softmax(logits.float(), -1)
 
 
 def _groups(session: RunSession, groups: dict[str, list[str]]) -> dict[str, Tensor]:
@@ -164,11 +163,12 @@ def text_metrics(
         nxt[:, -1] = False
         nxt[:, :-1] &= mask[:, 1:]  # positions that have a real next token
         tgt = _logprobs(session, None, ids)
+        pt = tgt.exp()
         tokens += float(mask.sum())
         follow = ids[:, 1:]
         nll_t -= _nll(tgt, follow, nxt)
         for g, idx in groups.items():
-            gsum_t[g] += float((tgt.exp()[..., idx].sum(-1) * mask).sum())
+            gsum_t[g] += float((pt[..., idx].sum(-1) * mask).sum())
         outside = mask.clone()
         if groups:
             every = torch.cat(list(groups.values()))
@@ -176,13 +176,15 @@ def text_metrics(
         n_out += float(outside.sum())
         for i, e in enumerate(edits):
             lp = _logprobs(session, e, ids)
-            k = (tgt.exp() * (tgt - lp)).sum(-1) * mask  # (B, T)
+            k = (pt * (tgt - lp)).sum(-1) * mask  # (B, T)
             kl[i] += float(k.sum())
             kl_out[i] += float((k * outside).sum())
             kl_max[i] = max(kl_max[i], float(k.max()))
             nll_e[i] -= _nll(lp, follow, nxt)
+            pe = lp.exp() if groups else None
             for g, idx in groups.items():
-                gsum_e[i][g] += float((lp.exp()[..., idx].sum(-1) * mask).sum())
+                assert pe is not None
+                gsum_e[i][g] += float((pe[..., idx].sum(-1) * mask).sum())
     n_pred = sum(float(b.mask[:, 1:].sum()) for b in batches)
     ppl_t = float(torch.tensor(nll_t / n_pred).exp())
     metrics = []
@@ -242,21 +244,10 @@ def behaviour_probes(session: RunSession, n: int, seed: int = PROBE_SEED) -> dic
             for name, b in BEHAVIOURS.items()}
 
 
-@torch.no_grad()
 def greedy(session: RunSession, edit: Edit | None, prompt: str, n: int) -> str:
-    ids = session.encode(prompt)
-    limit = session.max_len or len(ids) + n
-    eos = getattr(session.tokenizer, "eos_id", None)
-    out: list[int] = []
-    for _ in range(n):
-        if len(ids) + len(out) >= limit:
-            break
-        x = session.ids_tensor(ids + out)
-        nxt = int(_logprobs(session, edit, x)[0, -1].argmax())
-        out.append(nxt)
-        if nxt == eos:
-            break
-    return " ".join(session.tokens(out))
+    """The greedy continuation of ``prompt`` (target, or with ``edit``), as text."""
+    return " ".join(generate(session, session.encode(prompt), max_new_tokens=n,
+                             edit=edit).generated)
 
 
 # ------------------------------------------------------------------------------ control
@@ -329,8 +320,7 @@ def measure_edit(
             progress(done, steps)
 
     docs = documents(session, "heldout", st.n_texts)
-    batches = [document_batch(session, docs[i : i + st.batch_size])
-               for i in range(0, len(docs), st.batch_size)]
+    batches = document_batches(session, docs, st.batch_size)
     notes: list[str] = []
     components = edit.components()
     randoms: list[str] = []
@@ -399,7 +389,6 @@ def screen_components(
     edits = [scale_edit(session, [ComponentScale(component=k, scale=scale,
                                                  ci_threshold=ci_threshold)]) for k in keys]
     docs = documents(session, "train", n_texts)
-    batches = [document_batch(session, docs[i : i + batch_size])
-               for i in range(0, len(docs), batch_size)]
+    batches = document_batches(session, docs, batch_size)
     metrics, _ = text_metrics(session, edits, batches, {})
     return [(e.scales[0].component, m.kl) for e, m in zip(edits, metrics, strict=True)]

@@ -53,9 +53,11 @@ def documents(session: RunSession, source: TextSource, n: int, offset: int = 0) 
     return [get(offset + i) for i in range(n)]
 
 
-def document_batch(session: RunSession, texts: Sequence[str]) -> Batch:
+def document_batches(session: RunSession, texts: Sequence[str], batch_size: int) -> list[Batch]:
+    """Documents (cut to the context) in right-padded batches of ``batch_size``."""
     limit = session.max_len or None
-    return pad(session, [session.tokenizer.encode(t)[:limit] for t in texts])
+    rows = [session.tokenizer.encode(t)[:limit] for t in texts]
+    return [pad(session, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
 def prompt_batch(session: RunSession, prompts: Sequence[str]) -> Batch:

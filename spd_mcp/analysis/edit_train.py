@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from .edit import Edit, LayerAdapter, applied
-from .edit_text import Batch, document_batch, documents, prompt_batch
+from .edit_text import Batch, document_batches, documents, prompt_batch
 from .session import AnalysisError, RunSession
 
 MAX_TRAIN_COMPONENTS = 64
@@ -52,7 +52,6 @@ class TrainSettings(BaseModel):
     kl_coeff: float = Field(5.0, ge=0.0, le=1000.0)
     n_kl_texts: int = Field(64, ge=0, le=2000, description="training-stream documents for the KL")
     kl_batch_size: int = Field(16, ge=1, le=256)
-    seed: int = 0
 
 
 class TargetProb(BaseModel):
@@ -160,33 +159,29 @@ def train_edit(
     t0 = time.time()
     with torch.no_grad():
         base_last = _last_lp(target(pb.ids), pb)
-        kl_batches: list[tuple[Batch, Tensor]] = []
         docs = documents(session, "train", settings.n_kl_texts)
-        for i in range(0, len(docs), settings.kl_batch_size):
-            b = document_batch(session, docs[i : i + settings.kl_batch_size])
-            kl_batches.append((b, F.log_softmax(target(b.ids).float(), -1)))
+        kl_batches = [(b, F.log_softmax(target(b.ids).float(), -1))
+                      for b in document_batches(session, docs, settings.kl_batch_size)]
         keep: tuple[Batch, Tensor] | None = None
         if preserve:
             kb = prompt_batch(session, list(preserve))
             keep = (kb, F.log_softmax(target(kb.ids).float(), -1))
     opt = torch.optim.Adam(leaves, lr=settings.lr)
-    gen = torch.random.fork_rng(devices=[])
     curve: list[list[float]] = []
     every = max(1, settings.steps // 10)
-    with gen:
-        torch.manual_seed(settings.seed)
-        obj0 = float(_objective(base_last, tok, lower))
+    obj0 = float(_objective(base_last, tok, lower))
+    # The hooks read the adapter tensors the optimiser updates in place: install them once.
+    with applied(session, edit):
         for step in range(settings.steps):
-            with applied(session, edit):
-                obj = _objective(_last_lp(target(pb.ids), pb), tok, lower)
-                kl = torch.zeros((), device=session.device)
-                if kl_batches and settings.kl_coeff > 0:
-                    b, tlp = kl_batches[step % len(kl_batches)]
-                    kl = _kl(tlp, F.log_softmax(target(b.ids).float(), -1), b.mask)
-                if keep is not None and settings.kl_coeff > 0:
-                    kb, klp = keep
-                    kl = kl + _kl(klp, F.log_softmax(target(kb.ids).float(), -1), kb.mask)
-                loss = obj + settings.kl_coeff * kl
+            obj = _objective(_last_lp(target(pb.ids), pb), tok, lower)
+            kl = torch.zeros((), device=session.device)
+            if kl_batches and settings.kl_coeff > 0:
+                b, tlp = kl_batches[step % len(kl_batches)]
+                kl = _kl(tlp, F.log_softmax(target(b.ids).float(), -1), b.mask)
+            if keep is not None and settings.kl_coeff > 0:
+                kb, klp = keep
+                kl = kl + _kl(klp, F.log_softmax(target(kb.ids).float(), -1), kb.mask)
+            loss = obj + settings.kl_coeff * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -194,16 +189,16 @@ def train_edit(
                 curve.append([step, round(obj.item(), 5), round(kl.item(), 6)])
             if progress is not None:
                 progress(step + 1, settings.steps)
-    for leaf in leaves:
-        leaf.requires_grad_(False)
-    with torch.no_grad(), applied(session, edit):
-        after_last = _last_lp(target(pb.ids), pb)
-        kl_sum = n_tok = 0.0
-        for b, tlp in kl_batches:
-            lp = F.log_softmax(target(b.ids).float(), -1)
-            n = float(b.mask.sum())
-            kl_sum += float(_kl(tlp, lp, b.mask)) * n
-            n_tok += n
+        for leaf in leaves:
+            leaf.requires_grad_(False)
+        with torch.no_grad():
+            after_last = _last_lp(target(pb.ids), pb)
+            kl_sum = n_tok = 0.0
+            for b, tlp in kl_batches:
+                lp = F.log_softmax(target(b.ids).float(), -1)
+                n = float(b.mask.sum())
+                kl_sum += float(_kl(tlp, lp, b.mask)) * n
+                n_tok += n
     rows = []
     for i, t in enumerate(targets):
         rows.append(TargetProb(

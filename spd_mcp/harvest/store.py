@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
-from spd_mcp.model.run_io import read_meta, resolve_run, spd_home
+from spd_mcp.model.run_io import run_id_of, spd_home
 
 from .config import HarvestConfig, HarvestError, HarvestPlan
 from .reservoir import Examples
@@ -98,14 +98,6 @@ def shards_dir(run_id: str, chash: str) -> Path:
 
 def is_done(path: Path) -> bool:
     return (path / DONE).exists()
-
-
-def run_id_of(run: Any) -> str:
-    """Run id of a RunSession, a LoadedRun, or a run reference (name / path)."""
-    meta = getattr(getattr(run, "run", run), "meta", None)
-    if isinstance(meta, dict):
-        return str(meta["run_id"])
-    return str(read_meta(resolve_run(run))["run_id"])
 
 
 # ------------------------------------------------------------------------------- writing

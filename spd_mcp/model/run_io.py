@@ -15,7 +15,8 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -86,6 +87,27 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+@contextmanager
+def publish_dir(dst: Path) -> Iterator[Path]:
+    """A temporary sibling directory to fill; when the block succeeds it replaces ``dst`` by
+    rename (an existing ``dst`` is swapped out, then deleted); when it fails it is removed."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, trash)
+            os.replace(tmp, dst)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_run(
     out: Path,
     *,
@@ -100,10 +122,7 @@ def save_run(
     out = Path(out)
     if out.exists() and not overwrite:
         raise RunError(f"{out} already exists (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with publish_dir(out) as tmp:
         save_file(_tensors(cm.target), str(tmp / TARGET_FILE))
         save_file(component_state(cm), str(tmp / COMPONENTS_FILE))
         _fsync_write(tmp / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
@@ -122,16 +141,6 @@ def save_run(
         }
         _fsync_write(tmp / RUN_FILE, json.dumps(meta, indent=2) + "\n")
         _fsync_write(tmp / DONE_FILE, "")
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -178,19 +187,11 @@ def ship_run(src: Path, dst: Path) -> Path:
     """Copy a finished run to ``dst`` (e.g. inside the package) with a sha256 manifest."""
     src = resolve_run(src)
     files = sorted(p.name for p in src.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with publish_dir(dst) as tmp:
         for name in files:
             shutil.copy2(src / name, tmp / name)
         manifest = {"sha256": {n: _sha256(tmp / n) for n in files if n != DONE_FILE}}
         _fsync_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -200,6 +201,14 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
     if v != SCHEMA_VERSION:
         raise RunError(f"{run_dir}: schema version {v}, this code reads {SCHEMA_VERSION}")
     return meta
+
+
+def run_id_of(run: Any) -> str:
+    """Run id of a RunSession, a LoadedRun, or a run reference (name / path)."""
+    meta = getattr(getattr(run, "run", run), "meta", None)
+    if isinstance(meta, dict):
+        return str(meta["run_id"])
+    return str(read_meta(resolve_run(run))["run_id"])
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

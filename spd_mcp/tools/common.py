@@ -18,6 +18,7 @@ from spd_mcp.analysis.dataset import DatasetIndex
 from spd_mcp.analysis.session import AnalysisError, RunSession
 from spd_mcp.attributions.config import AttributionError
 from spd_mcp.attributions.store import Attributions, load_attributions
+from spd_mcp.edit_store import EditBook
 from spd_mcp.executor import Busy, ComputeExecutor
 from spd_mcp.harvest.config import HarvestError
 from spd_mcp.harvest.store import Harvest, load_harvest
@@ -44,6 +45,14 @@ class AppState:
     """Build a missing harvest / attributions stage on first use (default settings)."""
     _harvest: Harvest | None = None
     _attributions: Attributions | None = None
+    _edits: EditBook | None = None
+
+    @property
+    def edits(self) -> EditBook:
+        """The run's stored edits (with the cache of loaded ones)."""
+        if self._edits is None:
+            self._edits = EditBook(self.store, self.session)
+        return self._edits
 
     async def attributions(self) -> Attributions | None:
         """The newest finished dataset attributions of the run (looked up until one exists)."""

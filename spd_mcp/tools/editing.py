@@ -15,7 +15,12 @@ from spd_mcp.analysis.edit import ComponentScale, Edit, export_baked, scale_edit
 from spd_mcp.analysis.edit_measure import EditMeasurement, MeasureSettings, Probe, measure_edit
 from spd_mcp.analysis.edit_train import EditTarget, TrainSettings, train_edit
 from spd_mcp.analysis.session import AnalysisError
-from spd_mcp.edit_store import MEASURE_KIND, EditBook, EditInfo, describe_scales
+from spd_mcp.edit_store import (
+    MEASURE_KIND,
+    EditInfo,
+    control_recipe,
+    describe_scales,
+)
 from spd_mcp.model.run_io import spd_home
 
 from .common import (
@@ -34,20 +39,11 @@ WRITES_FILES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempo
                                openWorldHint=False)
 
 
-def book(st: AppState) -> EditBook:
-    """The run's edit book (created once per app state)."""
-    b = st.__dict__.get("_edit_book")
-    if b is None:
-        b = EditBook(st.store, st.session)
-        st.__dict__["_edit_book"] = b
-    return b
-
-
 async def get_edit(st: AppState, edit_id: int | None) -> Edit | None:
     """The stored edit ``edit_id`` (None passes through); unknown ids are tool errors."""
     if edit_id is None:
         return None
-    b = book(st)
+    b = st.edits
     edit, _, _ = await _guarded(b.get(edit_id))
     return edit
 
@@ -79,7 +75,7 @@ async def edit_components(
     st = state(ctx)
     edit = guard(lambda: scale_edit(st.session, components))
     params = {"scales": [s.model_dump() for s in edit.scales]}
-    info, cached = await book(st).put(params, edit, type="scale", name=name,
+    info, cached = await st.edits.put(params, edit, type="scale", name=name,
                                       description=describe_scales(edit))
     return EditCreated(**info.model_dump(), cached=cached)
 
@@ -108,7 +104,6 @@ async def train_component_edit(
     kl_coeff: Annotated[float, Field(ge=0, le=1000, description="weight of the KL-to-original "
                                      "penalty on other text")] = 5.0,
     n_kl_texts: Annotated[int, Field(ge=0, le=1000)] = 64,
-    seed: int = 0,
     name: Annotated[str | None, Field(max_length=200)] = None,
 ) -> TrainedEdit:
     """Train rank-1 adapters: the selected components' vectors become trainable (nothing else
@@ -118,10 +113,10 @@ async def train_component_edit(
     was", "token": "blue"}], preserve=["... the spoon was"])."""
     st = state(ctx)
     settings = TrainSettings(vectors=vectors, mode=mode, steps=steps, lr=lr, kl_coeff=kl_coeff,
-                             n_kl_texts=n_kl_texts, seed=seed)
+                             n_kl_texts=n_kl_texts)
     params = {"components": components, "targets": [t.model_dump() for t in targets],
               "preserve": list(preserve), "settings": settings.model_dump()}
-    b = book(st)
+    b = st.edits
     found = await b.find(params, "train")
     if found is not None:
         return TrainedEdit(**found.model_dump(), cached=True)
@@ -166,21 +161,13 @@ async def measure_edit_tool(
     settings = MeasureSettings(probes=probes, token_groups=token_groups,
                                generation_prompts=generation_prompts, n_texts=n_texts,
                                behaviours=behaviours, control=control, control_seed=control_seed)
-    b = book(st)
+    b = st.edits
     edit, info, params = await _guarded(b.get(edit_id))
     key = {"edit_id": edit_id, **settings.model_dump()}
     found = await st.store.find_result(MEASURE_KIND, key)
     if found is not None:
         return Measured(**found[1], edit_id=edit_id, cached=True)
-    control_fn = None
-    if info.type == "train":
-        recipe = TrainSettings.model_validate(params["settings"])
-        targets = [EditTarget.model_validate(t) for t in params["targets"]]
-
-        def control_fn(randoms: list[str]) -> Edit:
-            return train_edit(st.session, randoms, targets, recipe,
-                              preserve=params["preserve"])[0]
-
+    control_fn = control_recipe(st.session, info, params)
     progress = Progress(ctx, asyncio.get_running_loop(), "measuring edit")
     m = await compute(ctx, "measure_edit", lambda: measure_edit(
         st.session, edit, settings, control_edit=control_fn, progress=progress))
@@ -200,7 +187,7 @@ async def list_edits(
     ctx: Context, limit: Annotated[int, Field(ge=1, le=200)] = 50,
 ) -> EditList:
     """Stored edits of this run, newest first (scalings and trained adapters)."""
-    edits = await book(state(ctx)).list(limit)
+    edits = await state(ctx).edits.list(limit)
     return EditList(edits=edits, notice=(
         "edits are applied only where you pass edit=ID; the run's weights are never modified"))
 
@@ -219,7 +206,7 @@ async def export_edit(
     """Bake an edit into plain target weights and write a standalone target checkpoint under
     $SPD_MCP_HOME/exports/. CI-gated edits depend on the input and cannot be baked."""
     st = state(ctx)
-    edit, info, _ = await _guarded(book(st).get(edit_id))
+    edit, info, _ = await _guarded(st.edits.get(edit_id))
     out = spd_home() / "exports" / st.session.run.name / f"edit-{edit_id}"
 
     def run() -> Path:
