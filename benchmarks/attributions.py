@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.attributions import (
     Accumulator,
     AttributionConfig,
@@ -32,6 +31,7 @@ from spd_mcp.attributions import (
 )
 from spd_mcp.attributions.compute import SUM_TENSORS
 from spd_mcp.attributions.runner import encode_doc
+from spd_mcp.model.session import RunSession
 
 
 def run(threads: int, ref_docs: int, repeats: int, skip_default: bool) -> dict[str, Any]:

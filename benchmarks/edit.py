@@ -27,14 +27,14 @@ import torch
 
 
 def pronoun(session, pron: str, k: int, max_kl: float | None) -> dict:
-    from spd_mcp.analysis.edit import ComponentScale, scale_edit
-    from spd_mcp.analysis.edit_measure import (
+    from spd_mcp.editing.edit import ComponentScale, scale_edit
+    from spd_mcp.editing.measure import (
         MeasureSettings,
         Probe,
         measure_edit,
         screen_components,
     )
-    from spd_mcp.analysis.knowledge import search_by_effect
+    from spd_mcp.harvest.query import search_by_effect
     from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
 
     cands = [c.key for c in search_by_effect(session, None, pron, k=4 * k).components]
@@ -57,15 +57,15 @@ def pronoun(session, pron: str, k: int, max_kl: float | None) -> dict:
 
 
 def flip(session, steps: int, mode: str, kl_coeff: float) -> dict:
-    from spd_mcp.analysis.edit import applied
-    from spd_mcp.analysis.edit_measure import MeasureSettings, measure_edit
-    from spd_mcp.analysis.edit_text import prompt_batch
-    from spd_mcp.analysis.edit_train import (
+    from spd_mcp.editing.edit import applied
+    from spd_mcp.editing.measure import MeasureSettings, measure_edit
+    from spd_mcp.editing.train import (
         EditTarget,
         TrainSettings,
         rank_for_change,
         train_edit,
     )
+    from spd_mcp.model.text import prompt_batch
     from spd_mcp.model.zoo.tales.corpus import OBJECT_COLOUR, attribute_probes_by_object
 
     obj, new = "ball", "blue"
@@ -100,15 +100,9 @@ def flip(session, steps: int, mode: str, kl_coeff: float) -> dict:
 
 @torch.no_grad()
 def exactness(session) -> dict:
-    from spd_mcp.analysis.edit import (
-        ComponentScale,
-        Edit,
-        edited_logits,
-        export_baked,
-        load_edited_target,
-        scale_edit,
-    )
-    from spd_mcp.analysis.edit_measure import MeasureSettings, measure_edit
+    from spd_mcp.editing.bake import export_baked, load_edited_target
+    from spd_mcp.editing.edit import ComponentScale, Edit, edited_logits, scale_edit
+    from spd_mcp.editing.measure import MeasureSettings, measure_edit
 
     empty = measure_edit(session, Edit(), MeasureSettings(control=False, behaviours=False))
     x = session.ids_tensor(session.encode(
@@ -130,7 +124,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from spd_mcp.analysis.session import RunSession
+    from spd_mcp.model.session import RunSession
 
     t0 = time.time()
     s = RunSession.load("tales")

@@ -38,8 +38,8 @@ def _rss_child(tokens: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from spd_mcp.analysis.session import RunSession
     from spd_mcp.harvest import HarvestConfig, harvest
+    from spd_mcp.model.session import RunSession
 
     session = RunSession.load("tales")
     with tempfile.TemporaryDirectory() as home:
@@ -54,11 +54,11 @@ def _rss_child(tokens: int, threads: int) -> None:
 def _throughput(tokens: int, repeats: int) -> dict:
     import torch
 
-    from spd_mcp.analysis.session import RunSession
     from spd_mcp.harvest import HarvestConfig, harvest
     from spd_mcp.harvest.accumulate import Accumulator, encode_doc, make_batch
     from spd_mcp.harvest.config import make_plan
     from spd_mcp.harvest.runner import resolve_config
+    from spd_mcp.model.session import RunSession
 
     session = RunSession.load("tales")
     cm = session.cm

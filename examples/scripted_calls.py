@@ -1,4 +1,5 @@
 """Scripted tool calls against the spd-mcp server over stdio (the same protocol agents use).
+Self-checking: it asserts what it prints and exits non-zero when a claim fails.
 
     python examples/scripted_calls.py [--run tales]
 
@@ -26,18 +27,36 @@ async def main(run: str) -> None:
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         info = await session.call_tool("get_model_info", {})
-        print("layers:", [x["name"] for x in info.structured_content["layers"]])
+        layers = [x["name"] for x in info.structured_content["layers"]]
+        print("layers:", layers)
+        assert not info.is_error and layers, info
+
         graph = await session.call_tool(
             "optimize_graph", {"text": PROMPT, "label_token": "he"}
         )
+        assert not graph.is_error, graph.content
         g = graph.structured_content
-        print("label prob:", json.dumps(g["metrics"]["label_prob"]))
+        probs = g["metrics"]["label_prob"]
+        print("label prob:", json.dumps(probs))
+        assert probs["target"] > 0.5 and probs["ci"] > 0.5, probs
         circuit = [n["key"] for n in g["circuit"]]
-        print(f"circuit: {len(circuit)} of {g['metrics']['n_alive_start']} alive nodes:", circuit)
+        alive = g["metrics"]["n_alive_start"]
+        print(f"circuit: {len(circuit)} of {alive} alive nodes:", circuit)
+        assert 0 < len(circuit) < alive, (len(circuit), alive)
+
         res = await session.call_tool("run_intervention", {
             "text": PROMPT, "nodes": circuit, "loss": "label", "label_token": "he",
         })
-        print("intervention:", json.dumps(res.structured_content["label_prob"]))
+        assert not res.is_error, res.content
+        lp = res.structured_content["label_prob"]
+        print("intervention:", json.dumps(lp))
+        # only the circuit on keeps P(he); the full model without the circuit loses it
+        assert lp["ci"] > 0.5 and lp["ablated"] < lp["target"], lp
+
+        bad = await session.call_tool("run_intervention", {"text": PROMPT, "nodes": ["nope"]})
+        print("a bad key:", bad.content[0].text)
+        assert bad.is_error and "node key 'nope'" in bad.content[0].text
+    print("ok")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,17 @@ from typing import Any
 
 from spd_mcp.analysis import components as comp
 from spd_mcp.analysis.dataset import DatasetIndex, DatasetSearchResult
-from spd_mcp.analysis.edit import ComponentScale, Edit, applied, export_baked, scale_edit
-from spd_mcp.analysis.edit_measure import EditMeasurement, MeasureSettings, Probe, measure_edit
-from spd_mcp.analysis.edit_train import EditTarget, TrainReport, TrainSettings, train_edit
 from spd_mcp.analysis.graph import AttributionGraph, compute_graph
 from spd_mcp.analysis.intervene import REGIMES, InterventionResult, Regime, run_intervention
 from spd_mcp.analysis.optimize import OptimizedCI, OptimizeSettings, optimize_ci
-from spd_mcp.analysis.session import RunSession
+from spd_mcp.editing.bake import export_baked
+from spd_mcp.editing.edit import ComponentScale, Edit, applied, edited_forward, scale_edit
+from spd_mcp.editing.measure import EditMeasurement, MeasureSettings, Probe, measure_edit
+from spd_mcp.editing.train import EditTarget, TrainReport, TrainSettings, train_edit
 from spd_mcp.keys import NodeKey, node_key
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import Generation, generate
+from spd_mcp.service.state import DATASET_DOCS
 
 
 @dataclass
@@ -68,8 +71,9 @@ class Run:
     def vectors(self, component: str, **kw: Any) -> comp.ComponentVectors:
         return comp.component_vectors(self.session, self.session.keys.component(component), **kw)
 
-    def generate(self, text: str, *, edit: Edit | None = None, **kw: Any) -> comp.Generation:
-        return comp.generate(self.session, self.session.encode(text), edit=edit, **kw)
+    def generate(self, text: str, *, edit: Edit | None = None, **kw: Any) -> Generation:
+        return generate(self.session, self.session.encode(text),
+                        forward=edited_forward(self.session, edit), **kw)
 
     # ------------------------------------------------------------------------------- editing
     def edit(self, scales: Mapping[str, float], *, ci_threshold: float | None = None) -> Edit:
@@ -105,7 +109,7 @@ class Run:
 
     def search(self, query: str, **kw: Any) -> DatasetSearchResult:
         if self._index is None:
-            self._index = DatasetIndex.build(self.session, 2000)
+            self._index = DatasetIndex.build(self.session, DATASET_DOCS)
         return self._index.search(self.session, query, **kw)
 
     def graph(self, text: str, *, ci_threshold: float = 0.0, label: str | None = None,

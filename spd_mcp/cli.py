@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_investigate_parser(sub)
     add_slurm_to_parsers(sub)
-    from spd_mcp.edit_cli import add_edit_parser  # light: no torch import
+    from spd_mcp.editing.cli import add_edit_parser  # light: no torch import
 
     add_edit_parser(sub)
     from spd_mcp.demo import add_demo_parser  # light: no torch / mcp import
@@ -139,7 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return view_command(args)
     if args.command == "edit":
-        from spd_mcp.edit_cli import edit_command
+        from spd_mcp.editing.cli import edit_command
 
         return edit_command(args)
     if args.command == "investigate":
@@ -157,7 +157,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "runs":
         return _runs()
     if args.command == "zoo" and args.zoo_command == "ship":
-        from spd_mcp.model.run_io import ship_run, shipped_runs_dir
+        from spd_mcp.model.run_io import ship_run
+        from spd_mcp.paths import shipped_runs_dir
 
         print(ship_run(Path(args.run), shipped_runs_dir() / args.name))
         return 0
@@ -211,10 +212,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
     import torch
 
-    from spd_mcp.analysis.session import RunSession
     from spd_mcp.attributions import compute_attributions
     from spd_mcp.harvest import harvest
     from spd_mcp.harvest.cli import token_progress
+    from spd_mcp.model.session import RunSession
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,7 +276,7 @@ def _runs() -> int:
 
 
 def _default_out(name: str) -> Path:
-    from spd_mcp.model.run_io import runs_dir
+    from spd_mcp.paths import runs_dir
 
     return runs_dir() / name
 
@@ -372,10 +373,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     run = load_run(args.run, device=resolve_device(args.device))
     entry = run.target.entry
-    custom = getattr(entry, "evaluate_run", None)
-    if custom is not None:
-        result = custom(run)
-    else:
+    result = entry.evaluate_run(run) if entry is not None else None
+    if result is None:
         from spd_mcp.model.evaluate import evaluate_run
 
         result = evaluate_run(run)

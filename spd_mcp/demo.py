@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spd_mcp.errors import OperationError
+from spd_mcp.keys import ComponentKey, NodeKey
+
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep that light
     from mcp import ClientSession
     from rich.console import Console
@@ -28,7 +31,7 @@ REGIMES = ("ci", "stochastic", "adversarial", "ablated")
 N_TOP = 3
 
 
-class DemoError(RuntimeError):
+class DemoError(OperationError):
     """A tool call failed."""
 
 
@@ -78,8 +81,7 @@ def _fmt_probs(probs: dict[str, float]) -> str:
 
 
 def _component(node: str) -> str:
-    layer, _pos, c = node.rsplit(":", 2)
-    return f"{layer}:{c}"
+    return str(NodeKey.parse(node).component)
 
 
 def _pick_probe() -> tuple[str, str]:
@@ -90,14 +92,18 @@ def _pick_probe() -> tuple[str, str]:
 
 
 def _node(component: str, pos: int) -> str:
-    layer, c = component.rsplit(":", 1)
-    return f"{layer}:{pos}:{c}"
+    key = ComponentKey.parse(component)
+    return str(NodeKey(key.layer, pos, key.c))
+
+
+def _pos(node: str) -> int:
+    return NodeKey.parse(node).pos
 
 
 async def _natural_ci(inv: Investigator, text: str, nodes: list[str]
                       ) -> dict[str, tuple[float, float]]:
     """Natural (CI, |activation|) of every alive node at the positions of ``nodes``."""
-    positions = sorted({int(n.rsplit(":", 2)[1]) for n in nodes})
+    positions = sorted({_pos(n) for n in nodes})
     ci = await inv.call("get_ci", {"text": text, "positions": positions, "top_per_position": 100})
     return {_node(t["key"], row["pos"]): (float(t["ci"]), abs(float(t["act"])))
             for row in ci["positions"] for t in row["top"]}
@@ -107,11 +113,11 @@ def _random_control(circuit: list[str], alive: list[str], Cs: dict[str, int],
                     rng: random.Random) -> list[str]:
     """Random alive nodes at the circuit's positions, as many per position as the circuit."""
     out: list[str] = []
-    for pos, want in sorted(Counter(int(n.rsplit(":", 2)[1]) for n in circuit).items()):
-        pool = sorted(n for n in alive if int(n.rsplit(":", 2)[1]) == pos and n not in circuit)
+    for pos, want in sorted(Counter(_pos(n) for n in circuit).items()):
+        pool = sorted(n for n in alive if _pos(n) == pos and n not in circuit)
         while len(pool) < want:  # too few alive: random component indices at this position
             layer = rng.choice(sorted(Cs))
-            pool.append(f"{layer}:{pos}:{rng.randrange(Cs[layer])}")
+            pool.append(str(NodeKey(layer, pos, rng.randrange(Cs[layer]))))
         out += rng.sample(pool, want)
     return out
 

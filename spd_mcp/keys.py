@@ -14,12 +14,40 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from spd_mcp.errors import InputError
+
 EMBED = "embed"
 OUTPUT = "output"
+SPECIAL_LAYERS = (EMBED, OUTPUT)
 
 
-class BadKeyError(ValueError):
-    """A malformed or out-of-range key (a ValueError so callers can treat it as bad input)."""
+class BadKeyError(InputError):
+    """A malformed or out-of-range key (an InputError: callers treat it as bad input)."""
+
+
+BLOCK_KINDS = ("attn", "mlp", "glu")
+
+
+@dataclass(frozen=True, order=True)
+class BlockLayer:
+    """A canonical transformer layer name ``{block}.{kind}.{matrix}`` (``1.attn.o``)."""
+
+    block: int
+    kind: str
+    """``attn``, ``mlp`` or ``glu`` (gated MLP)."""
+    matrix: str
+    """``q`` / ``k`` / ``v`` / ``o`` for attention, ``up`` / ``down`` / ``gate`` for MLPs."""
+
+    def __str__(self) -> str:
+        return f"{self.block}.{self.kind}.{self.matrix}"
+
+    @classmethod
+    def parse(cls, name: str) -> BlockLayer | None:
+        """The parts of a canonical block-layer name; None for other names (``embed``, toys)."""
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in BLOCK_KINDS:
+            return None
+        return cls(int(parts[0]), parts[1], parts[2])
 
 
 @dataclass(frozen=True, order=True)
@@ -29,6 +57,14 @@ class ComponentKey:
 
     def __str__(self) -> str:
         return f"{self.layer}:{self.c}"
+
+    @classmethod
+    def parse(cls, key: str) -> ComponentKey:
+        """Split ``"{layer}:{c}"`` without checking it against a run (stored, trusted keys)."""
+        layer, sep, c = str(key).rpartition(":")
+        if not sep or not layer:
+            raise BadKeyError(f"component key {key!r} must look like 'LAYER:C'")
+        return cls(layer, _int(c, "component index", key))
 
 
 @dataclass(frozen=True, order=True)
@@ -44,6 +80,41 @@ class NodeKey:
     @property
     def component(self) -> ComponentKey:
         return ComponentKey(self.layer, self.index)
+
+    @classmethod
+    def parse(cls, key: str) -> NodeKey:
+        """Split ``"{layer}:{pos}:{index}"`` without checking it against a run (trusted keys)."""
+        parts = str(key).rsplit(":", 2)
+        if len(parts) != 3 or not parts[0]:
+            raise BadKeyError(f"node key {key!r} must look like 'LAYER:POS:C'")
+        return cls(parts[0], _int(parts[1], "position", key), _int(parts[2], "index", key))
+
+
+def is_special_layer(layer: str) -> bool:
+    """``embed`` and ``output``: graph nodes that are not components."""
+    return layer in SPECIAL_LAYERS
+
+
+def layer_of(key: str) -> str:
+    """The layer of a component key ``"{layer}:{c}"``."""
+    return ComponentKey.parse(key).layer
+
+
+def token_key(side: str, token: int | str) -> str:
+    """``embed:{token}`` (an input token) or ``output:{token}`` (a predicted token)."""
+    return f"{side}:{token}"
+
+
+def split_last(key: str) -> tuple[str, str] | None:
+    """``(layer, rest)`` of ``"LAYER:REST"`` split at the last colon; None without a colon."""
+    layer, sep, rest = key.rpartition(":")
+    return (layer, rest) if sep else None
+
+
+def split_first(key: str) -> tuple[str, str] | None:
+    """``(prefix, rest)`` of ``"PREFIX:REST"`` split at the first colon; None without a colon."""
+    prefix, sep, rest = key.partition(":")
+    return (prefix, rest) if sep else None
 
 
 def component_key(layer: str, c: int) -> str:

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from spd_mcp.analysis.graph import compute_graph
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.attributions import (
     AttributionConfig,
     AttributionError,
@@ -28,6 +27,7 @@ from spd_mcp.cli import main
 from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.config import ModulePattern
 from spd_mcp.model.run_io import RunError
+from spd_mcp.model.session import RunSession
 from spd_mcp.model.topology import Topology
 from spd_mcp.model.zoo.transformer import Transformer, TransformerConfig
 
@@ -256,6 +256,6 @@ def test_bad_keys_and_runs_are_clear_errors(session, capsys) -> None:
 
 
 def test_a_run_without_text_is_refused(session, monkeypatch) -> None:
-    monkeypatch.delattr(type(session.run.target.entry), "dataset_text")
+    monkeypatch.setattr(session, "text", None)  # a run whose target offers no text
     with pytest.raises(AttributionError, match="no text dataset"):
         compute_attributions(session, AttributionConfig(n_tokens=10))

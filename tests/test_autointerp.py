@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.harvest import HarvestConfig, component_examples, harvest, load_harvest
 from spd_mcp.interp.autointerp import (
     N_EXAMPLES,
@@ -28,6 +27,7 @@ from spd_mcp.interp.autointerp import (
 )
 from spd_mcp.interp.client import LLMSettings
 from spd_mcp.interp.store import LabelRow, LabelStore, ScoreRow
+from spd_mcp.model.session import RunSession
 from tests.realclients.fake_messages_api import FakeMessagesAPI, text_block, user_text
 
 COMPONENT = re.compile(r"Component (\S+) \(layer")

@@ -8,27 +8,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_mcp.analysis.edit import (
+from spd_mcp.editing.bake import (
+    baked_target_state,
+    export_baked,
+    load_edited_target,
+    weight_changes,
+)
+from spd_mcp.editing.edit import (
     ComponentScale,
     Edit,
     applied,
-    baked_target_state,
     edited_logits,
-    export_baked,
-    load_edited_target,
     scale_edit,
-    weight_changes,
 )
-from spd_mcp.analysis.edit_measure import MeasureSettings, measure_edit
-from spd_mcp.analysis.edit_train import (
+from spd_mcp.editing.measure import MeasureSettings, measure_edit
+from spd_mcp.editing.train import (
     EditTarget,
     TrainSettings,
     build_trainable,
     rank_for_change,
     train_edit,
 )
-from spd_mcp.analysis.session import AnalysisError, RunSession
 from spd_mcp.keys import BadKeyError
+from spd_mcp.model.session import AnalysisError, RunSession
 
 TEXT = ("once upon a time , a kind girl named mia lived in a cottage . mia found a ball . "
         "the ball was red . mia walked to the park , and there")
@@ -176,7 +178,7 @@ def test_rank_for_change_finds_colour_writers(session: RunSession) -> None:
     assert len(ranked) == 4 and ranked[0][1] >= ranked[-1][1] > 0
     # removing the top-ranked components lowers P(red) on these prompts
     edit = scale_edit(session, [ComponentScale(component=k, scale=0.0) for k, _ in ranked])
-    from spd_mcp.analysis.edit_text import prompt_batch
+    from spd_mcp.model.text import prompt_batch
 
     b = prompt_batch(session, prompts)
     r = torch.arange(len(prompts))

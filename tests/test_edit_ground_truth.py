@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spd_mcp.analysis.edit import ComponentScale, applied, scale_edit
-from spd_mcp.analysis.edit_measure import MeasureSettings, Probe, measure_edit
-from spd_mcp.analysis.edit_text import prompt_batch
-from spd_mcp.analysis.edit_train import EditTarget, TrainSettings, rank_for_change, train_edit
-from spd_mcp.analysis.knowledge import search_by_effect
-from spd_mcp.analysis.session import RunSession
+from spd_mcp.editing.edit import ComponentScale, applied, scale_edit
+from spd_mcp.editing.measure import MeasureSettings, Probe, measure_edit
+from spd_mcp.editing.train import EditTarget, TrainSettings, rank_for_change, train_edit
+from spd_mcp.harvest.query import search_by_effect
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import prompt_batch
 from spd_mcp.model.zoo.tales.corpus import (
     BEHAVIOURS,
     OBJECT_COLOUR,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from mcp import Client
 
-from spd_mcp.analysis.edit import load_edited_target
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.cli import main
+from spd_mcp.editing.bake import load_edited_target
+from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server
 
 PROMPT = ("once upon a time , a clever girl named laura lived in a house . everyone in the zoo "

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from spd_mcp.executor import Busy, ComputeExecutor
+from spd_mcp.service.executor import Busy, ComputeExecutor
 
 
 def test_fifo_and_no_overlap() -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.attributions import AttributionConfig, compute_attributions, load_attributions
 from spd_mcp.attributions.query import top_sources, top_targets
 from spd_mcp.harvest import HarvestConfig, harvest, load_harvest
@@ -24,6 +23,7 @@ from spd_mcp.interp.graph_interp import (
     graph_interp,
 )
 from spd_mcp.interp.store import LabelStore
+from spd_mcp.model.session import RunSession
 from tests.realclients.fake_messages_api import FakeMessagesAPI, text_block, user_text
 
 LABEL_RE = re.compile(r'"(OUT|IN|UNI) (\S+)"')

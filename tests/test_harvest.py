@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.cli import main
 from spd_mcp.harvest import (
     HarvestConfig,
@@ -30,6 +29,7 @@ from spd_mcp.harvest import accumulate as acc_mod
 from spd_mcp.harvest.reservoir import Examples, Reservoir, keep_smallest, key_bits, priority_keys
 from spd_mcp.harvest.runner import resolve_config
 from spd_mcp.harvest.store import CHECKPOINT, Harvest, read_result, shards_dir, stage_dir
+from spd_mcp.model.session import RunSession
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.cli import main as cli_main
 from spd_mcp.investigation import TaskDir, create_task, list_tasks
 from spd_mcp.investigation.artifacts import to_circuit_tracer
 from spd_mcp.investigation.methodology import methodology_text
+from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server
 from tests.realclients.clients import http_server, sdk_http_client
 

@@ -11,8 +11,8 @@ import pytest
 from mcp import Client
 
 from spd_mcp.analysis.intervene import run_intervention
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.keys import NodeKey
+from spd_mcp.model.session import RunSession
 from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
 from spd_mcp.server import build_server
 

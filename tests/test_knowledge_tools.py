@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.harvest import HarvestConfig, harvest
+from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server
 
 

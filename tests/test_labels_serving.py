@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.harvest import HarvestConfig, harvest
 from spd_mcp.interp.store import LabelRow, LabelStore, labels_path
+from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server
 from tests.realclients.fake_messages_api import FakeMessagesAPI, text_block, user_text
 

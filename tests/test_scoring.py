@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.harvest import HarvestConfig, component_examples, harvest, load_harvest
 from spd_mcp.harvest.examples import ActivationExample
 from spd_mcp.interp.client import LLMSettings
@@ -27,6 +26,7 @@ from spd_mcp.interp.scoring import (
     score_labels,
 )
 from spd_mcp.interp.store import LabelRow, LabelStore
+from spd_mcp.model.session import RunSession
 from tests.realclients.fake_messages_api import FakeMessagesAPI, text_block, user_text
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from spd_mcp.analysis.session import RunSession
+from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server
 
 TOOLS = {

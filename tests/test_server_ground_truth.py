@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mcp import Client
 
-from spd_mcp.analysis.session import RunSession
+from spd_mcp.model.session import RunSession
 from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
 from spd_mcp.server import build_server
 

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from mcp import Client
 
-from spd_mcp.analysis.session import RunSession
+from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server, check_bind, http_server
-from spd_mcp.tools.common import AppState
+from spd_mcp.service.state import AppState
 
 PROMPT = "mia found a ball in the park . the ball was"
 

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-from spd_mcp.model.run_io import load_run, shipped_runs_dir
+from spd_mcp.model.run_io import load_run
 from spd_mcp.model.topology import Topology
 from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
+from spd_mcp.paths import shipped_runs_dir
 
 SHIPPED = shipped_runs_dir() / "tales"
 

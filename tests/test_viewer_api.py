@@ -15,8 +15,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from spd_mcp.analysis.graph_view import view_graph
-from spd_mcp.analysis.session import RunSession
 from spd_mcp.investigation.taskdir import create_task
+from spd_mcp.model.session import RunSession
 from spd_mcp.viewer.app import STATIC, create_app
 from spd_mcp.viewer.markdown import artifact_refs, link_allowed, render_markdown
 from tests.viewer_browser import stored_graph

@@ -43,7 +43,7 @@ def _module_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def session() -> Any:
-    from spd_mcp.analysis.session import RunSession
+    from spd_mcp.model.session import RunSession
 
     return RunSession.load("tales")
 

@@ -96,11 +96,11 @@ def stored_graph(session: Any, gid: int) -> Any:
     from concurrent.futures import ThreadPoolExecutor
 
     from spd_mcp.analysis.graph_view import graph_from_bytes
-    from spd_mcp.server import app_db_path
-    from spd_mcp.store import AppStore
+    from spd_mcp.paths import app_db_path
+    from spd_mcp.service.store import AppStore
 
     async def blob() -> bytes:
-        store = await AppStore.open(app_db_path(session))
+        store = await AppStore.open(app_db_path(session.run_id))
         try:
             row = await store.get_result("graph", gid)
         finally:

@@ -1,5 +1,5 @@
-"""Per-prompt component views: active components, a component's probe, its vectors, search by
-examples, and generation from the target."""
+"""Per-prompt component views: active components, a component's probe, its vectors and search by
+examples. (Generation lives in :mod:`spd_mcp.model.text`.)"""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-from spd_mcp.keys import ComponentKey, component_key
-from spd_mcp.model.zoo.transformer import Transformer
-
-from .edit import Edit, edited_logits
-from .session import AnalysisError, RunSession
+from spd_mcp.errors import AnalysisError
+from spd_mcp.keys import BlockLayer, ComponentKey, component_key
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import dataset_texts, encode_document
 
 
 class ActiveComponent(BaseModel):
@@ -132,26 +131,28 @@ def component_vectors(
     session: RunSession, key: ComponentKey, *, top_k: int = 10, include_vectors: bool = False
 ) -> ComponentVectors:
     V, U = session.component_vectors(key)
-    model = session.run.target.model
+    model, topo = session.run.target.model, session.topology
     out = ComponentVectors(
         key=str(key), d_in=V.shape[0], d_out=U.shape[0], read_norm=round(float(V.norm()), 5),
         write_norm=round(float(U.norm()), 5), reads_from="layer input", writes_to="layer output",
     )
-    if isinstance(model, Transformer) and session.tokenizer is not None:
-        matrix = key.layer.split(".")[-1]
-        d = model.config.d_model
-        if matrix in ("o", "down") and U.shape[0] == d:
+    role = BlockLayer.parse(key.layer)
+    d = topo.d_model
+    embed, unembed = topo.module_of("embed"), topo.module_of("output")
+    if role is not None and d is not None and session.is_language_model and embed and unembed:
+        if role.matrix in ("o", "down") and U.shape[0] == d and topo.final_norm is not None:
             out.writes_to = "residual stream"
             # Direct path to the logits: the final RMSNorm's gain, then the unembedding.
-            logits = model.unembed.weight @ (U * model.final_norm.weight)  # (vocab,)
+            gain = model.get_submodule(topo.final_norm).weight  # (d,)
+            logits = model.get_submodule(unembed).weight @ (U * gain)  # (vocab,)
             out.top_boosted = _token_scores(session, logits, top_k)
             out.top_suppressed = _token_scores(session, -logits, top_k, negate=True)
-        if matrix in ("q", "k", "v", "up") and V.shape[0] == d:
+        norm = topo.input_norm(key.layer)
+        if norm is not None and V.shape[0] == d:
             out.reads_from = "normalised residual stream"
-            block = model.blocks[int(key.layer.split(".")[0])]
-            norm = block.attn_norm if matrix != "up" else block.mlp_norm
-            assert norm is not None
-            emb = F.normalize(model.embed.weight, dim=-1) * d**0.5 * norm.weight  # (vocab, d)
+            gain = model.get_submodule(norm).weight  # (d,)
+            emb = model.get_submodule(embed).weight  # (vocab, d)
+            emb = F.normalize(emb, dim=-1) * d**0.5 * gain  # (vocab, d): RMSNorm of each token
             out.top_reading = _token_scores(session, emb @ V, top_k)
     if include_vectors:
         out.read_vector = [round(v, 5) for v in V.tolist()]
@@ -184,23 +185,21 @@ class ExamplesResult(BaseModel):
 @torch.no_grad()
 def background_ci(session: RunSession, n_docs: int = 32) -> dict[str, torch.Tensor]:
     """Mean natural CI per component over a dataset sample (cached on the session)."""
-    cached = getattr(session, "_background_ci", None)
+    cached = session.memo.get("background_ci")
     if cached is not None:
         return cached
-    entry = session.run.target.entry
-    texts = getattr(entry, "dataset_texts", None)
-    if texts is None:
+    if not session.is_language_model:
         raise AnalysisError(f"run {session.run.name!r} has no text dataset for a background")
     sums = {n: torch.zeros(C, device=session.device) for n, C in session.keys.Cs.items()}
     count = 0
-    for text in texts(n_docs):
-        ids = session.tokenizer.encode(text)[: session.max_len or None]
+    for text in dataset_texts(session, n_docs):
+        ids = encode_document(session, text)
         nat = session.natural_ci(ids)
         for n, g in nat.ci.items():
             sums[n] += g.sum(0)
         count += len(ids)
     out = {n: s / max(count, 1) for n, s in sums.items()}
-    session._background_ci = out  # type: ignore[attr-defined]
+    session.memo["background_ci"] = out
     return out
 
 
@@ -241,46 +240,3 @@ def find_by_examples(
             frac_firing=round(float(flat_frac[i]), 4),
             background_mean_ci=round(float(flat_bg[i]), 4), score=round(v, 4)))
     return ExamplesResult(n_examples=E, candidates=out)
-
-
-class Generation(BaseModel):
-    prompt_tokens: list[str]
-    generated: list[str]
-    text: str
-    token_probs: list[float] = Field(description="probability of each generated token")
-
-
-@torch.no_grad()
-def generate(
-    session: RunSession, ids: list[int], *, max_new_tokens: int = 20, temperature: float = 0.0,
-    seed: int = 0, edit: Edit | None = None,
-) -> Generation:
-    """Greedy (temperature 0) or sampled continuation from the target model (or the target with
-    ``edit`` applied)."""
-    target = session.run.target.model
-
-    def model(x: torch.Tensor) -> torch.Tensor:
-        return target(x) if edit is None else edited_logits(session, edit, x)
-
-    limit = session.max_len or (len(ids) + max_new_tokens)
-    out = list(ids)
-    probs: list[float] = []
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    eos = getattr(session.tokenizer, "eos_id", None)
-    for _ in range(max_new_tokens):
-        if len(out) >= limit:
-            break
-        logits = model(session.ids_tensor(out))[0, -1].float()  # (V,)
-        p = F.softmax(logits, -1)
-        if temperature <= 0:
-            nxt = int(p.argmax())
-        else:
-            q = F.softmax(logits / temperature, -1).cpu()
-            nxt = int(torch.multinomial(q, 1, generator=g))
-        probs.append(round(float(p[nxt]), 5))
-        out.append(nxt)
-        if nxt == eos:
-            break
-    new = out[len(ids):]
-    return Generation(prompt_tokens=session.tokens(ids), generated=session.tokens(new),
-                      text=session.tokenizer.decode(out), token_probs=probs)

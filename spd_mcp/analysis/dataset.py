@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .session import AnalysisError, RunSession
+from spd_mcp.errors import AnalysisError
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import dataset_texts
 
 
 class DatasetMatch(BaseModel):
@@ -37,11 +39,9 @@ class DatasetIndex:
 
     @classmethod
     def build(cls, session: RunSession, n_docs: int) -> DatasetIndex:
-        entry = session.run.target.entry
-        texts_fn = getattr(entry, "dataset_texts", None)
-        if texts_fn is None:
+        if not session.is_language_model:
             raise AnalysisError(f"run {session.run.name!r} has no text dataset to search")
-        docs = [session.tokenizer.encode(t) for t in texts_fn(n_docs)]
+        docs = [session.tok.encode(t) for t in dataset_texts(session, n_docs)]
         lengths = np.array([len(d) for d in docs], dtype=np.int64)
         doc_start = np.concatenate([[0], np.cumsum(lengths)])
         ids = np.fromiter((i for d in docs for i in d), dtype=np.int64, count=int(lengths.sum()))

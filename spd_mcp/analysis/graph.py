@@ -32,7 +32,6 @@ Two implementations with the same signature and the same result:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from spd_mcp.keys import BlockLayer, node_key
 from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.topology import Topology
-from spd_mcp.model.zoo.transformer import Transformer
 
 Progress = Callable[[int, int], None]
 """progress(done, total) — target nodes processed so far."""
@@ -52,7 +51,6 @@ Progress = Callable[[int, int], None]
 Mode = Literal["local", "attn", "general"]
 _CHUNK = 64
 _IDX = torch.int32  # node indices while edges are generated (int64 in the result)
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.(\w+)$")
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -403,7 +401,8 @@ def _finish(
         prob[out.offset :] = fwd.logits.detach().softmax(-1)[out.pos, out.idx]
     keys, layers = [], []
     for g in groups:
-        keys += [f"{g.name}:{p}:{i}" for p, i in zip(g.pos.tolist(), g.idx.tolist(), strict=True)]
+        keys += [node_key(g.name, p, i)
+                 for p, i in zip(g.pos.tolist(), g.idx.tolist(), strict=True)]
         layers += [g.name] * g.n
     return AttributionGraph(
         tokens=fwd.tokens,
@@ -584,12 +583,23 @@ def _per_node(
         tick(rows)
 
 
-def _attn_call(fwd: _Forward, tgt: _Group) -> _SDPA | None:
+def _qkv_modules(topology: Topology, o_layer: str) -> list[str] | None:
+    """Module paths of the q, k, v matrices in the block of attention output ``o_layer``."""
+    role = BlockLayer.parse(o_layer)
+    if role is None:
+        return None
+    mods = [topology.module_of(str(BlockLayer(role.block, "attn", m))) for m in "qkv"]
+    return None if any(m is None for m in mods) else [m for m in mods if m is not None]
+
+
+def _attn_call(fwd: _Forward, tgt: _Group, topology: Topology) -> _SDPA | None:
     """The attention call feeding an ``o`` target, if its backward can be done per query row."""
     assert tgt.module is not None
     rec = fwd.recs[tgt.module]
-    block = tgt.module[: -len(".o")]
-    before = [fwd.recs[f"{block}.{m}"].n_sdpa for m in "qkv"]
+    qkv = _qkv_modules(topology, tgt.name)
+    if qkv is None or any(m not in fwd.recs for m in qkv):
+        return None
+    before = [fwd.recs[m].n_sdpa for m in qkv]
     if rec.n_sdpa != max(before) + 1:
         return None
     call = fwd.sdpa[rec.n_sdpa - 1]
@@ -632,6 +642,7 @@ def _attn(
     edges: _Edges,
     tick: Callable[[int], None],
     call: _SDPA,
+    topology: Topology,
 ) -> bool:
     """``o`` targets of a block with q/k/v decomposed. Per block: the gradient of each target at
     the recorded attention output (one target per position per row), and the q/k/v write
@@ -645,12 +656,11 @@ def _attn(
     H, dh = qd.shape[0], qd.shape[-1]
     scale = a.get("scale") or dh**-0.5
     causal = bool(a.get("is_causal"))
-    block = tgt.module[: -len(".o")]
     which = {s.module: i for i, s in enumerate(sources)}
-    try:
-        qkv = [which[f"{block}.{m}"] for m in "qkv"]
-    except KeyError:
+    mods = _qkv_modules(topology, tgt.name)
+    if mods is None or any(m not in which for m in mods):
         return False
+    qkv = [which[m] for m in mods]
     # gradient at the attention output per target node: (n, H, dh)
     rank = _rank_in_pos(tgt, T)
     gz = tgt.read.new_zeros(tgt.n, H, dh)
@@ -716,27 +726,32 @@ def _attn(
     return True
 
 
-def _modes(cm: ComponentModel, T: int) -> dict[str, Mode]:
+def _modes(cm: ComponentModel, topology: Topology, T: int) -> dict[str, Mode]:
     """Backward strategy per target module path (``"output"`` for the logits)."""
     targets = [*cm.layer_names, "output"]
     if T == 1:
         return dict.fromkeys(targets, "local")
-    if not isinstance(cm.target, Transformer):
+    n = topology.n_blocks
+    if n == 0:  # not a transformer: nothing known about how positions mix
         return dict.fromkeys(targets, "general")
-    n = cm.target.config.n_layers
-    sealed = [f"blocks.{b}.attn.o" in cm.Cs for b in range(n)]  # attention mixes only into o
-    qkv = [all(f"blocks.{b}.attn.{m}" in cm.Cs for m in "qkv") for b in range(n)]
+
+    def decomposed(b: int, kind: str, matrix: str) -> bool:
+        mod = topology.module_of(str(BlockLayer(b, kind, matrix)))
+        return mod is not None and mod in cm.Cs
+
+    sealed = [decomposed(b, "attn", "o") for b in range(n)]  # attention mixes only into o
+    qkv = [all(decomposed(b, "attn", m) for m in "qkv") for b in range(n)]
     modes: dict[str, Mode] = {}
     for name in targets:
-        m = _BLOCK.match(name)
-        if m is None:  # output logits (or an embedding, never a target)
+        role = BlockLayer.parse(topology.to_canonical(name)) if name != "output" else None
+        if role is None:  # output logits (or an embedding, never a target)
             modes[name] = "local" if all(sealed) else "general"
             continue
-        b, sub, mat = int(m[1]), m[2], m[3]
-        if sub == "attn" and mat == "o":
+        b = role.block
+        if role.kind == "attn" and role.matrix == "o":
             modes[name] = "attn" if qkv[b] else "general"
         else:
-            upto = b if sub == "attn" else b + 1
+            upto = b if role.kind == "attn" else b + 1
             modes[name] = "local" if all(sealed[:upto]) else "general"
     return modes
 
@@ -771,7 +786,7 @@ def compute_graph(
         cm, topology, ids, ci, ci_threshold, output_positions, top_k_outputs, cum_prob, label_token
     )
     T = fwd.T
-    modes = _modes(cm, T)
+    modes = _modes(cm, topology, T)
     edges = _Edges(edge_threshold, groups)
     total = sum(g.n for g in groups if g.is_target)
     done = 0
@@ -793,8 +808,9 @@ def compute_graph(
             elif mode == "general":
                 _per_node(tgt, sources, tables, T, edges, tick, cache)
             else:
-                call = _attn_call(fwd, tgt)
-                if call is None or not _attn(tgt, sources, tables, T, edges, tick, call):
+                call = _attn_call(fwd, tgt, topology)
+                if call is None or not _attn(tgt, sources, tables, T, edges, tick, call,
+                                             topology):
                     _per_node(tgt, sources, tables, T, edges, tick, cache)
         if tgt.out is not None:
             tables.append(_src_table(tgt, T))

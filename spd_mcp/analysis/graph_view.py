@@ -11,8 +11,11 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from spd_mcp.errors import AnalysisError
+from spd_mcp.keys import OUTPUT, is_special_layer
+from spd_mcp.model.session import RunSession
+
 from .graph import AttributionGraph
-from .session import AnalysisError, RunSession
 
 EdgeKind = Literal["signed", "abs"]
 _TENSORS = ("node_pos", "node_idx", "node_act", "node_ci", "output_prob", "edge_src", "edge_tgt",
@@ -79,7 +82,7 @@ def summarize_nodes(session: RunSession, g: AttributionGraph, idx: list[int]) ->
             act=round(float(g.node_act[i]), 5), ci=round(float(g.node_ci[i]), 4),
             prob=None if math.isnan(prob) else round(prob, 5),
         )
-        if layer == "output":
+        if layer == OUTPUT:
             node.output_token = session.token_str(int(g.node_idx[i]))
         out.append(node)
     return out
@@ -99,7 +102,7 @@ def view_graph(
     """Filter edges (node CI, neighbourhood of one node), order by |value|, page them."""
     vals = g.edge_val if edge_kind == "signed" else g.edge_val_abs
     keep_node = (g.node_ci > ci_threshold) | torch.tensor(
-        [lay in ("embed", "output") for lay in g.node_layer], dtype=torch.bool
+        [is_special_layer(lay) for lay in g.node_layer], dtype=torch.bool
     )
     keep = keep_node[g.edge_src] & keep_node[g.edge_tgt]
     if node is not None:
@@ -116,7 +119,7 @@ def view_graph(
     sel = sel[order]
     page = sel[offset : offset + top_k]
     src, tgt, v = g.edge_src[page].tolist(), g.edge_tgt[page].tolist(), vals[page].tolist()
-    outputs = [i for i, lay in enumerate(g.node_layer) if lay == "output"]
+    outputs = [i for i, lay in enumerate(g.node_layer) if lay == OUTPUT]
     touched = sorted(set(src) | set(tgt) | set(outputs))
     n_match = int(sel.numel())
     nxt = offset + top_k if offset + top_k < n_match else None

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor
 
+from spd_mcp.errors import AnalysisError
 from spd_mcp.keys import NodeKey
 from spd_mcp.model.losses import pgd_sources
-
-from .session import AnalysisError, RunSession
+from spd_mcp.model.session import RunSession
 
 Regime = Literal["ci", "stochastic", "adversarial", "ablated"]
 REGIMES: tuple[Regime, ...] = ("ci", "stochastic", "adversarial", "ablated")

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor
 
+from spd_mcp.errors import AnalysisError
 from spd_mcp.model.losses import pgd_sources
+from spd_mcp.model.session import RunSession
 from spd_mcp.model.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
-
-from .session import AnalysisError, RunSession
 
 OptLoss = Literal["ce", "kl", "logit"]
 MaskType = Literal["ci", "stochastic", "both"]

@@ -40,9 +40,9 @@ def attributions_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from spd_mcp.analysis.session import RunSession
     from spd_mcp.harvest.cli import token_progress
     from spd_mcp.model.decompose import resolve_device
+    from spd_mcp.model.session import RunSession
 
     from .config import config_hash
     from .runner import compute_attributions

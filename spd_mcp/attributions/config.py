@@ -7,11 +7,13 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from spd_mcp.errors import InputError
+
 ATTRIBUTIONS_FORMAT = 1
 DEFAULT_TOKENS = 30_000
 
 
-class AttributionError(ValueError):
+class AttributionError(InputError):
     """Attributions cannot be computed, found or queried; the message says why."""
 
 

@@ -24,6 +24,8 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from spd_mcp.keys import EMBED, OUTPUT, component_key, split_first, split_last, token_key
+
 from .config import AttributionError
 from .store import Attributions
 
@@ -52,8 +54,7 @@ def _token_id(attr: Attributions, text: str, tokenizer: Any, key: str) -> int:
                 f"{key!r}: {text!r} is not a token id; pass a tokenizer to use words"
             ) from None
         tid = int(tokenizer.token_to_id(text))
-        unk = getattr(tokenizer, "unk_id", None)
-        if unk is not None and tid == unk and text != "<unk>":
+        if tid == tokenizer.unk_id and text != "<unk>":
             raise AttributionError(f"{key!r}: {text!r} is not in the vocabulary") from None
     if not 0 <= tid < attr.vocab_size:
         raise AttributionError(f"{key!r}: token id {tid} out of range (vocab {attr.vocab_size})")
@@ -65,8 +66,8 @@ def resolve_key(attr: Attributions, key: str, role: Literal["source", "target"],
     """(kind, global component index or token id) of a key used as a source or a target."""
     if not isinstance(key, str) or not key:
         raise AttributionError(f"key {key!r} must be a non-empty string")
-    layer, sep, rest = key.rpartition(":")
-    if sep and layer in attr.layers:
+    layer, rest = split_last(key) or ("", key)
+    if layer in attr.layers:
         li = attr.layers.index(layer)
         C = attr.offsets[li + 1] - attr.offsets[li]
         try:
@@ -77,13 +78,13 @@ def resolve_key(attr: Attributions, key: str, role: Literal["source", "target"],
             raise AttributionError(
                 f"{key!r}: component index {c} out of range for {layer} (C={C}: 0..{C - 1})")
         return "component", attr.offsets[li] + c
-    prefix, sep, word = key.partition(":")
+    prefix, word = split_first(key) or ("", key)
     tok_kind: Kind = "input_token" if role == "source" else "output_token"
-    if sep and prefix in ("embed", "output"):
-        want = "embed" if role == "source" else "output"
+    if prefix in (EMBED, OUTPUT):
+        want = EMBED if role == "source" else OUTPUT
         if prefix != want:
             raise AttributionError(
-                f"{key!r}: {prefix} tokens are only {'sources' if prefix == 'embed' else 'targets'}"
+                f"{key!r}: {prefix} tokens are only {'sources' if prefix == EMBED else 'targets'}"
                 f"; as a {role} use '{want}:<token>'")
         return tok_kind, _token_id(attr, word, tokenizer, key)
     if tokenizer is not None:
@@ -96,14 +97,14 @@ def resolve_key(attr: Attributions, key: str, role: Literal["source", "target"],
 
 def _component_key(attr: Attributions, s: int) -> str:
     li = bisect.bisect_right(attr.offsets, s) - 1
-    return f"{attr.layers[li]}:{s - attr.offsets[li]}"
+    return component_key(attr.layers[li], s - attr.offsets[li])
 
 
 def _entry(attr: Attributions, kind: Kind, idx: int, value: float, raw: float,
            tokenizer: Any) -> AttributionEntry:
     if kind == "component":
         return AttributionEntry(kind=kind, key=_component_key(attr, idx), value=value, raw=raw)
-    key = f"{'embed' if kind == 'input_token' else 'output'}:{idx}"
+    key = token_key(EMBED if kind == "input_token" else OUTPUT, idx)
     tok = None if tokenizer is None else str(tokenizer.id_to_token(idx))
     return AttributionEntry(kind=kind, key=key, token=tok, value=value, raw=raw)
 

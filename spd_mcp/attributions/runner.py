@@ -17,8 +17,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
-from spd_mcp.analysis.session import RunSession
-from spd_mcp.model.run_io import code_version
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import encode_document
+from spd_mcp.paths import package_version
 
 from .compute import Accumulator, Batch
 from .config import ATTRIBUTIONS_FORMAT, AttributionConfig, AttributionError, config_hash
@@ -40,14 +41,12 @@ class AttributionOutcome(BaseModel):
 
 def encode_doc(session: RunSession, index: int) -> list[int]:
     """Document ``index`` of the run's dataset: token ids (BOS first), truncated to context."""
-    text_fn = getattr(session.run.target.entry, "dataset_text", None)
-    if text_fn is None or session.tokenizer is None:
+    if not session.is_language_model:
         raise AttributionError(
-            f"run {session.run.name!r} has no text dataset (entry.dataset_text); dataset "
+            f"run {session.run.name!r} has no text dataset (not a language model); dataset "
             "attributions need a language-model run such as 'tales'"
         )
-    ids = list(session.tokenizer.encode(text_fn(index)))
-    return ids[: session.max_len] if session.max_len is not None else ids
+    return encode_document(session, session.require_lm().dataset_text(index))
 
 
 def sample_docs(session: RunSession, n_tokens: int) -> list[list[int]]:
@@ -109,7 +108,7 @@ def compute_attributions(session: RunSession, config: AttributionConfig | None =
     manifest = AttributionManifest(
         format=ATTRIBUTIONS_FORMAT, run_id=run_id, config=config, config_hash=chash,
         n_tokens=sums.n_tokens, n_docs=sums.n_docs, created=_now(),
-        code_version=code_version(), seconds=round(seconds, 3), layers=sums.layers,
+        code_version=package_version(), seconds=round(seconds, 3), layers=sums.layers,
         offsets=sums.offsets, vocab_size=sums.vocab_size, tensors=tensor_shapes(sums),
     )
     if not write_stage(out, manifest, sums):

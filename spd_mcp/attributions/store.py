@@ -23,7 +23,9 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from spd_mcp.model.run_io import run_id_of, spd_home
+from spd_mcp.files import fsync_file, fsync_write
+from spd_mcp.model.run_io import run_id_of
+from spd_mcp.paths import run_data_dir
 
 from .compute import COUNT_TENSORS, SUM_TENSORS, AttributionSums
 from .config import AttributionConfig, AttributionError
@@ -100,7 +102,7 @@ class Attributions:
 
 # ---------------------------------------------------------------------------------- paths
 def attributions_root(run_id: str) -> Path:
-    return spd_home() / "runs" / run_id / "attributions"
+    return run_data_dir(run_id) / "attributions"
 
 
 def stage_dir(run_id: str, chash: str) -> Path:
@@ -112,11 +114,6 @@ def is_done(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------- writing
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def write_stage(out: Path, manifest: AttributionManifest, sums: AttributionSums) -> bool:
     """Write the stage atomically; False if a finished stage appeared there meanwhile."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,14 +122,9 @@ def write_stage(out: Path, manifest: AttributionManifest, sums: AttributionSums)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in sums.tensors.items()},
                   str(tmp / TENSORS))
-        _fsync(tmp / TENSORS)
-        with open(tmp / MANIFEST, "w") as f:
-            f.write(manifest.model_dump_json(indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / DONE, "w") as f:
-            f.flush()
-            os.fsync(f.fileno())
+        fsync_file(tmp / TENSORS)
+        fsync_write(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+        fsync_write(tmp / DONE, "")
         if out.exists():
             if is_done(out):
                 return False

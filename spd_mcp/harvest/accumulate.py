@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spd_mcp.analysis.session import RunSession
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import encode_document
 
 from .config import HarvestConfig, HarvestError
 from .reservoir import Examples, Reservoir, key_bits, priority_keys
@@ -20,15 +21,12 @@ from .stats import HarvestStats
 
 def encode_doc(session: RunSession, index: int) -> list[int]:
     """Document ``index`` of the run's dataset: token ids (BOS first), truncated to context."""
-    entry = session.run.target.entry
-    text_fn = getattr(entry, "dataset_text", None)
-    if text_fn is None or session.tokenizer is None:
+    if not session.is_language_model:
         raise HarvestError(
-            f"run {session.run.name!r} has no text dataset (entry.dataset_text); harvesting "
+            f"run {session.run.name!r} has no text dataset (not a language model); harvesting "
             "needs a language-model run such as 'tales'"
         )
-    ids = session.tokenizer.encode(text_fn(index))
-    return ids[: session.max_len] if session.max_len is not None else ids
+    return encode_document(session, session.require_lm().dataset_text(index))
 
 
 def pad_batch(session: RunSession, rows: list[list[int]], docs: list[int]

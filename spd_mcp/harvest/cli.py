@@ -71,8 +71,8 @@ def harvest_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from spd_mcp.analysis.session import RunSession
     from spd_mcp.model.decompose import resolve_device
+    from spd_mcp.model.session import RunSession
 
     from .runner import harvest, run_shard
 

@@ -23,10 +23,12 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from spd_mcp.errors import InputError
+
 HARVEST_FORMAT = 1
 
 
-class HarvestError(ValueError):
+class HarvestError(InputError):
     """A harvest cannot be run, found or merged; the message says why and what to do."""
 
 

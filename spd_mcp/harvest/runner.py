@@ -18,8 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from spd_mcp.analysis.session import RunSession
-from spd_mcp.model.run_io import code_version, read_meta, resolve_run
+from spd_mcp.errors import OperationError
+from spd_mcp.files import write_json_atomic
+from spd_mcp.model.run_io import LoadedRun, read_meta, resolve_run, run_id_of
+from spd_mcp.model.session import RunSession
+from spd_mcp.paths import package_version
 
 from .accumulate import Accumulator, encode_doc, pad_batch
 from .config import (
@@ -43,7 +46,6 @@ from .store import (
     save_tensors_atomic,
     shards_dir,
     stage_dir,
-    write_json_atomic,
     write_result,
 )
 
@@ -51,7 +53,7 @@ ProgressFn = Callable[[int, int], None]
 """``progress(tokens_done, tokens_total)`` after every batch (resumed tokens count as done)."""
 
 
-class HarvestInterrupted(RuntimeError):
+class HarvestInterrupted(OperationError):
     """Raised by the ``stop_after_batches`` test hook (simulates a kill)."""
 
 
@@ -68,11 +70,14 @@ class HarvestOutcome(BaseModel):
 def resolve_config(run: Any, config: HarvestConfig | None = None) -> tuple[str, HarvestConfig]:
     """(run id, config with the run's alive threshold filled in)."""
     config = config or HarvestConfig()
-    inner = getattr(run, "run", run)
-    meta = inner.meta if isinstance(getattr(inner, "meta", None), dict) else read_meta(
-        resolve_run(run))
+    if isinstance(run, RunSession):
+        meta = run.run.meta
+    elif isinstance(run, LoadedRun):
+        meta = run.meta
+    else:
+        meta = read_meta(resolve_run(run))
     alive = float(meta["config"].get("alive_threshold", 0.1))
-    return str(meta["run_id"]), config.resolved(alive)
+    return run_id_of(run), config.resolved(alive)
 
 
 def get_plan(session: RunSession, run_id: str, chash: str, config: HarvestConfig) -> HarvestPlan:
@@ -96,7 +101,7 @@ def _manifest(session: RunSession, run_id: str, chash: str, config: HarvestConfi
         offsets.append(offsets[-1] + session.keys.Cs[layer])
     return HarvestManifest(
         format=HARVEST_FORMAT, run_id=run_id, config=config, config_hash=chash,
-        n_tokens=n_tokens, n_docs=plan.n_docs, created=_now(), code_version=code_version(),
+        n_tokens=n_tokens, n_docs=plan.n_docs, created=_now(), code_version=package_version(),
         layers=layers, offsets=offsets, vocab_size=session.tokenizer.vocab_size,
         key_bits=key_bits(offsets[-1]),
         plan=ShardPlanInfo(n_shards=n_shards, n_batches=plan.n_batches,

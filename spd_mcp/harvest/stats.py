@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
-from spd_mcp.keys import KeySpace
+from spd_mcp.keys import KeySpace, component_key
 
 from .config import HarvestError
 
@@ -107,10 +107,10 @@ class HarvestStats:
 
     def key(self, index: int) -> str:
         layer = max(i for i, o in enumerate(self.offsets[:-1]) if o <= index)
-        return f"{self.layers[layer]}:{index - self.offsets[layer]}"
+        return component_key(self.layers[layer], index - self.offsets[layer])
 
     def keys(self) -> list[str]:
-        return [f"{layer}:{c}" for layer, C in zip(self.layers, self.Cs, strict=True)
+        return [component_key(layer, c) for layer, C in zip(self.layers, self.Cs, strict=True)
                 for c in range(C)]
 
     # ----------------------------------------------------------------------------- derived

@@ -15,7 +15,6 @@ a finished stage or shard is never rewritten.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -28,7 +27,9 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
-from spd_mcp.model.run_io import run_id_of, spd_home
+from spd_mcp.files import fsync_file, fsync_write, write_json_atomic
+from spd_mcp.model.run_io import run_id_of
+from spd_mcp.paths import run_data_dir
 
 from .config import HarvestConfig, HarvestError, HarvestPlan
 from .reservoir import Examples
@@ -85,7 +86,7 @@ class Harvest:
 
 # ---------------------------------------------------------------------------------- paths
 def harvest_root(run_id: str) -> Path:
-    return spd_home() / "runs" / run_id / "harvest"
+    return run_data_dir(run_id) / "harvest"
 
 
 def stage_dir(run_id: str, chash: str) -> Path:
@@ -110,20 +111,6 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # safetensors writes 0600; shared stages should be readable
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor],
                         metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -131,7 +118,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor],
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata)
         os.chmod(tmp, _FILE_MODE)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -152,9 +139,7 @@ def write_result(out: Path, manifest: HarvestManifest, stats: HarvestStats,
             os.replace(tmp / name, out / name)
         if before_done is not None:
             before_done()
-        with open(out / DONE, "w") as f:
-            f.flush()
-            os.fsync(f.fileno())
+        fsync_write(out / DONE, "")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

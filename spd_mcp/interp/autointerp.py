@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from spd_mcp.keys import ComponentKey
+
 from .client import CostLedger, LLMPool, LLMSettings
 from .store import LabelRow, LabelStore, config_hash
 
@@ -85,14 +87,14 @@ def build_prompts(session: Any, harvest: Any, key: str, *, n_examples: int = N_E
 
     stats = harvest.stats
     summ = component_summary(stats, key)
-    layer, _, index = summ.key.rpartition(":")
+    ck = ComponentKey.parse(summ.key)
     ins = top_tokens(stats, key, kind="input", by="pmi", k=N_TOKENS, min_count=2)
     outs = top_tokens(stats, key, kind="output", by="pmi", k=N_TOKENS, min_count=2)
     examples = component_examples(harvest, key, k=n_examples, order="ci")
     lines = [f"  {j + 1}. {mark_window(session.tokens(ex.token_ids), ex.offset)}"
              f"   (CI {ex.firing_ci:.2f})" for j, ex in enumerate(examples)]
     user = prompt_text("autointerp_user.md").format(
-        component=summ.key, layer=layer, index=index, density_pct=100 * summ.density,
+        component=summ.key, layer=ck.layer, index=ck.c, density_pct=100 * summ.density,
         mean_ci_fire=summ.mean_ci_when_firing, input_tokens=_token_lines(session, ins),
         output_tokens=_token_lines(session, outs), n_examples=len(examples),
         examples="\n".join(lines) or "  (none stored)")

@@ -13,10 +13,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .client import LLMSettings
 
-NO_KEY = ("no Anthropic API key: set ANTHROPIC_API_KEY (e.g. `export ANTHROPIC_API_KEY=sk-ant-...`)"
-          ", or point --base-url (or ANTHROPIC_BASE_URL) at a Messages-API-compatible endpoint")
-
-
 def add_label_parser(sub: argparse._SubParsersAction) -> None:
     lb = sub.add_parser(
         "label", help="label components with an LLM from harvest examples (autointerp)",
@@ -34,7 +30,7 @@ def add_label_parser(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> LLMSettings:
     """LLM settings from the shared labelling flags; usage errors raise ValueError."""
-    from .client import LLMSettings, api_key_configured
+    from .client import NO_KEY, LLMSettings, api_key_configured
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
@@ -53,8 +49,8 @@ def label_command(args: argparse.Namespace) -> int:
     """Run ``spd-mcp label``; usage errors raise ValueError with the reason."""
     settings = settings_from_args(args)
 
-    from spd_mcp.analysis.session import RunSession
     from spd_mcp.harvest import load_harvest
+    from spd_mcp.model.session import RunSession
 
     from .autointerp import label_components, select_components
     from .store import LabelStore

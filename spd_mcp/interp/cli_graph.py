@@ -42,7 +42,7 @@ def add_graph_interp_parsers(sub: argparse._SubParsersAction) -> None:
 def graph_interp_command(args: argparse.Namespace) -> int:
     """Run ``spd-mcp graph-interp``; usage errors raise ValueError with the reason."""
     settings = settings_from_args(args)
-    from spd_mcp.analysis.session import RunSession
+    from spd_mcp.model.session import RunSession
 
     from .cli import count_progress
     from .graph_interp import graph_interp
@@ -69,7 +69,7 @@ def graph_interp_command(args: argparse.Namespace) -> int:
 def score_labels_command(args: argparse.Namespace) -> int:
     """Run ``spd-mcp score-labels``; usage errors raise ValueError with the reason."""
     settings = settings_from_args(args)
-    from spd_mcp.analysis.session import RunSession
+    from spd_mcp.model.session import RunSession
 
     from .cli import count_progress
     from .scoring import ScoringConfig, score_labels

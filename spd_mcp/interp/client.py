@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from spd_mcp.errors import SpdMcpError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -25,6 +27,10 @@ R = TypeVar("R")
 
 MAX_BACKOFF_S = 60.0
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
+
+
+NO_KEY = ("no Anthropic API key: set ANTHROPIC_API_KEY (e.g. `export ANTHROPIC_API_KEY=sk-ant-...`)"
+          ", or point --base-url (or ANTHROPIC_BASE_URL) at a Messages-API-compatible endpoint")
 
 
 class LLMSettings(BaseModel):
@@ -155,7 +161,7 @@ async def map_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[R]], *,
     return [results[i] for i in range(len(results))]
 
 
-class _Transient(Exception):
+class _Transient(SpdMcpError):
     def __init__(self, msg: str, retry_after: float | None = None) -> None:
         super().__init__(msg)
         self.retry_after = retry_after
@@ -335,11 +341,11 @@ class LLMPool:
         return text, tin, tout
 
 
-class _BudgetExceeded(Exception):
+class _BudgetExceeded(SpdMcpError):
     pass
 
 
-class _RequestFailed(Exception):
+class _RequestFailed(SpdMcpError):
     def __init__(self, msg: str, attempts: int = 1) -> None:
         super().__init__(msg)
         self.attempts = attempts

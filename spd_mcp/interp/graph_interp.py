@@ -31,12 +31,15 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from spd_mcp.errors import InputError
+from spd_mcp.keys import layer_of, split_first
+
 from .client import CostLedger, LLMPool, LLMSettings, map_bounded
 
 if TYPE_CHECKING:
-    from spd_mcp.analysis.session import RunSession
     from spd_mcp.attributions.store import Attributions
     from spd_mcp.harvest.store import Harvest
+    from spd_mcp.model.session import RunSession
 
     from .store import LabelRow, LabelStore
 
@@ -48,7 +51,7 @@ PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 MAX_LABEL_WORDS = 8
 
 
-class GraphInterpError(ValueError):
+class GraphInterpError(InputError):
     """A graph-interp run cannot start (missing harvest / attributions, bad keys)."""
 
 
@@ -122,10 +125,6 @@ def mark_window(tokens: Sequence[str], marked: int) -> str:
     return " ".join(f"[[{t}]]" if i == marked else t for i, t in enumerate(tokens))
 
 
-def layer_of(key: str) -> str:
-    return key.rpartition(":")[0]
-
-
 @dataclass
 class _Evidence:
     """Harvest / attribution context of a run, with per-component prompt fragments."""
@@ -190,7 +189,7 @@ class _Evidence:
         if self.cfg.n_token_edges:
             for e in fn(self.attr, key, self.cfg.n_token_edges, signed=False,
                         normalize="fraction", include=[tok_kind]):  # type: ignore[list-item]
-                tid = int(e.key.partition(":")[2])
+                tid = int((split_first(e.key) or ("", e.key))[1])
                 toks.append((self.session.token_str(tid), e.value))
         return keep, toks
 

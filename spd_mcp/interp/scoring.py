@@ -38,13 +38,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from spd_mcp.keys import ComponentKey
+
 from .client import LLMPool, LLMSettings, map_bounded
 from .graph_interp import GraphInterpError, add_ledgers, mark_window, prompt_text
 
 if TYPE_CHECKING:
-    from spd_mcp.analysis.session import RunSession
     from spd_mcp.harvest.examples import ActivationExample
     from spd_mcp.harvest.store import Harvest
+    from spd_mcp.model.session import RunSession
 
     from .store import LabelRow, LabelStore
 
@@ -234,7 +236,7 @@ class _NegativeSampler:
         return self._examples[key]
 
     def windows(self, key: str, n: int) -> list[Window]:
-        layer, _, c = key.rpartition(":")
+        ck = ComponentKey.parse(key)
         others = [k for k in self.firing if k != key]
         rng = random.Random(f"{self.cfg.seed}:negatives:{key}")
         own = {(e.doc, e.pos) for e in self._exs(key)}
@@ -255,7 +257,7 @@ class _NegativeSampler:
             ids, ci = self._doc(ex.doc)
             if not (0 <= ex.pos < len(ids)) or ids[ex.pos] != ex.token_ids[ex.offset]:
                 continue  # the document does not reproduce the window: not verifiable
-            if float(ci[layer][ex.pos, int(c)]) <= self.cfg.neg_ci_max:
+            if float(ci[ck.layer][ex.pos, ck.c]) <= self.cfg.neg_ci_max:
                 out.append(Window(token_ids=ex.token_ids, marked=ex.offset, truth=False,
                                   source=f"{other} doc {ex.doc} pos {ex.pos}"))
         return out

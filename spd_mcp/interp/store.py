@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from spd_mcp.model.run_io import spd_home
+from spd_mcp.paths import run_data_dir
 
 from .client import CostLedger
 
@@ -83,7 +83,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def labels_path(run_id: str) -> Path:
-    return spd_home() / "runs" / run_id / "labels" / "labels.db"
+    return run_data_dir(run_id) / "labels" / "labels.db"
 
 
 class LabelStore:

@@ -26,6 +26,8 @@ import math
 import re
 from typing import Any
 
+from spd_mcp.keys import component_key
+
 from .taskdir import now_iso
 
 SCHEMA = "spd-mcp/graph-artifact"
@@ -77,7 +79,7 @@ def build_graph_artifact(
         if layer == "output":
             node["output_token"] = token_str(idx)
         elif layer != "embed":
-            label = labels.get(f"{layer}:{idx}")
+            label = labels.get(component_key(layer, idx))
             if label:
                 node["label"] = label
         nodes.append(node)
@@ -146,12 +148,12 @@ def to_circuit_tracer(art: dict[str, Any]) -> dict[str, Any]:
         else:
             b, feat = block(layer), _cantor(ordinal[layer], idx)
             nid = f"{b}_{feat}_{pos}"
-            clerp = f"{layer}:{idx}" + (f" {n['label']}" if n.get("label") else "")
+            clerp = component_key(layer, idx) + (f" {n['label']}" if n.get("label") else "")
             node = {"node_id": nid, "feature": feat, "layer": str(b), "ctx_idx": pos,
                     "feature_type": "cross layer transcoder", "jsNodeId": f"{b}_{feat}-0",
                     "clerp": clerp, "influence": None, "activation": n["act"],
                     "is_target_logit": False, "token_prob": 0.0,
-                    "spd_key": f"{layer}:{idx}", "ci": n["ci"]}
+                    "spd_key": component_key(layer, idx), "ci": n["ci"]}
         node["run_idx"], node["reverse_ctx_idx"] = 0, 0
         ids[n["key"]] = nid
         nodes.append(node)

@@ -20,11 +20,9 @@ def model_info_text(session: Any) -> str:
     """A short markdown description of a run: name, layers with C, planted behaviours."""
     lines = [f"Run **{session.run.name}**; decomposed layers (name: C):"]
     lines += [f"- `{c}`: C={session.cm.Cs[m]}" for m, c in session.to_canonical.items()]
-    entry = session.run.target.entry
-    if session.is_language_model and entry is not None and entry.name == "tales":
-        from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
-
+    behaviours = session.behaviours()
+    if behaviours:
         lines.append("\nPlanted behaviours (ground truth of the target model):")
         lines += [f"- **{b.name}**: {b.rule} (e.g. `{b.example_prompt}` → "
-                  f"`{b.example_expected}`)" for b in BEHAVIOURS.values()]
+                  f"`{b.example_expected}`)" for b in behaviours.values()]
     return "\n".join(lines)

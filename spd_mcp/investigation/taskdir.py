@@ -18,17 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from spd_mcp.files import write_json_atomic
+from spd_mcp.paths import investigations_root
+
 Status = Literal["in_progress", "completed", "inconclusive"]
 LOG_MARKER = "<!-- entry "
 
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def investigations_root() -> Path:
-    """``$SPD_MCP_HOME/investigations`` (``~/.spd-mcp/investigations`` by default)."""
-    return Path(os.environ.get("SPD_MCP_HOME", Path.home() / ".spd-mcp")) / "investigations"
 
 
 class Event(BaseModel):
@@ -96,18 +94,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    data = json.dumps(obj, ensure_ascii=False, indent=2).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 # -- task directories ------------------------------------------------------------------------------

@@ -120,9 +120,9 @@ def slurm_command(args: argparse.Namespace) -> int | None:
 
         if shutil.which("sbatch") is None:
             raise SlurmError("sbatch not found: is SLURM installed (scripts/slurm-local.sh up)?")
-        from spd_mcp.analysis.session import RunSession
         from spd_mcp.harvest import prepare
         from spd_mcp.harvest.cli import config_from_args
+        from spd_mcp.model.session import RunSession
 
         prepare(RunSession.load(target[0]), config_from_args(args))  # the plan, once
         array_job, merge_job = submit_harvest(target[0], shards, _harvest_flags(args),

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from spd_mcp.errors import OperationError, SpdMcpError
 from spd_mcp.launch import taskdir as tasks
 
 READY_RE = re.compile(rb"SPD-MCP READY (\S+)")
@@ -39,11 +40,11 @@ AGENT_ENV = {
 }
 
 
-class LaunchError(RuntimeError):
+class LaunchError(OperationError):
     """The launch could not proceed (no claude, server died before READY, ...)."""
 
 
-class Interrupted(Exception):
+class Interrupted(SpdMcpError):
     """SIGINT / SIGTERM arrived while the launcher was running."""
 
     def __init__(self, signum: int) -> None:
@@ -87,27 +88,12 @@ def find_claude(explicit: str | None = None) -> str:
     return found
 
 
-def server_supports_task_dir() -> bool:
-    """Whether ``spd-mcp serve`` accepts ``--task-dir`` (added by the investigation layer)."""
-    from spd_mcp.cli import _parser
-
-    parser = _parser()
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        serve = getattr(action, "choices", {}).get("serve")
-        if serve is not None:
-            return any("--task-dir" in a.option_strings for a in serve._actions)
-    return False
-
-
 def model_info(run: str) -> str:
     """A short description of the run for the methodology text (reads run.json; no torch)."""
-    from importlib import resources
-
-    from spd_mcp.launch.taskdir import spd_home
+    from spd_mcp.paths import runs_dir, shipped_runs_dir
 
     ref = Path(run)
-    shipped = Path(str(resources.files("spd_mcp") / "model" / "zoo" / "runs"))
-    for cand in (ref, spd_home() / "runs" / run, shipped / run):
+    for cand in (ref, runs_dir() / run, shipped_runs_dir() / run):
         with suppress(OSError, ValueError, TypeError):
             meta = json.loads((cand / "run.json").read_text())
             layers = meta.get("layers") or {}
@@ -206,11 +192,9 @@ class Investigation:
                                       launcher=facts)
         self.event("launcher_started", f"launcher pid {os.getpid()} on {facts['host']}", facts)
 
-    def start_server(self, with_task_dir: bool) -> None:
+    def start_server(self) -> None:
         argv = [sys.executable, "-m", "spd_mcp.cli", "serve", "--run", self.opts.run, "--http",
-                "--host", "127.0.0.1", "--port", "0"]
-        if with_task_dir:
-            argv += ["--task-dir", str(self.path)]
+                "--host", "127.0.0.1", "--port", "0", "--task-dir", str(self.path)]
         if self.opts.server_threads:
             argv += ["--threads", str(self.opts.server_threads)]
         # The token goes through the environment, not argv (argv is visible in `ps`).
@@ -331,7 +315,6 @@ def run_local(opts: LaunchOptions, *, echo: bool = True) -> int:
     """Run `opts.agents` independent investigations; 0 when every agent finished cleanly."""
     claude = find_claude(opts.claude)
     runs = [Investigation(opts, claude, index=i) for i in range(opts.agents)]
-    with_task_dir = server_supports_task_dir()
     interrupted: Interrupted | None = None
     with _signals_raise():
         try:
@@ -339,7 +322,7 @@ def run_local(opts: LaunchOptions, *, echo: bool = True) -> int:
                 inv.create()
                 if echo:
                     print(f"task {inv.task.id if inv.task else '?'}: {inv.path}", file=sys.stderr)
-                inv.start_server(with_task_dir)
+                inv.start_server()
             while any(inv.phase != "done" for inv in runs):
                 for inv in runs:
                     if inv.phase == "serving":

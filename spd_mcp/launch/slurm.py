@@ -18,11 +18,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from spd_mcp.errors import OperationError
 from spd_mcp.launch.local import LaunchOptions, launch_argv
-from spd_mcp.launch.taskdir import default_root, spd_home
+from spd_mcp.launch.taskdir import default_root
+from spd_mcp.paths import spd_home
 
 
-class SlurmError(RuntimeError):
+class SlurmError(OperationError):
     """sbatch is missing or refused a job."""
 
 

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from spd_mcp.files import write_json_atomic
+from spd_mcp.paths import investigations_root, package_version
+
 
 class TaskHandle(Protocol):
     """What the launcher uses of a task directory."""
@@ -26,13 +29,8 @@ class TaskHandle(Protocol):
     ) -> Any: ...
 
 
-def spd_home() -> Path:
-    """``$SPD_MCP_HOME`` (``~/.spd-mcp``), as ``spd_mcp.model.run_io`` has it, without torch."""
-    return Path(os.environ.get("SPD_MCP_HOME", Path.home() / ".spd-mcp"))
-
-
 def default_root() -> Path:
-    return spd_home() / "investigations"
+    return investigations_root()
 
 
 def create_task(run: str, question: str, *, root: Path | None = None, model: str | None = None,
@@ -59,15 +57,6 @@ def methodology(model_info: str) -> str:
     return methodology_text(model_info)
 
 
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("spd-mcp")
-    except PackageNotFoundError:
-        return "0"
-
-
 def launcher_facts(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Where and how the launcher ran: python, package version, host, pid, SLURM ids."""
     facts: dict[str, Any] = {
@@ -89,6 +78,4 @@ def update_task_json(path: Path, **launcher: Any) -> None:
     merged = dict(info.get("launcher") or {})
     merged.update(launcher)
     info["launcher"] = merged
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, file)
+    write_json_atomic(file, info)

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from spd_mcp.errors import InputError
 from spd_mcp.model.ci_functions import CIFunctions
 from spd_mcp.model.components import Components, components_for
 from spd_mcp.model.config import CIFnConfig, ModulePattern
 from spd_mcp.model.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 
 
-class PatternError(ValueError):
+class PatternError(InputError):
     """A module pattern matched nothing, or a module matched two patterns."""
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from spd_mcp.errors import InputError
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -157,7 +159,7 @@ class DecomposeConfig(Strict):
 _SINGLETON = {"faithfulness", "importance_minimality"}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file that cannot be read or validated; the message names the offending keys."""
 
 

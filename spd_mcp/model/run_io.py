@@ -15,11 +15,9 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spd_mcp.errors import InputError
+from spd_mcp.files import fsync_write, publish_dir
 from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.config import DecomposeConfig
 from spd_mcp.model.targets import ResolvedTarget, load_state_strict, resolve_target
+from spd_mcp.paths import package_version, runs_dir, shipped_runs_dir
 
 SCHEMA_VERSION = 1
 RUN_FILE, TARGET_FILE, COMPONENTS_FILE, METRICS_FILE, DONE_FILE, MANIFEST_FILE = (
@@ -42,29 +43,8 @@ RUN_FILE, TARGET_FILE, COMPONENTS_FILE, METRICS_FILE, DONE_FILE, MANIFEST_FILE =
 )
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run cannot be found, is incomplete, or does not match the code."""
-
-
-def spd_home() -> Path:
-    return Path(os.environ.get("SPD_MCP_HOME", Path.home() / ".spd-mcp"))
-
-
-def runs_dir() -> Path:
-    return spd_home() / "runs"
-
-
-def shipped_runs_dir() -> Path:
-    return Path(str(resources.files("spd_mcp") / "model" / "zoo" / "runs"))
-
-
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("spd-mcp")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -78,34 +58,6 @@ def component_state(cm: ComponentModel) -> dict[str, torch.Tensor]:
         **_tensors(cm.components, "components."),
         **_tensors(cm.ci_fns, "ci_fns."),
     }
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextmanager
-def publish_dir(dst: Path) -> Iterator[Path]:
-    """A temporary sibling directory to fill; when the block succeeds it replaces ``dst`` by
-    rename (an existing ``dst`` is swapped out, then deleted); when it fails it is removed."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():
-            trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, trash)
-            os.replace(tmp, dst)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_run(
@@ -125,7 +77,7 @@ def save_run(
     with publish_dir(out) as tmp:
         save_file(_tensors(cm.target), str(tmp / TARGET_FILE))
         save_file(component_state(cm), str(tmp / COMPONENTS_FILE))
-        _fsync_write(tmp / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
+        fsync_write(tmp / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
         if extras is not None:
             extras(tmp)
         meta = {
@@ -135,12 +87,12 @@ def save_run(
             "target": config.target.model_dump(mode="json"),
             "config": config.model_dump(mode="json"),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "code_version": code_version(),
+            "code_version": package_version(),
             "layers": {n: {"C": C, "kind": cm.component(n).kind} for n, C in cm.Cs.items()},
             "summary": summary,
         }
-        _fsync_write(tmp / RUN_FILE, json.dumps(meta, indent=2) + "\n")
-        _fsync_write(tmp / DONE_FILE, "")
+        fsync_write(tmp / RUN_FILE, json.dumps(meta, indent=2) + "\n")
+        fsync_write(tmp / DONE_FILE, "")
     return out
 
 
@@ -191,7 +143,7 @@ def ship_run(src: Path, dst: Path) -> Path:
         for name in files:
             shutil.copy2(src / name, tmp / name)
         manifest = {"sha256": {n: _sha256(tmp / n) for n in files if n != DONE_FILE}}
-        _fsync_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        fsync_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return dst
 
 
@@ -205,10 +157,12 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
 
 def run_id_of(run: Any) -> str:
     """Run id of a RunSession, a LoadedRun, or a run reference (name / path)."""
-    meta = getattr(getattr(run, "run", run), "meta", None)
-    if isinstance(meta, dict):
-        return str(meta["run_id"])
-    return str(read_meta(resolve_run(run))["run_id"])
+    if isinstance(run, LoadedRun):
+        return run.run_id
+    if isinstance(getattr(run, "run", None), LoadedRun):
+        return str(run.run.run_id)
+    meta = read_meta(resolve_run(run))
+    return str(meta.get("run_id", meta["name"]))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -235,6 +189,11 @@ class LoadedRun:
     @property
     def name(self) -> str:
         return str(self.meta["name"])
+
+    @property
+    def run_id(self) -> str:
+        """The run's id (derived data lives under ``$SPD_MCP_HOME/runs/<run_id>``)."""
+        return str(self.meta.get("run_id", self.name))
 
 
 def load_run(ref: str | Path, *, device: str = "cpu") -> LoadedRun:

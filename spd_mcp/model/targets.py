@@ -12,7 +12,10 @@ from typing import Any, Literal
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from spd_mcp.errors import InputError
 from spd_mcp.model.config import ImportTarget, ZooTarget
+from spd_mcp.model.text_target import TextTarget
+from spd_mcp.model.topology import Topology
 from spd_mcp.model.zoo import get_entry
 from spd_mcp.model.zoo.base import ZooEntry
 
@@ -20,7 +23,7 @@ Sampler = Callable[[int, str], Tensor]
 """sampler(batch_size, device) -> a batch of target inputs."""
 
 
-class TargetError(ValueError):
+class TargetError(InputError):
     """The target spec cannot be resolved (bad import path, missing weights, shape mismatch)."""
 
 
@@ -39,10 +42,16 @@ def import_object(path: str) -> Any:
 
 @dataclass
 class ResolvedTarget:
+    """A target model with what its adapter tells about it: data, structure, text."""
+
     model: nn.Module
     sampler: Sampler
     output_loss: Literal["mse", "kl"]
     entry: ZooEntry | None
+    topology: Topology | None = None
+    """Canonical names and structure (None: canonical name == module path, no structure)."""
+    text: TextTarget | None = None
+    """Tokenizer, text and planted behaviours of a language model (None for toys)."""
 
     def position_mask(self, x: Tensor) -> Tensor | None:
         """Which positions of a batch count in losses (None: all; language models skip pads)."""
@@ -100,7 +109,17 @@ def resolve_target(
             raise TargetError(f"target weights not found: {weights}")
         load_state_strict(model, load_file(str(weights)), source=str(weights))
     model.eval()
-    return ResolvedTarget(model, sampler, output_loss, entry)
+    text = entry.text_target() if entry is not None else None
+    return ResolvedTarget(model, sampler, output_loss, entry, infer_topology(model), text)
+
+
+def infer_topology(model: nn.Module) -> Topology | None:
+    """The structure of a model this code knows (the zoo transformer); None otherwise."""
+    from spd_mcp.model.zoo.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        return Topology.for_transformer(model.config)
+    return None
 
 
 def _call_data(

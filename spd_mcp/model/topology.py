@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from spd_mcp.keys import EMBED, OUTPUT, BlockLayer
+
 if TYPE_CHECKING:
     from spd_mcp.model.zoo.transformer import TransformerConfig
 
@@ -20,10 +22,24 @@ MLP_MATRICES: tuple[str, ...] = ("up", "down")
 
 @dataclass(frozen=True)
 class Topology:
-    """Ordered (canonical name, module path) pairs plus the decomposable subset."""
+    """Ordered (canonical name, module path) pairs plus the decomposable subset and, for
+    transformers, the structure analyses need (blocks, width, context, norms).
+
+    Analyses reach a model's structure only through this object, never through its class.
+    """
 
     layers: tuple[tuple[str, str], ...]
     decomposable_names: tuple[str, ...]
+    n_blocks: int = 0
+    """Transformer blocks (0: not a transformer; positions never mix)."""
+    d_model: int | None = None
+    """Residual-stream width (transformers)."""
+    max_len: int | None = None
+    """Context length in tokens (language models)."""
+    final_norm: str | None = None
+    """Module path of the RMSNorm before the unembedding (its ``weight`` is the gain)."""
+    input_norms: tuple[tuple[str, str], ...] = ()
+    """(canonical layer, module path of the RMSNorm whose output the layer reads)."""
 
     def __post_init__(self) -> None:
         canonical = [c for c, _ in self.layers]
@@ -37,18 +53,23 @@ class Topology:
     @classmethod
     def for_transformer(cls, config: TransformerConfig) -> Topology:
         """Topology of :class:`spd_mcp.model.zoo.transformer.Transformer` with ``config``."""
-        layers: list[tuple[str, str]] = [("embed", "embed")]
+        layers: list[tuple[str, str]] = [(EMBED, "embed")]
         decomposable: list[str] = []
+        norms: list[tuple[str, str]] = []
         for b in range(config.n_layers):
             parts = [("attn", m) for m in ATTN_MATRICES]
             if config.mlp:
                 parts += [("mlp", m) for m in MLP_MATRICES]
             for sub, matrix in parts:
-                name = f"{b}.{sub}.{matrix}"
+                name = str(BlockLayer(b, sub, matrix))
                 layers.append((name, f"blocks.{b}.{sub}.{matrix}"))
                 decomposable.append(name)
-        layers.append(("output", "unembed"))
-        return cls(tuple(layers), tuple(decomposable))
+                if matrix in ("q", "k", "v", "up"):
+                    norms.append((name, f"blocks.{b}.{sub}_norm"))
+        layers.append((OUTPUT, "unembed"))
+        return cls(tuple(layers), tuple(decomposable), n_blocks=config.n_layers,
+                   d_model=config.d_model, max_len=config.max_len, final_norm="final_norm",
+                   input_norms=tuple(norms))
 
     @classmethod
     def identity(
@@ -95,3 +116,14 @@ class Topology:
 
     def __contains__(self, canonical: object) -> bool:
         return canonical in self.canonical_names
+
+    def module_of(self, canonical: str) -> str | None:
+        """Module path of a canonical name, or None when the model has no such layer."""
+        for c, m in self.layers:
+            if c == canonical:
+                return m
+        return None
+
+    def input_norm(self, canonical: str) -> str | None:
+        """Module path of the norm a layer reads from (None: it does not read the residual)."""
+        return dict(self.input_norms).get(canonical)

@@ -10,8 +10,9 @@ from mcp.server.mcpserver.tools.base import Tool
 from pydantic import BaseModel, Field
 
 from spd_mcp.attributions.query import AttributionEntry, strength, top_sources, top_targets
+from spd_mcp.service.prepare import ensure_attributions
 
-from .common import READ_ONLY, ensure_attributions, guard, state, strict_tool
+from .common import READ_ONLY, Progress, state, strict_tool
 
 NormArg = Annotated[Literal["raw", "mean", "fraction"], Field(
     description="raw sums; mean = per dataset token; fraction = share of the target's total "
@@ -42,11 +43,11 @@ async def get_component_attributions(
     component or token. Example: get_component_attributions(key="1.attn.o:5",
     direction="targets")."""
     st = state(ctx)
-    a = await ensure_attributions(ctx)
+    a = await ensure_attributions(st, Progress(ctx, "building dataset attributions"))
     tok = st.session.tokenizer
     fn = top_sources if direction == "sources" else top_targets
-    entries = await asyncio.to_thread(lambda: guard(lambda: fn(
-        a, key, top_k, signed=signed, normalize=normalize, tokenizer=tok)))
+    entries = await asyncio.to_thread(lambda: fn(
+        a, key, top_k, signed=signed, normalize=normalize, tokenizer=tok))
     return AttributionList(key=key, direction=direction, signed=signed, normalize=normalize,
                            n_tokens=int(a.manifest.n_tokens), entries=entries)
 
@@ -67,10 +68,10 @@ async def get_attribution_strength(
     """The dataset attribution of one source to one target (0 if the source is not upstream).
     Example: get_attribution_strength(source="0.attn.o:5", target="output:she")."""
     st = state(ctx)
-    a = await ensure_attributions(ctx)
+    a = await ensure_attributions(st, Progress(ctx, "building dataset attributions"))
     tok = st.session.tokenizer
-    v = await asyncio.to_thread(lambda: guard(lambda: strength(
-        a, source, target, normalize=normalize, tokenizer=tok)))
+    v = await asyncio.to_thread(lambda: strength(
+        a, source, target, normalize=normalize, tokenizer=tok))
     return Strength(source=source, target=target, value=v, normalize=normalize)
 
 

@@ -18,20 +18,10 @@ from spd_mcp.analysis.components import (
     find_by_examples,
     probe_component,
 )
+from spd_mcp.errors import InputError
+from spd_mcp.service.prompts import check_position, compute, resolve_prompt
 
-from .common import (
-    READ_ONLY,
-    check_position,
-    compute,
-    fail,
-    guard,
-    resolve_prompt,
-    state,
-    strict_tool,
-)
-
-TextArg = Annotated[str | None, Field(description="prompt text (or give prompt_id)")]
-PromptIdArg = Annotated[int | None, Field(description="a stored prompt's id (or give text)")]
+from .common import READ_ONLY, PromptIdArg, TextArg, state, strict_tool
 
 
 async def get_ci(
@@ -48,10 +38,10 @@ async def get_ci(
     st = state(ctx)
     ids, _ = await resolve_prompt(st, text, prompt_id)
     if layers is not None:
-        layers = [guard(lambda n=n: st.session.keys.layer(n)) for n in layers]
+        layers = [st.session.keys.layer(n) for n in layers]
     if positions is not None:
         positions = [check_position(p, len(ids), "positions[]") for p in positions]
-    return await compute(ctx, "get_ci", lambda: active_components(
+    return await compute(st, "get_ci", lambda: active_components(
         st.session, ids, threshold=threshold, layers=layers, positions=positions,
         top_per_position=top_per_position))
 
@@ -65,9 +55,9 @@ async def probe_component_tool(
     """One component's CI and activation at every position of a prompt.
     Example: probe_component(component="1.mlp.down:5", text="mia had a friend called tom")."""
     st = state(ctx)
-    key = guard(lambda: st.session.keys.component(component))
+    key = st.session.keys.component(component)
     ids, _ = await resolve_prompt(st, text, prompt_id)
-    return await compute(ctx, "probe_component", lambda: probe_component(st.session, ids, key))
+    return await compute(st, "probe_component", lambda: probe_component(st.session, ids, key))
 
 
 probe_component_tool.__name__ = "probe_component"
@@ -83,8 +73,8 @@ async def get_component_vectors(
     or suppress through the unembedding (writers to the residual stream) or read from the
     embedding (readers of it) — direct paths only."""
     st = state(ctx)
-    key = guard(lambda: st.session.keys.component(component))
-    return await compute(ctx, "get_component_vectors", lambda: component_vectors(
+    key = st.session.keys.component(component)
+    return await compute(st, "get_component_vectors", lambda: component_vectors(
         st.session, key, top_k=top_k, include_vectors=include_vectors))
 
 
@@ -108,15 +98,15 @@ async def find_components_by_examples(
     st = state(ctx)
     s = st.session
     if layers is not None:
-        layers = [guard(lambda n=n: s.keys.layer(n)) for n in layers]
+        layers = [s.keys.layer(n) for n in layers]
     parsed = []
     for i, ex in enumerate(examples):
         try:
-            ids = guard(lambda ex=ex: s.encode(ex.text))
-        except Exception as e:
-            raise fail(f"examples[{i}].text: {e}") from None
+            ids = s.encode(ex.text)
+        except InputError as e:
+            raise InputError(f"examples[{i}].text: {e}") from None
         parsed.append((ids, check_position(ex.position, len(ids), f"examples[{i}].position")))
-    return await compute(ctx, "find_components_by_examples", lambda: find_by_examples(
+    return await compute(st, "find_components_by_examples", lambda: find_by_examples(
         s, parsed, layers=layers, top_k=top_k, min_frac=min_frac))
 
 

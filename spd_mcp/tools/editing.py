@@ -2,57 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools.base import Tool
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from spd_mcp.analysis.edit import ComponentScale, Edit, export_baked, scale_edit
-from spd_mcp.analysis.edit_measure import EditMeasurement, MeasureSettings, Probe, measure_edit
-from spd_mcp.analysis.edit_train import EditTarget, TrainSettings, train_edit
-from spd_mcp.analysis.session import AnalysisError
-from spd_mcp.edit_store import (
-    MEASURE_KIND,
-    EditInfo,
-    control_recipe,
-    describe_scales,
-)
-from spd_mcp.model.run_io import spd_home
+from spd_mcp.editing.book import EditInfo
+from spd_mcp.editing.edit import ComponentScale
+from spd_mcp.editing.measure import MeasureSettings, Probe
+from spd_mcp.editing.train import EditTarget, TrainSettings
+from spd_mcp.service.edits import Measured, export, measure
+from spd_mcp.service.prompts import compute
 
-from .common import (
-    READ_ONLY,
-    STORES,
-    AppState,
-    Progress,
-    compute,
-    fail,
-    guard,
-    state,
-    strict_tool,
-)
+from .common import READ_ONLY, STORES, Progress, state, strict_tool
 
 WRITES_FILES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True,
                                openWorldHint=False)
-
-
-async def get_edit(st: AppState, edit_id: int | None) -> Edit | None:
-    """The stored edit ``edit_id`` (None passes through); unknown ids are tool errors."""
-    if edit_id is None:
-        return None
-    b = st.edits
-    edit, _, _ = await _guarded(b.get(edit_id))
-    return edit
-
-
-async def _guarded(coro: Any) -> Any:
-    try:
-        return await coro
-    except AnalysisError as e:
-        raise fail(str(e)) from None
 
 
 class EditCreated(EditInfo):
@@ -72,11 +39,7 @@ async def edit_components(
     changes only what it names. Use the returned edit_id with measure_edit, generate(edit=...),
     create_prompt(edit=...) and export_edit. Example: edit_components(components=[{"component":
     "1.mlp.down:17", "scale": 0}])."""
-    st = state(ctx)
-    edit = guard(lambda: scale_edit(st.session, components))
-    params = {"scales": [s.model_dump() for s in edit.scales]}
-    info, cached = await st.edits.put(params, edit, type="scale", name=name,
-                                      description=describe_scales(edit))
+    info, cached = await state(ctx).edits.scale(components, name=name)
     return EditCreated(**info.model_dump(), cached=cached)
 
 
@@ -114,25 +77,11 @@ async def train_component_edit(
     st = state(ctx)
     settings = TrainSettings(vectors=vectors, mode=mode, steps=steps, lr=lr, kl_coeff=kl_coeff,
                              n_kl_texts=n_kl_texts)
-    params = {"components": components, "targets": [t.model_dump() for t in targets],
-              "preserve": list(preserve), "settings": settings.model_dump()}
-    b = st.edits
-    found = await b.find(params, "train")
-    if found is not None:
-        return TrainedEdit(**found.model_dump(), cached=True)
-    progress = Progress(ctx, asyncio.get_running_loop(), "training edit")
-    edit, report = await compute(ctx, "train_component_edit", lambda: train_edit(
-        st.session, components, targets, settings, preserve=preserve, progress=progress))
-    desc = (f"{report.mode} edit of {', '.join(report.components[:6])} "
-            f"({report.vectors} vectors, {report.steps} steps)")
-    info, cached = await b.put(params, edit, type="train", name=name, description=desc,
-                               report=report.model_dump())
+    info, cached, _ = await st.edits.train(
+        components, targets, settings, preserve=preserve, name=name,
+        run=lambda fn: compute(st, "train_component_edit", fn),
+        progress=Progress(ctx, "training edit"))
     return TrainedEdit(**info.model_dump(), cached=cached)
-
-
-class Measured(EditMeasurement):
-    edit_id: int
-    cached: bool
 
 
 async def measure_edit_tool(
@@ -157,22 +106,10 @@ async def measure_edit_tool(
     generations side by side, and the same for a random-components control (concentration
     ratio). Example: measure_edit(edit_id=1, probes=[{"prompt": "... and there", "expected":
     "she"}], token_groups={"she": ["she"]})."""
-    st = state(ctx)
     settings = MeasureSettings(probes=probes, token_groups=token_groups,
                                generation_prompts=generation_prompts, n_texts=n_texts,
                                behaviours=behaviours, control=control, control_seed=control_seed)
-    b = st.edits
-    edit, info, params = await _guarded(b.get(edit_id))
-    key = {"edit_id": edit_id, **settings.model_dump()}
-    found = await st.store.find_result(MEASURE_KIND, key)
-    if found is not None:
-        return Measured(**found[1], edit_id=edit_id, cached=True)
-    control_fn = control_recipe(st.session, info, params)
-    progress = Progress(ctx, asyncio.get_running_loop(), "measuring edit")
-    m = await compute(ctx, "measure_edit", lambda: measure_edit(
-        st.session, edit, settings, control_edit=control_fn, progress=progress))
-    await st.store.put_result(MEASURE_KIND, key, m.model_dump())
-    return Measured(**m.model_dump(), edit_id=edit_id, cached=False)
+    return await measure(state(ctx), edit_id, settings, Progress(ctx, "measuring edit"))
 
 
 measure_edit_tool.__name__ = "measure_edit"
@@ -205,18 +142,9 @@ async def export_edit(
 ) -> Exported:
     """Bake an edit into plain target weights and write a standalone target checkpoint under
     $SPD_MCP_HOME/exports/. CI-gated edits depend on the input and cannot be baked."""
-    st = state(ctx)
-    edit, info, _ = await _guarded(st.edits.get(edit_id))
-    out = spd_home() / "exports" / st.session.run.name / f"edit-{edit_id}"
-
-    def run() -> Path:
-        if out.exists():
-            return out
-        return export_baked(st.session, edit, out, note=info.model_dump())
-
-    path = await compute(ctx, "export_edit", run)
+    path, _ = await export(state(ctx), edit_id)
     return Exported(edit_id=edit_id, path=str(path), files=sorted(p.name for p in path.iterdir()),
-                    load_with="spd_mcp.analysis.edit.load_edited_target(path)")
+                    load_with="spd_mcp.editing.bake.load_edited_target(path)")
 
 
 def tools() -> list[Tool]:

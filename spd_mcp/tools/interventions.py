@@ -2,51 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools.base import Tool
 from pydantic import Field
 
-from spd_mcp.analysis.intervene import REGIMES, InterventionResult, Regime, run_intervention
-from spd_mcp.keys import NodeKey
+from spd_mcp.service.interventions import StoredIntervention, ablation, intervention
 
-from .common import (
-    STORES,
-    AppState,
-    Progress,
-    ProgressFn,
-    check_position,
-    compute_on,
-    fail,
-    guard,
-    resolve_prompt,
-    state,
-    strict_tool,
-)
+from .common import STORES, Progress, PromptIdArg, TextArg, state, strict_tool
 
-TextArg = Annotated[str | None, Field(description="prompt text (or give prompt_id)")]
-PromptIdArg = Annotated[int | None, Field(description="a stored prompt's id (or give text)")]
 MAX_NODES = 4096
-
-
-class StoredIntervention(InterventionResult):
-    run_id: int
-    cached: bool
-
-
-async def _run(st: AppState, kind: str, ids: list[int], pid: int, nodes: list[NodeKey],
-               params: dict, progress: ProgressFn | None, **kw) -> StoredIntervention:
-    key = {"prompt_id": pid, "nodes": sorted(str(n) for n in nodes), **params}
-    found = await st.store.find_result(kind, key)
-    if found is not None:
-        return StoredIntervention(**found[1], run_id=found[0], cached=True)
-    res = await compute_on(st, kind, lambda: run_intervention(
-        st.session, ids, nodes, progress=progress, **kw))
-    rid = await st.store.put_result(kind, key, res.model_dump(), None, pid)
-    return StoredIntervention(**res.model_dump(), run_id=rid, cached=False)
 
 
 async def run_intervention_tool(
@@ -78,41 +44,12 @@ async def run_intervention_tool(
     compare top-k predictions, the loss and the label token's probability with the target.
     Example: run_intervention(text="...", nodes=["1.attn.o:57:12"], loss="label",
     label_token="she")."""
-    progress = Progress(ctx, asyncio.get_running_loop(), "intervention")
+    progress = Progress(ctx, "intervention")
     return await intervention(
         state(ctx), nodes=nodes, text=text, prompt_id=prompt_id, regimes=regimes, loss=loss,
         label_token=label_token, label_position=label_position, positions=positions, top_k=top_k,
         n_samples=n_samples, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, seed=seed,
         progress=progress)
-
-
-async def intervention(
-    st: AppState, *, nodes: list[str], text: str | None, prompt_id: int | None,
-    regimes: Sequence[Regime] = REGIMES, loss: Literal["kl", "label"] = "kl",
-    label_token: str | None = None, label_position: int | None = None,
-    positions: list[int] | None = None, top_k: int = 5, n_samples: int = 8, pgd_steps: int = 20,
-    pgd_step_size: float = 0.1, seed: int = 0, progress: ProgressFn | None = None,
-) -> StoredIntervention:
-    """run_intervention without an MCP context (shared with the viewer); stored get-or-create."""
-    s = st.session
-    ids, pid = await resolve_prompt(st, text, prompt_id)
-    T = len(ids)
-    keys = [guard(lambda k=k: s.keys.node(k, T, allow_special=False)) for k in nodes]
-    label = guard(lambda: s.token_id(label_token)) if label_token is not None else None
-    if loss == "label" and label is None:
-        raise fail("loss='label' needs label_token")
-    lpos = check_position(label_position, T, "label_position") if label is not None else None
-    show = ([check_position(p, T, "positions[]") for p in positions] if positions is not None
-            else [lpos if lpos is not None else T - 1])
-    regs: list[Regime] = list(dict.fromkeys(regimes))
-    params = {"regimes": regs, "loss": loss, "label": label, "label_position": lpos,
-              "positions": show, "top_k": top_k, "n_samples": n_samples, "pgd_steps": pgd_steps,
-              "pgd_step_size": pgd_step_size, "seed": seed}
-    return await _run(st, "intervention", ids, pid, keys, params, progress, regimes=regs,
-                      loss=loss,
-                      label_token=label, label_position=lpos, positions=show, top_k=top_k,
-                      n_samples=n_samples, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
-                      seed=seed)
 
 
 run_intervention_tool.__name__ = "run_intervention"
@@ -134,23 +71,9 @@ async def run_ablation(
     """Ablate components everywhere in the full model (weight delta kept) and compare with the
     target: KL per token and predictions. Example: run_ablation(components=["1.attn.o:5"],
     text="...", label_token="she")."""
-    st = state(ctx)
-    s = st.session
-    ids, pid = await resolve_prompt(st, text, prompt_id)
-    T = len(ids)
-    comps = [guard(lambda k=k: s.keys.component(k)) for k in components]
-    keys = [NodeKey(c.layer, p, c.c) for c in comps for p in range(T)]
-    label = guard(lambda: s.token_id(label_token)) if label_token is not None else None
-    show = ([check_position(p, T, "positions[]") for p in positions] if positions is not None
-            else [T - 1])
-    params = {"components": sorted(components), "label": label, "positions": show, "top_k": top_k}
-    progress = Progress(ctx, asyncio.get_running_loop(), "ablation")
-    return await _run(st, "ablation", ids, pid, keys, params, progress, regimes=["ablated"],
-                      loss="kl",
-                      label_token=label, label_position=T - 1 if label is not None else None,
-                      positions=show, top_k=top_k)
-
-
+    return await ablation(state(ctx), components=components, text=text, prompt_id=prompt_id,
+                          label_token=label_token, positions=positions, top_k=top_k,
+                          progress=Progress(ctx, "ablation"))
 
 
 def tools() -> list[Tool]:

@@ -7,7 +7,6 @@ server, or one created under ``$SPD_MCP_HOME/investigations/`` on first use.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 from pathlib import Path
@@ -17,7 +16,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.tools.base import Tool
 from pydantic import BaseModel, ConfigDict, Field
 
-from spd_mcp.investigation.artifacts import build_graph_artifact
+from spd_mcp.errors import InputError
 from spd_mcp.investigation.methodology import methodology_text, model_info_text
 from spd_mcp.investigation.taskdir import (
     Event,
@@ -29,8 +28,9 @@ from spd_mcp.investigation.taskdir import (
     now_iso,
 )
 from spd_mcp.keys import BadKeyError
+from spd_mcp.service.artifacts import graph_artifact
 
-from .common import READ_ONLY, STORES, AppState, best_labels, fail, state, strict_tool
+from .common import READ_ONLY, STORES, state, strict_tool
 
 ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,80}$")
 SOURCE = "server"
@@ -147,39 +147,6 @@ def _event(inv: Investigation, type: str, message: str, data: dict[str, Any] | N
     inv.task().append_event(SOURCE, type, message, data)
 
 
-async def graph_artifact(
-    st: AppState, graph_id: int, *, artifact_id: str, title: str, caption: str | None = None,
-    max_edges: int = 300, ci_threshold: float = 0.0,
-) -> dict[str, Any]:
-    """The graph artifact dict of a stored graph (shared by save_graph_artifact and the viewer)."""
-    row, kind = None, "graph"
-    for kind in ("optimized_graph", "graph"):
-        row = await st.store.get_result(kind, graph_id)
-        if row is not None and row[2] is not None:
-            break
-    if row is None or row[2] is None:
-        raise fail(f"graph_id {graph_id} does not exist; compute one with compute_graph or "
-                   "optimize_graph")
-    params, summary, blob, prompt_id = row
-    assert blob is not None
-    prompt = await st.store.get_prompt(prompt_id) if prompt_id is not None else None
-    labels = {k: getattr(r, "label", None) or "" for k, r in (await best_labels(st)).items()}
-    s = st.session
-
-    def build() -> dict[str, Any]:
-        from spd_mcp.analysis.graph_view import graph_from_bytes
-
-        g = graph_from_bytes(blob)
-        return build_graph_artifact(
-            artifact_id=artifact_id, title=title, caption=caption, run=s.run.name,
-            graph_id=graph_id, graph_kind=kind, params=params, summary=summary,
-            prompt_id=prompt_id, prompt_text=prompt[1] if prompt else None, g=g,
-            token_str=s.token_str, labels=labels, max_edges=max_edges,
-            ci_threshold=ci_threshold)
-
-    return await asyncio.to_thread(build)
-
-
 # -- tools -----------------------------------------------------------------------------------------
 def tools(inv: Investigation) -> list[Tool]:
     """The investigation tools bound to one task directory holder."""
@@ -193,7 +160,7 @@ def tools(inv: Investigation) -> list[Tool]:
         graph artifacts as [[artifact:ID]]). Example: update_research_log(title="Pronoun
         circuit", entry="optimize_graph kept 7 components; see [[artifact:g3-a1b2c3]]")."""
         if not entry.strip():
-            raise fail("entry is blank; write what you did and what you found")
+            raise InputError("entry is blank; write what you did and what you found")
         td = inv.task()
         n = td.append_log(entry, title)
         td.append_event(SOURCE, "research_log", title or f"entry {n}",
@@ -222,12 +189,12 @@ def tools(inv: Investigation) -> list[Tool]:
             try:
                 canon.append(str(st.session.keys.component(c.key)))
             except BadKeyError as e:
-                raise fail(f"components[{i}].key: {e}") from None
+                raise InputError(f"components[{i}].key: {e}") from None
         td = inv.task()
         known = set(td.artifacts())
         for i, ev in enumerate(evidence):
             if ev.artifact_id is not None and ev.artifact_id not in known:
-                raise fail(f"evidence[{i}].artifact_id {ev.artifact_id!r} is not a saved "
+                raise InputError(f"evidence[{i}].artifact_id {ev.artifact_id!r} is not a saved "
                            f"artifact (saved: {sorted(known) or 'none'}); use "
                            "save_graph_artifact first")
         n = len(td.explanations()) + 1

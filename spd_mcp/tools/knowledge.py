@@ -10,23 +10,18 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools.base import Tool
 from pydantic import Field
 
-from spd_mcp.analysis import knowledge as K
+from spd_mcp.errors import InputError
+from spd_mcp.harvest import query as K
 from spd_mcp.harvest.store import Harvest
 from spd_mcp.interp.store import LabelRow
+from spd_mcp.keys import layer_of
+from spd_mcp.service.knowledge import component_info
+from spd_mcp.service.labels import best_labels, search_labels
+from spd_mcp.service.prepare import ensure_harvest
+from spd_mcp.service.prompts import compute
+from spd_mcp.service.state import AppState
 
-from .common import (
-    READ_ONLY,
-    STORES,
-    AppState,
-    best_labels,
-    compute,
-    ensure_harvest,
-    fail,
-    guard,
-    search_labels,
-    state,
-    strict_tool,
-)
+from .common import READ_ONLY, STORES, Progress, state, strict_tool
 
 ComponentArg = Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")]
 
@@ -43,25 +38,14 @@ async def get_component_info(
     predicted output tokens (PMI / precision / recall), co-firing components, label if any.
     Example: get_component_info(component="1.attn.o:5")."""
     st = state(ctx)
-    guard(lambda: st.session.keys.component(component))
-    h = await ensure_harvest(ctx)
+    st.session.keys.component(component)
+    h = await _harvest(ctx, st)
     return await component_info(st, h, component, rank_tokens_by=rank_tokens_by, top_k=top_k,
                                 min_count=min_count)
 
 
-async def component_info(
-    st: AppState, h: Harvest, component: str, *, rank_tokens_by: K.TokenRank = "pmi",
-    top_k: int = 10, min_count: int = 3,
-) -> K.ComponentInfo:
-    """get_component_info without an MCP context (shared with the viewer), its label included."""
-    key = str(guard(lambda: st.session.keys.component(component)))
-    row = (await best_labels(st)).get(key)
-    label = row.label if row is not None else None
-    info = ({"kind": row.kind, "confidence": row.confidence, "reasoning": row.reasoning}
-            if row is not None else None)
-    return await asyncio.to_thread(lambda: guard(lambda: K.component_info(
-        st.session, h, key, by=rank_tokens_by, k=top_k, min_count=min_count, label=label,
-        label_info=info)))
+async def _harvest(ctx: Context, st: AppState) -> Harvest:
+    return await ensure_harvest(st, Progress(ctx, "building the harvest (first use)"))
 
 
 async def get_component_activation_examples(
@@ -75,10 +59,10 @@ async def get_component_activation_examples(
     """Dataset windows where a component fires, the firing token in [[ ]], with the component's
     CI at every window token. Example: get_component_activation_examples(component="0.mlp.up:3")."""
     st = state(ctx)
-    guard(lambda: st.session.keys.component(component))
-    h = await ensure_harvest(ctx)
-    return await asyncio.to_thread(lambda: guard(lambda: K.activation_examples(
-        st.session, h, component, limit=limit, offset=offset, order=order)))
+    st.session.keys.component(component)
+    h = await _harvest(ctx, st)
+    return await asyncio.to_thread(lambda: K.activation_examples(
+        st.session, h, component, limit=limit, offset=offset, order=order))
 
 
 async def search_components(
@@ -106,17 +90,17 @@ async def search_components(
     s = st.session
     given = [x for x in (output_token, input_token, label) if x is not None]
     if len(given) > 1:
-        raise fail("give at most one of output_token, input_token, label")
+        raise InputError("give at most one of output_token, input_token, label")
     if not given and layer is None:
-        raise fail("give output_token, input_token, label or layer")
+        raise InputError("give output_token, input_token, label or layer")
     if layer is not None:
-        guard(lambda: s.keys.layer(layer))
+        s.keys.layer(layer)
     if label is not None:
         rows = await search_labels(st, label, 10_000)
         if layer is not None:
-            rows = [r for r in rows if r.component.rsplit(":", 1)[0] == layer]
+            rows = [r for r in rows if layer_of(r.component) == layer]
         if not rows and not await best_labels(st):
-            raise fail("this run has no labels yet: build them with `spd-mcp label "
+            raise InputError("this run has no labels yet: build them with `spd-mcp label "
                        f"{s.run.name}` (or label_component for one component); meanwhile search "
                        "by input_token, output_token or layer")
         found = [K.FoundComponent(key=r.component, score=round(r.confidence or 0.0, 4),
@@ -125,25 +109,25 @@ async def search_components(
                                  n_matching=len(found), components=found[:limit],
                                  excluded_bias=0)
     if rank_by == "effect" and output_token is None:
-        raise fail("rank_by='effect' needs output_token")
+        raise InputError("rank_by='effect' needs output_token")
     if output_token is not None and rank_by in (None, "effect"):
         tok = output_token
-        guard(lambda: s.token_id(tok))
+        s.token_id(tok)
         h_opt = await st.harvest()
-        return await compute(ctx, "search_components", lambda: K.search_by_effect(
+        return await compute(st, "search_components", lambda: K.search_by_effect(
             s, h_opt, tok, layer=layer, k=limit, include_bias=include_bias))
-    h = await ensure_harvest(ctx)
+    h = await _harvest(ctx, st)
     by = rank_by or "pmi"
     assert by != "effect"
     if output_token is not None or input_token is not None:
         kind: Literal["input", "output"] = "output" if output_token is not None else "input"
         tok = output_token if output_token is not None else input_token
         assert tok is not None
-        return await asyncio.to_thread(lambda: guard(lambda: K.search_by_token(
+        return await asyncio.to_thread(lambda: K.search_by_token(
             s, h, tok, kind=kind, by=by, layer=layer, k=limit, min_count=min_count,
-            include_bias=include_bias)))
+            include_bias=include_bias))
     assert layer is not None
-    return guard(lambda: K.search_by_layer(s, h, layer, k=limit, include_bias=include_bias))
+    return K.search_by_layer(s, h, layer, k=limit, include_bias=include_bias)
 
 
 async def label_component(
@@ -157,22 +141,20 @@ async def label_component(
     statistics); needs ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL) in the server's environment.
     Example: label_component(component="1.attn.o:5")."""
     from spd_mcp.interp.autointerp import label_one
-    from spd_mcp.interp.cli import NO_KEY
-    from spd_mcp.interp.client import LLMSettings, api_key_configured
+    from spd_mcp.interp.client import NO_KEY, LLMSettings, api_key_configured
     from spd_mcp.interp.store import LabelStore, labels_path
 
     st = state(ctx)
-    key = str(guard(lambda: st.session.keys.component(component)))
+    key = str(st.session.keys.component(component))
     settings = LLMSettings(max_concurrency=1, **({"model": model} if model else {}))
     if not api_key_configured(settings):
-        raise fail(f"cannot label: {NO_KEY} in the environment of `spd-mcp serve`, then restart "
-                   "it (or run `spd-mcp label RUN` offline)")
-    h = await ensure_harvest(ctx)
-    run_id = str(st.session.run.meta.get("run_id", st.session.run.name))
-    with LabelStore(labels_path(run_id)) as store:
+        raise InputError(f"cannot label: {NO_KEY} in the environment of `spd-mcp serve`, then "
+                         "restart it (or run `spd-mcp label RUN` offline)")
+    h = await _harvest(ctx, st)
+    with LabelStore(labels_path(st.session.run_id)) as store:
         row = await label_one(st.session, h, key, settings, store, refresh=refresh)
     if row.status != "ok":
-        raise fail(f"labelling {key} {row.status}: {row.error}")
+        raise InputError(f"labelling {key} {row.status}: {row.error}")
     return row
 
 

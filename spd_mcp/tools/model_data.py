@@ -2,105 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools.base import Tool
 from pydantic import BaseModel, Field
 
-from spd_mcp.analysis.components import Generation, generate
 from spd_mcp.analysis.dataset import DatasetSearchResult
-from spd_mcp.analysis.edit import edited_logits
-from spd_mcp.model.zoo.transformer import Transformer
+from spd_mcp.editing.edit import edited_forward, edited_logits
+from spd_mcp.model.text import Generation, generate
+from spd_mcp.service.edits import get_edit
+from spd_mcp.service.model_info import ModelInfo, model_info
+from spd_mcp.service.prompts import check_text, compute, resolve_prompt
 
-from .common import (
-    READ_ONLY,
-    STORES,
-    AppState,
-    best_labels,
-    check_text,
-    compute,
-    guard,
-    resolve_prompt,
-    state,
-    strict_tool,
-)
-from .editing import get_edit
-
-
-class LayerInfo(BaseModel):
-    name: str = Field(description="canonical layer name used in every key")
-    module: str
-    C: int
-    d_in: int
-    d_out: int
-
-
-class BehaviourInfo(BaseModel):
-    name: str
-    rule: str
-    example_prompt: str
-    expected_next_token: str
-
-
-class ModelInfo(BaseModel):
-    run: str
-    run_id: str
-    architecture: dict[str, Any]
-    layers: list[LayerInfo]
-    vocab_size: int | None
-    max_len: int | None
-    key_grammar: str
-    analyses: dict[str, bool] = Field(description="which offline analyses exist for this run")
-    planted_behaviours: list[BehaviourInfo] = Field(
-        description="ground-truth behaviours of the target (zoo language models)"
-    )
-    device: str
-    compute_queue: dict[str, Any]
+from .common import READ_ONLY, STORES, state, strict_tool
 
 
 async def get_model_info(ctx: Context) -> ModelInfo:
     """The run being served: architecture, decomposed layers with C, key grammar, planted
     behaviours (with example prompts), and which analyses exist. Call this first."""
     return await model_info(state(ctx))
-
-
-async def model_info(st: AppState) -> ModelInfo:
-    """get_model_info without an MCP context (shared with the viewer)."""
-    s = st.session
-    h = await st.harvest()
-    attr = await st.attributions()
-    labels = await best_labels(st)
-    model = s.run.target.model
-    arch: dict[str, Any] = {"type": type(model).__name__}
-    if isinstance(model, Transformer):
-        arch |= model.config.model_dump()
-    layers = [
-        LayerInfo(name=c, module=m, C=s.cm.Cs[m], d_in=s.cm.component(m).d_in,
-                  d_out=s.cm.component(m).d_out)
-        for m, c in s.to_canonical.items()
-    ]
-    behaviours = []
-    entry = s.run.target.entry
-    if s.is_language_model and entry is not None and entry.name == "tales":
-        from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
-
-        behaviours = [BehaviourInfo(name=b.name, rule=b.rule, example_prompt=b.example_prompt,
-                                    expected_next_token=b.example_expected)
-                      for b in BEHAVIOURS.values()]
-    return ModelInfo(
-        run=s.run.name, run_id=str(s.run.meta.get("run_id", s.run.name)), architecture=arch,
-        layers=layers, vocab_size=s.keys.vocab_size, max_len=s.max_len,
-        key_grammar=("component 'LAYER:C' (e.g. '1.attn.o:5'); node 'LAYER:POS:C' (e.g. "
-                     "'1.attn.o:12:5'); 'embed:POS:0'; 'output:POS:TOKEN_ID'. Positions count "
-                     "from 0, and position 0 is the <bos> token."),
-        analyses={"harvest": h is not None, "dataset_attributions": attr is not None,
-                  "labels": bool(labels)},
-        planted_behaviours=behaviours, device=str(s.device),
-        compute_queue={"running": st.executor.running, "estimated_wait_s":
-                       round(st.executor.estimated_wait(), 2)},
-    )
 
 
 class TokenInfo(BaseModel):
@@ -125,8 +47,7 @@ def tokenize(
     Example: tokenize(text="mia said , \\" hello") → positions, ids, unknown words."""
     s = state(ctx).session
     check_text(text)
-    guard(s.require_lm)
-    tok = s.tokenizer
+    tok = s.tok
     ids = tok.encode(text)
     rows = [TokenInfo(pos=p, token=s.token_str(i), id=i, known=i != tok.unk_id)
             for p, i in enumerate(ids)]
@@ -181,7 +102,7 @@ async def create_prompt(
              for v, i in zip(*(t.tolist() for t in p.topk(5)), strict=True)] for p in rows)
 
     out.edit_id = edit
-    out.next_tokens, out.next_tokens_edited = await compute(ctx, "create_prompt", top5)
+    out.next_tokens, out.next_tokens_edited = await compute(st, "create_prompt", top5)
     return out
 
 
@@ -195,9 +116,9 @@ async def search_dataset(
     once). Returns match contexts with the phrase in [[ ]], paged."""
     st = state(ctx)
     check_text(query, "query")
-    guard(st.session.require_lm)
+    st.session.require_lm()
     index = await st.dataset()
-    return guard(lambda: index.search(st.session, query, offset=offset, limit=limit))
+    return index.search(st.session, query, offset=offset, limit=limit)
 
 
 class EditedGeneration(Generation):
@@ -223,7 +144,7 @@ async def generate_tool(
 
     def run() -> EditedGeneration:
         g = generate(st.session, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                     seed=seed, edit=e)
+                     seed=seed, forward=edited_forward(st.session, e))
         out = EditedGeneration(**g.model_dump())
         if e is not None:
             out.edit_id = edit
@@ -231,7 +152,7 @@ async def generate_tool(
                                          temperature=temperature, seed=seed).text
         return out
 
-    return await compute(ctx, "generate", run)
+    return await compute(st, "generate", run)
 
 
 generate_tool.__name__ = "generate"

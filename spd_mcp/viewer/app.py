@@ -1,10 +1,11 @@
 """The viewer's Starlette app: JSON API over the same analysis functions, stores and compute
 executor as the MCP tools, plus the static single-page front end (no external assets).
 
-Every handler goes through the tool layer's context-free helpers (``natural_graph``,
+Every handler goes through the service layer (``spd_mcp.service``: ``natural_graph``,
 ``optimized_graph``, ``intervention``, ``component_info``, ``model_info``, ``graph_artifact``), so
-the viewer has no computation of its own. Bad input answers 400 ``{"error": ...}``; an overloaded
-compute queue answers 503.
+the viewer has no computation of its own and nothing of the MCP face. Bad input (any
+:class:`~spd_mcp.errors.InputError`) answers 400 ``{"error": ...}``; an overloaded compute queue
+answers 503.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,11 +29,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from spd_mcp.analysis.optimize import OptimizeSettings
-from spd_mcp.analysis.session import RunSession
-from spd_mcp.executor import Busy, ComputeExecutor
-from spd_mcp.investigation.taskdir import TaskDir, investigations_root, list_tasks
-from spd_mcp.store import AppStore
-from spd_mcp.tools.common import INPUT_ERRORS, AppState
+from spd_mcp.errors import InputError
+from spd_mcp.investigation.taskdir import TaskDir, list_tasks
+from spd_mcp.keys import is_special_layer
+from spd_mcp.model.session import RunSession
+from spd_mcp.paths import investigations_root
+from spd_mcp.service.executor import Busy, ComputeExecutor
+from spd_mcp.service.state import AppState, open_state
 from spd_mcp.viewer.jobs import Job, Jobs
 from spd_mcp.viewer.markdown import render_markdown
 
@@ -45,13 +47,13 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "form-action 'self'; frame-ancestors 'none'")
 
 
-class BadRequest(ValueError):
+class BadRequest(InputError):
     """A request the viewer refuses; the message is shown to the user."""
 
 
 def describe_error(exc: BaseException) -> str | None:
     """A readable message for an expected failure (None for a bug)."""
-    if isinstance(exc, (ToolError, BadRequest, Busy, *INPUT_ERRORS)):
+    if isinstance(exc, (InputError, Busy)):
         return str(exc)
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
@@ -106,8 +108,6 @@ class Viewer:
 
     async def state(self, run: str) -> AppState:
         """The AppState of ``run`` (loaded on first use; the same DB path as ``spd-mcp serve``)."""
-        from spd_mcp.server import app_db_path
-
         async with self.lock:
             st = self.states.get(run)
             if st is None:
@@ -118,9 +118,7 @@ class Viewer:
                                                           device=self.device)
                     except (OSError, ValueError, KeyError) as err:
                         raise BadRequest(f"cannot load run {run!r}: {err}") from None
-                store = await AppStore.open(app_db_path(session))
-                st = AppState(session=session, executor=self.executor, store=store,
-                              auto_prepare=False)
+                st = await open_state(session, self.executor, auto_prepare=False)
                 self.states[run] = st
             return st
 
@@ -190,7 +188,7 @@ def _run_rows() -> list[dict[str, Any]]:
         except Exception as err:  # a broken run is listed, not fatal
             rows.append({"name": name, "path": str(path), "error": str(err)})
             continue
-        run_id = str(meta.get("run_id", name))
+        run_id = str(meta.get("run_id", meta.get("name", name)))
         layers = [{"module": m, "C": int(v["C"])} for m, v in meta.get("layers", {}).items()]
         target = meta.get("target", {})
         rows.append({
@@ -213,7 +211,7 @@ async def runs(request: Request) -> Any:
 
 
 async def run_info(request: Request) -> Any:
-    from spd_mcp.tools.model_data import model_info
+    from spd_mcp.service.model_info import model_info
 
     st = await _viewer(request).state(_run_name(request))
     return await model_info(st)
@@ -221,7 +219,7 @@ async def run_info(request: Request) -> Any:
 
 # -- graphs ------------------------------------------------------------------------------------
 async def start_graph(request: Request) -> Any:
-    from spd_mcp.tools.graphs import natural_graph, optimized_graph
+    from spd_mcp.service.graphs import natural_graph, optimized_graph
 
     v = _viewer(request)
     body: GraphRequest = await _body(request, GraphRequest)
@@ -267,7 +265,7 @@ def _float_param(request: Request, name: str, default: float, lo: float, hi: flo
 
 async def get_graph(request: Request) -> Any:
     """A stored graph as a graph artifact (the format investigations save), filtered by CI."""
-    from spd_mcp.tools.investigation import graph_artifact
+    from spd_mcp.service.artifacts import graph_artifact
 
     st = await _viewer(request).state(_run_name(request))
     try:
@@ -284,8 +282,8 @@ async def get_graph(request: Request) -> Any:
 
 async def component(request: Request) -> Any:
     """The node card: label, top tokens and activation examples (when the run has a harvest)."""
-    from spd_mcp.analysis import knowledge as K
-    from spd_mcp.tools.knowledge import component_info
+    from spd_mcp.harvest import query as K
+    from spd_mcp.service.knowledge import component_info
 
     st = await _viewer(request).state(_run_name(request))
     key = str(st.session.keys.component(str(request.path_params["key"])))
@@ -304,8 +302,8 @@ async def component(request: Request) -> Any:
 
 # -- interventions -----------------------------------------------------------------------------
 async def start_intervention(request: Request) -> Any:
-    from spd_mcp.tools.graphs import stored_graph
-    from spd_mcp.tools.interventions import intervention
+    from spd_mcp.service.graphs import stored_graph
+    from spd_mcp.service.interventions import intervention
 
     v = _viewer(request)
     body: InterventionRequest = await _body(request, InterventionRequest)
@@ -321,7 +319,7 @@ async def start_intervention(request: Request) -> Any:
             raise BadRequest(f"graph {body.ablate_rest_of} is for another prompt")
         chosen = set(selected)
         rest = [k for k, lay in zip(g.node_keys, g.node_layer, strict=True)
-                if lay not in ("embed", "output") and k not in chosen]
+                if not is_special_layer(lay) and k not in chosen]
     loss: Literal["kl", "label"] = "label" if body.label_token else "kl"
     common: dict[str, Any] = dict(
         text=body.text, prompt_id=None, loss=loss, label_token=body.label_token,

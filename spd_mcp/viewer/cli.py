@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from spd_mcp.http import LOOPBACK
 
 
 def add_view_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def add_view_parser(sub: argparse._SubParsersAction) -> None:
 
 def view_command(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK:
-        print(f"spd-mcp: error: the viewer binds loopback only ({', '.join(LOOPBACK)}), not "
+        print("spd-mcp: error: the viewer binds loopback only (127.0.0.1, localhost, ::1), not "
               f"{args.host!r}; use an SSH tunnel to reach it from elsewhere", file=sys.stderr)
         return 2
     if not 0 <= args.port < 65536:

@@ -7,21 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import uvicorn
-
-from spd_mcp.server import bind_socket, serve_announced
+from spd_mcp.http import bind_socket, serve_announced, uvicorn_server
 from spd_mcp.viewer.app import create_app
-
-
-def _uvicorn(app: Any) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
 
 
 async def serve(run: str, *, host: str = "127.0.0.1", port: int = 8780,
                 device: str = "cpu") -> None:
     """Serve until interrupted; prints ``spd-mcp viewer: URL`` once listening."""
     sock, base = bind_socket(host, port)
-    server = _uvicorn(create_app(run, device=device))
+    server = uvicorn_server(create_app(run, device=device))
     await serve_announced(server, sock, f"spd-mcp viewer: {base}/  (run {run}; Ctrl-C to stop)")
 
 
@@ -29,7 +23,7 @@ async def serve(run: str, *, host: str = "127.0.0.1", port: int = 8780,
 def running(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve ``app`` in a background thread on a free port (tests, benchmarks); yields the URL."""
     sock, base = bind_socket(host, 0)
-    server = _uvicorn(app)
+    server = uvicorn_server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

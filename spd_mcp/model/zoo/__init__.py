@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from spd_mcp.errors import InputError
 from spd_mcp.model.zoo.base import ZooEntry
 
 # name -> ("module:Class", kwargs overriding the class defaults)
@@ -18,7 +19,7 @@ _REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-class UnknownZooTarget(KeyError):
+class UnknownZooTarget(InputError, KeyError):
     def __str__(self) -> str:
         return f"unknown zoo target {self.args[0]!r}; available: {', '.join(zoo_names())}"
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from spd_mcp.model.text_target import TextTarget
 
 Progress = Callable[[int, int, float], None]
 """progress(step, total, loss) — called during target training."""
@@ -78,3 +81,11 @@ class ZooEntry(ABC, Generic[K]):
 
     def load_extras(self, run_dir: Path) -> None:
         """Read extra files from a run directory."""
+
+    def text_target(self) -> TextTarget | None:
+        """What this target offers text tools (tokenizer, text, behaviours); None for toys."""
+        return None
+
+    def evaluate_run(self, run: Any) -> dict[str, Any] | None:
+        """A target-specific evaluation of a decomposed run (None: the generic one applies)."""
+        return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +11,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from spd_mcp.keys import BlockLayer
 from spd_mcp.model.topology import Topology
 from spd_mcp.model.zoo.base import Progress, TargetKwargs, ZooEntry
-from spd_mcp.model.zoo.tales.corpus import TalesCorpus
+from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS, Behaviour, TalesCorpus
 from spd_mcp.model.zoo.tales.tokenizer import Tokenizer
 from spd_mcp.model.zoo.tales.train import (
     DEFAULT_BATCH_SIZE,
@@ -101,9 +102,12 @@ class TalesEntry(ZooEntry[TalesKwargs]):
         """Story ``index`` of a stream neither the target nor SPD saw (for edit measurements)."""
         return TalesCorpus(HELD_OUT_TEXT_SEED).story(index).text
 
-    def dataset_texts(self, n: int) -> list[str]:
-        """The first ``n`` stories of the stream SPD was trained on."""
-        return [self.dataset_text(i) for i in range(n)]
+    def behaviours(self) -> Mapping[str, Behaviour]:
+        """The corpus's planted behaviours (each with held-out probe generators)."""
+        return BEHAVIOURS
+
+    def text_target(self) -> TalesEntry:
+        return self
 
     def default_config(self) -> dict[str, Any]:
         return {
@@ -205,7 +209,9 @@ class TalesEntry(ZooEntry[TalesKwargs]):
         }
         blocks: dict[str, dict[str, float]] = {}
         for name, row in layers.items():  # per transformer block: its six matrices together
-            b = blocks.setdefault(name.split(".")[0], {"l0": 0.0, "C": 0})
+            role = BlockLayer.parse(name)
+            assert role is not None, name
+            b = blocks.setdefault(str(role.block), {"l0": 0.0, "C": 0})
             b["l0"] += row["l0"]
             b["C"] += row["C"]
         return {

@@ -1,25 +1,48 @@
-"""Stored edits: every edit (scaling or trained adapter) is a row in the run's app database.
+"""The edit book: every edit of a run (scaling or trained adapter) as a row of its app database.
 
-Rows are get-or-create by parameters (the same scaling, or the same training recipe with the same
-seed, returns the stored edit). Trained vectors are kept as safetensors in the row's payload; the
-run's own weights are never modified, so any edit is undone by not applying it, and re-applied
-exactly by loading its row.
+Shared by the MCP tools, the ``spd-mcp edit`` CLI and the viewer. Rows are get-or-create by
+parameters (the same scaling, or the same training recipe, returns the stored edit). Trained
+vectors are kept as safetensors in the row's payload; the run's own weights are never modified,
+so any edit is undone by not applying it and re-applied exactly by loading its row.
+
+The book reads and writes through a :class:`ResultStore` (the app database of
+``spd_mcp.service.store``, or anything with the same four methods).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
-from spd_mcp.analysis.edit import Edit
-from spd_mcp.analysis.edit_train import EditTarget, TrainSettings, train_edit
-from spd_mcp.analysis.session import AnalysisError, RunSession
-from spd_mcp.store import AppStore
+from spd_mcp.errors import AnalysisError
+from spd_mcp.model.session import RunSession
 
+from .edit import ComponentScale, Edit, scale_edit
+from .train import EditTarget, TrainReport, TrainSettings, train_edit
+
+T = TypeVar("T")
 EDIT_KIND = "edit"
 MEASURE_KIND = "edit_measure"
+Runner = Callable[[Callable[[], T]], Awaitable[T]]
+"""runs a blocking computation (on the compute worker, in a thread, or in place)."""
+
+
+class ResultStore(Protocol):
+    """The part of the app database the book uses (rows keyed by kind + parameters)."""
+
+    async def find_result(self, kind: str, params: dict[str, Any]
+                          ) -> tuple[int, dict[str, Any], bytes | None] | None: ...
+
+    async def put_result(self, kind: str, params: dict[str, Any], summary: dict[str, Any],
+                         payload: bytes | None = None, prompt_id: int | None = None) -> int: ...
+
+    async def get_result(self, kind: str, result_id: int) -> tuple[
+        dict[str, Any], dict[str, Any], bytes | None, int | None] | None: ...
+
+    async def list_results(self, kind: str, limit: int = 50) -> list[tuple[int, dict[str, Any]]]:
+        ...
 
 
 class EditInfo(BaseModel):
@@ -37,9 +60,21 @@ def describe_scales(edit: Edit) -> str:
     for s in edit.scales[:8]:
         what = "ablate" if s.scale == 0 else f"scale ×{s.scale:g}"
         where = "" if s.ci_threshold is None else f" where CI > {s.ci_threshold:g}"
-        parts.append(f"{what} {s.component}{where}")
+        parts.append(f"{what} {s.key}{where}")
     more = f" (+{len(edit.scales) - 8} more)" if len(edit.scales) > 8 else ""
     return "; ".join(parts) + more
+
+
+def describe_training(report: TrainReport) -> str:
+    return (f"{report.mode} edit of {', '.join(report.components[:6])} "
+            f"({report.vectors} vectors, {report.steps} steps)")
+
+
+def training_params(components: Sequence[str], targets: Sequence[EditTarget],
+                    preserve: Sequence[str], settings: TrainSettings) -> dict[str, Any]:
+    """The parameters a trained edit is stored (and found again) under."""
+    return {"components": list(components), "targets": [t.model_dump() for t in targets],
+            "preserve": list(preserve), "settings": settings.model_dump()}
 
 
 def control_recipe(session: RunSession, info: EditInfo, params: dict[str, Any]
@@ -60,13 +95,13 @@ def control_recipe(session: RunSession, info: EditInfo, params: dict[str, Any]
 class EditBook:
     """Edits of one run in its app database, with an in-memory cache of loaded edits."""
 
-    def __init__(self, store: AppStore, session: RunSession) -> None:
+    def __init__(self, store: ResultStore, session: RunSession) -> None:
         self.store, self.session = store, session
         self._cache: dict[int, Edit] = {}
 
     @property
     def run_id(self) -> str:
-        return str(self.session.run.meta.get("run_id", self.session.run.name))
+        return self.session.run_id
 
     async def put(self, params: dict[str, Any], edit: Edit, *, type: str, name: str | None,
                   description: str, report: dict[str, Any] | None = None
@@ -107,3 +142,31 @@ class EditBook:
     async def list(self, limit: int = 50) -> list[EditInfo]:
         return [EditInfo(edit_id=i, **s["info"])
                 for i, s in await self.store.list_results(EDIT_KIND, limit)]
+
+    # ----------------------------------------------------------------------- create
+    async def scale(self, scales: Sequence[ComponentScale], *, name: str | None
+                    ) -> tuple[EditInfo, bool]:
+        """Store (or find) a scaling edit; keys are validated and made canonical."""
+        edit = scale_edit(self.session, scales)
+        params = {"scales": [s.record() for s in edit.scales]}
+        return await self.put(params, edit, type="scale", name=name,
+                              description=describe_scales(edit))
+
+    async def train(
+        self, components: Sequence[str], targets: Sequence[EditTarget],
+        settings: TrainSettings, *, preserve: Sequence[str] = (), name: str | None = None,
+        run: Runner[tuple[Edit, TrainReport]],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[EditInfo, bool, TrainReport | None]:
+        """The stored edit trained with this recipe, or train it now (through ``run``) and store
+        it. Returns (info, already stored, the fresh training report or None)."""
+        params = training_params(components, targets, preserve, settings)
+        found = await self.find(params, "train")
+        if found is not None:
+            return found, True, None
+        edit, report = await run(lambda: train_edit(
+            self.session, components, targets, settings, preserve=preserve, progress=progress))
+        info, cached = await self.put(params, edit, type="train", name=name,
+                                      description=describe_training(report),
+                                      report=report.model_dump())
+        return info, cached, report

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
+from spd_mcp.errors import AnalysisError
 from spd_mcp.harvest.examples import component_examples
 from spd_mcp.harvest.stats import (
     ComponentSummary,
@@ -18,8 +19,9 @@ from spd_mcp.harvest.stats import (
     top_tokens,
 )
 from spd_mcp.harvest.store import Harvest
-
-from .session import AnalysisError, RunSession
+from spd_mcp.keys import ComponentKey, layer_of
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import encode_document
 
 BIAS_DENSITY = 0.5
 """A component firing on more than this fraction of tokens is an always-on "bias" component."""
@@ -152,7 +154,7 @@ def search_by_token(
                                 min_count=min_count)
     if layer is not None:
         session.keys.layer(layer)
-        rows = [r for r in rows if r.key.rsplit(":", 1)[0] == layer]
+        rows = [r for r in rows if layer_of(r.key) == layer]
     kept, bias = [], 0
     for r in rows:
         d = float(density[r.index])
@@ -185,8 +187,8 @@ def search_by_layer(
         if d > BIAS_DENSITY and not include_bias:
             bias += 1
             continue
-        kept.append(FoundComponent(key=f"{layer}:{c}", score=round(d, 5), density=round(d, 5),
-                                   is_bias=d > BIAS_DENSITY))
+        kept.append(FoundComponent(key=str(ComponentKey(layer, c)), score=round(d, 5),
+                                   density=round(d, 5), is_bias=d > BIAS_DENSITY))
     return ComponentSearch(query={"layer": layer}, ranked_by="density", n_matching=len(kept),
                            components=kept[:k], excluded_bias=bias)
 
@@ -212,18 +214,15 @@ def output_token_effects(
     effect means ablating the component lowers the token's log-probability.
     """
     cm = session.cm
-    entry = session.run.target.entry
-    texts = getattr(entry, "dataset_text", None)
-    if texts is None:
-        raise AnalysisError(f"run {session.run.name!r} has no text dataset")
-    pad = session.tokenizer.pad_id
+    texts = session.require_lm().dataset_text
+    pad = session.tok.pad_id
     total = {m: torch.zeros(C, dtype=torch.float64, device=session.device)
              for m, C in cm.Cs.items()}
     used = 0
     for start in range(0, n_docs, batch_size):
         if used >= max_positions:
             break
-        rows = [session.tokenizer.encode(texts(i))[: session.max_len or None]
+        rows = [encode_document(session, texts(i))
                 for i in range(start, min(n_docs, start + batch_size))]
         T = max(len(r) for r in rows)
         ids = torch.full((len(rows), T), pad, dtype=torch.long, device=session.device)
@@ -265,7 +264,8 @@ def search_by_effect(
         raise AnalysisError(
             f"the model never predicts {token!r} (top-1) in the first {n_docs} dataset documents; "
             "rank by pmi / precision / recall instead")
-    keys = [f"{layer_}:{c}" for layer_ in session.layers for c in range(session.keys.Cs[layer_])]
+    keys = [str(ComponentKey(layer_, c)) for layer_ in session.layers
+            for c in range(session.keys.Cs[layer_])]
     density = h.stats.density() if h is not None else None
     order = torch.argsort(effect, descending=True).tolist()
     kept, bias = [], 0
@@ -273,7 +273,7 @@ def search_by_effect(
         if effect[i] <= 0:
             break
         key = keys[i]
-        if layer is not None and key.rsplit(":", 1)[0] != layer:
+        if layer is not None and layer_of(key) != layer:
             continue
         d = float(density[i]) if density is not None else None
         is_bias = d is not None and d > BIAS_DENSITY

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .components import generate
-from .edit import ComponentScale, Edit, edited_logits, scale_edit
-from .edit_text import Batch, document_batches, documents, prompt_batch
-from .session import AnalysisError, RunSession
+from spd_mcp.errors import AnalysisError
+from spd_mcp.keys import ComponentKey, layer_of
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import Batch, document_batches, documents, generate, prompt_batch
+
+from .edit import ComponentScale, Edit, ScaledComponent, edited_forward, edited_logits, scale_edit
 
 PROBE_SEED = 99
 """Probes for planted behaviours are drawn from this corpus seed (held out from SPD and edits)."""
@@ -234,20 +236,15 @@ def summarise(rows: Sequence[ProbeRow]) -> ProbeSummary | None:
 
 
 def behaviour_probes(session: RunSession, n: int, seed: int = PROBE_SEED) -> dict[str, list[Probe]]:
-    """Planted-behaviour probes (tales) from a held-out corpus seed; {} for other runs."""
-    entry = session.run.target.entry
-    if entry is None or entry.name != "tales":
-        return {}
-    from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
-
+    """Planted-behaviour probes from a held-out seed; {} for runs without planted behaviours."""
     return {name: [Probe(prompt=p.prompt, expected=p.expected) for p in b.probes(seed, n)]
-            for name, b in BEHAVIOURS.items()}
+            for name, b in session.behaviours().items()}
 
 
 def greedy(session: RunSession, edit: Edit | None, prompt: str, n: int) -> str:
     """The greedy continuation of ``prompt`` (target, or with ``edit``), as text."""
     return " ".join(generate(session, session.encode(prompt), max_new_tokens=n,
-                             edit=edit).generated)
+                             forward=edited_forward(session, edit)).generated)
 
 
 # ------------------------------------------------------------------------------ control
@@ -272,11 +269,11 @@ def random_like(session: RunSession, components: Sequence[str], alive: dict[str,
     chosen = set(components)
     out: list[str] = []
     for key in components:
-        layer = key.rsplit(":", 1)[0]
-        pool = [f"{layer}:{c}" for c in alive[layer].nonzero()[:, 0].tolist()]
+        layer = layer_of(key)
+        pool = [str(ComponentKey(layer, c)) for c in alive[layer].nonzero()[:, 0].tolist()]
         pool = [k for k in pool if k not in chosen] or [
-            f"{layer}:{c}" for c in range(session.keys.Cs[layer])
-            if f"{layer}:{c}" not in chosen]
+            k for k in (str(ComponentKey(layer, c)) for c in range(session.keys.Cs[layer]))
+            if k not in chosen]
         pick = rng.choice(pool)
         chosen.add(pick)
         out.append(pick)
@@ -285,7 +282,7 @@ def random_like(session: RunSession, components: Sequence[str], alive: dict[str,
 
 def scaled_control(edit: Edit, randoms: Sequence[str]) -> Edit:
     """The same scales (and thresholds) moved onto other components."""
-    return Edit(scales=[ComponentScale(component=r, scale=s.scale, ci_threshold=s.ci_threshold)
+    return Edit(scales=[ScaledComponent(ComponentKey.parse(r), s.scale, s.ci_threshold)
                         for s, r in zip(edit.scales, randoms, strict=True)])
 
 
@@ -391,4 +388,4 @@ def screen_components(
     docs = documents(session, "train", n_texts)
     batches = document_batches(session, docs, batch_size)
     metrics, _ = text_metrics(session, edits, batches, {})
-    return [(e.scales[0].component, m.kl) for e, m in zip(edits, metrics, strict=True)]
+    return [(str(e.scales[0].key), m.kl) for e, m in zip(edits, metrics, strict=True)]

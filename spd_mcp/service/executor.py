@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from spd_mcp.errors import SpdMcpError
+
 T = TypeVar("T")
 
 
-class Busy(RuntimeError):
+class Busy(SpdMcpError):
     """The executor cannot take or start the job in time."""
 
     def __init__(self, message: str, retry_after_s: float) -> None:

@@ -9,29 +9,28 @@ decomposed modules that add the edited components' change to the exact target ou
 
 so the baseline always includes the weight delta (the target itself), an empty edit is the target
 exactly, and leaving the context reverts the edit. Baking adds the same rank-1 changes to the
-weight matrices, giving a plain target checkpoint. CI gates use the *natural* CI of the input (the
-unedited model's), computed in a first pass.
+weight matrices, giving a plain target checkpoint (:mod:`spd_mcp.editing.bake`). CI gates use
+the *natural* CI of the input (the unedited model's), computed in a first pass.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import load, save, save_file
+from safetensors.torch import load, save
 from torch import Tensor, nn
 
+from spd_mcp.errors import AnalysisError
+from spd_mcp.keys import ComponentKey
 from spd_mcp.model.components import Components
-from spd_mcp.model.run_io import publish_dir
-
-from .session import AnalysisError, RunSession
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import Forward
 
 MAX_EDIT_COMPONENTS = 256
 
@@ -55,6 +54,25 @@ class ComponentScale(BaseModel):
         return v
 
 
+@dataclass(frozen=True)
+class ScaledComponent:
+    """One validated scaling of an edit: a component key, its scale, its optional CI gate."""
+
+    key: ComponentKey
+    scale: float
+    ci_threshold: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The stored form (the fields of :class:`ComponentScale`)."""
+        return {"component": str(self.key), "scale": self.scale,
+                "ci_threshold": self.ci_threshold}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ScaledComponent:
+        s = ComponentScale.model_validate(record)
+        return cls(ComponentKey.parse(s.component), s.scale, s.ci_threshold)
+
+
 @dataclass
 class LayerAdapter:
     """Trained replacement vectors for some components of one layer (canonical layer name)."""
@@ -68,7 +86,7 @@ class LayerAdapter:
 class Edit:
     """A set of changes to a run's target, addressed by canonical layer names."""
 
-    scales: list[ComponentScale] = field(default_factory=list)
+    scales: list[ScaledComponent] = field(default_factory=list)
     adapters: dict[str, LayerAdapter] = field(default_factory=dict)
     dense: dict[str, Tensor] = field(default_factory=dict)
     """layer → additive weight change in the target's layout (the full-matrix baseline)."""
@@ -82,13 +100,13 @@ class Edit:
         return any(s.ci_threshold is not None for s in self.scales)
 
     def components(self) -> list[str]:
-        keys = [s.component for s in self.scales]
-        keys += [f"{layer}:{c}" for layer, a in self.adapters.items() for c in a.index]
+        keys = [str(s.key) for s in self.scales]
+        keys += [str(ComponentKey(layer, c)) for layer, a in self.adapters.items() for c in a.index]
         return keys
 
     def describe(self) -> dict[str, Any]:
         return {
-            "scales": [s.model_dump() for s in self.scales],
+            "scales": [s.record() for s in self.scales],
             "adapters": {layer: a.index for layer, a in self.adapters.items()},
             "dense": sorted(self.dense),
         }
@@ -114,7 +132,7 @@ class Edit:
             for layer, idx in record.get("adapters", {}).items()
         }
         dense = {layer: t[f"dense.{layer}"] for layer in record.get("dense", [])}
-        scales = [ComponentScale.model_validate(s) for s in record.get("scales", [])]
+        scales = [ScaledComponent.from_record(s) for s in record.get("scales", [])]
         return cls(scales=scales, adapters=adapters, dense=dense)
 
 
@@ -123,15 +141,14 @@ def scale_edit(session: RunSession, scales: Sequence[ComponentScale]) -> Edit:
     if len(scales) > MAX_EDIT_COMPONENTS:
         raise AnalysisError(
             f"an edit may scale at most {MAX_EDIT_COMPONENTS} components, got {len(scales)}")
-    seen: set[str] = set()
+    seen: set[ComponentKey] = set()
     out = []
     for s in scales:
         key = session.keys.component(s.component)
-        canon = f"{key.layer}:{key.c}"
-        if canon in seen:
-            raise AnalysisError(f"component {canon} appears twice in the edit; give it once")
-        seen.add(canon)
-        out.append(s.model_copy(update={"component": canon}))
+        if key in seen:
+            raise AnalysisError(f"component {key} appears twice in the edit; give it once")
+        seen.add(key)
+        out.append(ScaledComponent(key, s.scale, s.ci_threshold))
     return Edit(scales=out)
 
 
@@ -155,7 +172,7 @@ class _LayerPlan:
     dense: Tensor | None = None
 
 
-def _plans(session: RunSession, edit: Edit) -> dict[str, _LayerPlan]:
+def layer_plans(session: RunSession, edit: Edit) -> dict[str, _LayerPlan]:
     """Module path → what to add in that layer (the run's own vectors enter detached)."""
     cm, dev = session.cm, session.device
     plans: dict[str, _LayerPlan] = {}
@@ -166,13 +183,12 @@ def _plans(session: RunSession, edit: Edit) -> dict[str, _LayerPlan]:
         m = session.to_module[layer]
         return plans.setdefault(m, _LayerPlan(cm.component(m)))
 
-    by_layer: dict[str, list[ComponentScale]] = {}
+    by_layer: dict[str, list[ScaledComponent]] = {}
     for s in edit.scales:
-        layer = s.component.rsplit(":", 1)[0]
-        by_layer.setdefault(layer, []).append(s)
+        by_layer.setdefault(s.key.layer, []).append(s)
     for layer, ss in by_layer.items():
         p = plan(layer)
-        idx = torch.tensor([int(s.component.rsplit(":", 1)[1]) for s in ss], device=dev)
+        idx = torch.tensor([s.key.c for s in ss], device=dev)
         p.scale_idx = idx
         p.scale_V, p.scale_U = p.comp.V.detach()[:, idx], p.comp.U.detach()[idx]
         p.factor = torch.tensor([s.scale - 1.0 for s in ss], device=dev)
@@ -231,7 +247,7 @@ def applied(session: RunSession, edit: Edit, x: Tensor | None = None) -> Iterato
         with torch.no_grad():
             _, c = cm.ci_for(x)
         ci = c.lower
-    plans = _plans(session, edit)
+    plans = layer_plans(session, edit)
     mods = dict(cm.target.named_modules())
     handles = [mods[m].register_forward_hook(_make_hook(p, ci, m)) for m, p in plans.items()]
     try:
@@ -247,80 +263,8 @@ def edited_logits(session: RunSession, edit: Edit, x: Tensor) -> Tensor:
         return session.cm.target(x)
 
 
-# ------------------------------------------------------------------------------------ baking
-def weight_changes(session: RunSession, edit: Edit) -> dict[str, Tensor]:
-    """Module path → additive change of its weight (target layout) that bakes the edit."""
-    if edit.gated:
-        gated = [s.component for s in edit.scales if s.ci_threshold is not None]
-        raise AnalysisError(
-            f"cannot bake a CI-gated edit ({', '.join(gated[:5])}): its effect depends on the "
-            "input. Bake the ungated edit (ci_threshold=None) or apply it at runtime")
-    out: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for m, p in _plans(session, edit).items():
-            comp = p.comp
-            VU = torch.zeros(comp.d_in, comp.d_out, device=session.device)
-            if p.scale_V is not None:
-                assert p.factor is not None and p.scale_U is not None
-                VU += (p.scale_V * p.factor) @ p.scale_U
-            if p.adapter is not None:
-                assert p.old_V is not None and p.old_U is not None
-                VU += p.adapter.V.detach() @ p.adapter.U.detach() - p.old_V @ p.old_U
-            change = comp.target_shaped(VU)
-            if p.dense is not None:
-                change = change + p.dense.detach()
-            out[m] = change
-    return out
-
-
-def baked_target_state(session: RunSession, edit: Edit) -> dict[str, Tensor]:
-    """The target's state dict with the edit baked into its weights (CPU copies)."""
-    changes = weight_changes(session, edit)
-    state = {k: v.detach().clone() for k, v in session.cm.target.state_dict().items()}
-    for m, change in changes.items():
-        state[f"{m}.weight"] = state[f"{m}.weight"] + change
-    return {k: v.cpu().contiguous() for k, v in state.items()}
-
-
-EDITED_TARGET_FILE = "target.safetensors"
-EDITED_META_FILE = "edited_target.json"
-
-
-def export_baked(session: RunSession, edit: Edit, out: Path, *, note: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
-    """Write a standalone target checkpoint (weights + target spec + tokenizer) atomically."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise AnalysisError(f"{out} already exists; choose another directory or overwrite")
-    state = baked_target_state(session, edit)
-    with publish_dir(out) as tmp:
-        save_file(state, str(tmp / EDITED_TARGET_FILE))
-        entry = session.run.target.entry
-        if entry is not None:
-            entry.save_extras(tmp)
-        meta = {
-            "kind": "spd-mcp edited target",
-            "target": session.run.meta["target"],
-            "source_run": {"name": session.run.name, "run_id": session.run.meta.get("run_id")},
-            "edit": edit.describe(),
-            "note": note or {},
-        }
-        (tmp / EDITED_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-def load_edited_target(path: Path, *, device: str = "cpu") -> nn.Module:
-    """Load a checkpoint written by :func:`export_baked` as a plain target module (no SPD)."""
-    from pydantic import TypeAdapter
-
-    from spd_mcp.model.config import ImportTarget, ZooTarget
-    from spd_mcp.model.targets import resolve_target
-
-    path = Path(path)
-    meta_file = path / EDITED_META_FILE
-    if not meta_file.is_file():
-        raise AnalysisError(f"{path} is not an exported edited target (no {EDITED_META_FILE})")
-    meta = json.loads(meta_file.read_text())
-    spec = TypeAdapter(ZooTarget | ImportTarget).validate_python(meta["target"])
-    resolved = resolve_target(spec, weights=path / EDITED_TARGET_FILE, run_dir=path)
-    return resolved.model.to(device).eval()
+def edited_forward(session: RunSession, edit: Edit | None) -> Forward | None:
+    """A forward (ids → logits) of the target under ``edit``; None for no edit (the target)."""
+    if edit is None:
+        return None
+    return lambda x: edited_logits(session, edit, x)

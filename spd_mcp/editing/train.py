@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from spd_mcp.errors import AnalysisError
+from spd_mcp.keys import ComponentKey, layer_of
+from spd_mcp.model.session import RunSession
+from spd_mcp.model.text import Batch, document_batches, documents, prompt_batch
+
 from .edit import Edit, LayerAdapter, applied
-from .edit_text import Batch, document_batches, documents, prompt_batch
-from .session import AnalysisError, RunSession
 
 MAX_TRAIN_COMPONENTS = 64
 MAX_TARGETS = 256
@@ -108,7 +111,7 @@ def build_trainable(session: RunSession, components: Sequence[str],
     by_layer: dict[str, list[int]] = {}
     for k in keys:
         if k.c in by_layer.setdefault(k.layer, []):
-            raise AnalysisError(f"component {k.layer}:{k.c} is listed twice")
+            raise AnalysisError(f"component {k} is listed twice")
         by_layer[k.layer].append(k.c)
     edit = Edit()
     leaves: list[Tensor] = []
@@ -126,7 +129,7 @@ def build_trainable(session: RunSession, components: Sequence[str],
         U = comp.U.detach()[ix].clone().requires_grad_(settings.vectors != "read")
         edit.adapters[layer] = LayerAdapter(list(idx), V, U)
         leaves += [t for t in (V, U) if t.requires_grad]
-    return edit, leaves, [f"{k.layer}:{k.c}" for k in keys]
+    return edit, leaves, [str(k) for k in keys]
 
 
 def train_edit(
@@ -209,7 +212,7 @@ def train_edit(
             top1_after=session.token_str(int(after_last[i].argmax()))))
     report = TrainReport(
         mode=settings.mode, vectors=settings.vectors if settings.mode == "components" else "all",
-        components=keys, layers=sorted({k.rsplit(":", 1)[0] for k in keys}),
+        components=keys, layers=sorted({layer_of(k) for k in keys}),
         n_trainable=sum(t.numel() for t in leaves), steps=settings.steps,
         seconds=round(time.time() - t0, 3), objective_before=round(obj0, 6),
         objective_after=round(float(_objective(after_last, tok, lower)), 6),
@@ -235,7 +238,8 @@ def rank_for_change(
     with torch.enable_grad():
         lp = _last_lp(cm(pb.ids, masks=masks, delta_masks={m: 1.0 for m in masks}), pb)
         grads = torch.autograd.grad((lp[:, a] - lp[:, b]).sum(), list(masks.values()))
-    keys = [f"{session.to_canonical[m]}:{c}" for m, C in cm.Cs.items() for c in range(C)]
+    keys = [str(ComponentKey(session.to_canonical[m], c)) for m, C in cm.Cs.items()
+            for c in range(C)]
     eff = torch.cat([(g * pb.mask[..., None]).sum((0, 1)) / B for g in grads])
     top = torch.argsort(eff, descending=True)[:k].tolist()
     return [(keys[i], round(float(eff[i]), 5)) for i in top]

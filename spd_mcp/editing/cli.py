@@ -108,16 +108,13 @@ def _groups(items: list[str]) -> dict[str, list[str]]:
 
 
 def _book_call(session: Any, fn: Callable[[Any], Awaitable[T]]) -> T:
-    from spd_mcp.edit_store import EditBook
-    from spd_mcp.server import app_db_path
-    from spd_mcp.store import AppStore
+    """Run ``fn(book)`` against the run's edit book (its app database, opened for the call)."""
+    from spd_mcp.editing.book import EditBook
+    from spd_mcp.service.state import app_store
 
     async def main() -> T:
-        store = await AppStore.open(app_db_path(session))
-        try:
+        async with app_store(session) as store:
             return await fn(EditBook(store, session))
-        finally:
-            await store.close()
 
     return asyncio.run(main())
 
@@ -126,8 +123,8 @@ def _measure(session: Any, edit: Any, info: Any, params: dict[str, Any],
              args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from spd_mcp.analysis.edit_measure import MeasureSettings, Probe, measure_edit
-    from spd_mcp.edit_store import control_recipe
+    from spd_mcp.editing.book import control_recipe
+    from spd_mcp.editing.measure import MeasureSettings, Probe, measure_edit
 
     settings = MeasureSettings(
         probes=[Probe(prompt=p, expected=t) for p, t in (_pair(x, "--probe") for x in args.probe)],
@@ -186,13 +183,69 @@ def _print_measurement(m: Any) -> None:
         c.print(f"note: {n}")
 
 
+def _scales(args: argparse.Namespace) -> list[Any]:
+    from spd_mcp.editing.edit import ComponentScale
+
+    scales = []
+    for item in args.scales:
+        key, sep, val = item.rpartition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: write it as COMPONENT=SCALE, e.g. 1.mlp.down:17=0")
+        try:
+            scale = float(val)
+        except ValueError:
+            raise ValueError(f"{item!r}: scale {val!r} is not a number") from None
+        scales.append(ComponentScale(component=key, scale=scale, ci_threshold=args.ci_threshold))
+    return scales
+
+
+def _train(session: Any, args: argparse.Namespace) -> tuple[Any, bool]:
+    """Train (or find) the edit the flags describe; prints the training report."""
+    from rich.progress import Progress
+
+    from spd_mcp.editing.book import EditBook
+    from spd_mcp.editing.train import EditTarget, TrainSettings
+    from spd_mcp.service.state import app_store
+
+    targets = [EditTarget(prompt=p, token=t) for p, t in
+               (_pair(x, "--raise") for x in args.raise_)]
+    targets += [EditTarget(prompt=p, token=t, direction="lower") for p, t in
+                (_pair(x, "--lower") for x in args.lower)]
+    if not targets:
+        raise ValueError("give at least one --raise or --lower 'PROMPT => TOKEN'")
+    preserve = list(args.preserve)
+    if args.preserve_file is not None:
+        preserve += [ln.strip() for ln in args.preserve_file.read_text().splitlines()
+                     if ln.strip()]
+    settings = TrainSettings(vectors=args.vectors, mode=args.mode, steps=args.steps,
+                             lr=args.lr, kl_coeff=args.kl_coeff, n_kl_texts=args.n_kl_texts)
+
+    async def in_place(fn: Callable[[], T]) -> T:
+        return fn()
+
+    async def main() -> tuple[Any, bool, Any]:
+        async with app_store(session) as store:
+            with Progress(transient=True) as bar:
+                task = bar.add_task("training", total=settings.steps)
+                return await EditBook(store, session).train(
+                    args.component, targets, settings, preserve=preserve, name=args.name,
+                    run=in_place, progress=lambda done, total: bar.update(task, completed=done))
+
+    info, cached, report = asyncio.run(main())
+    if report is not None:
+        for r in report.targets:
+            print(f"  P({r.token}) {r.before:.4f} → {r.after:.4f}   top-1 {r.top1_before} → "
+                  f"{r.top1_after}   | {r.prompt[-60:]}", file=sys.stderr)
+        print(f"trained {report.n_trainable} scalars in {report.seconds:.1f} s; KL on training "
+              f"text {report.kl_train_text_after:.5f}", file=sys.stderr)
+    return info, cached
+
+
 def edit_command(args: argparse.Namespace) -> int:
     import torch
 
-    from spd_mcp.analysis.edit import ComponentScale, export_baked, scale_edit
-    from spd_mcp.analysis.edit_train import EditTarget, TrainSettings, train_edit
-    from spd_mcp.analysis.session import RunSession
-    from spd_mcp.edit_store import describe_scales
+    from spd_mcp.editing.bake import export_baked
+    from spd_mcp.model.session import RunSession
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,63 +265,17 @@ def edit_command(args: argparse.Namespace) -> int:
             return 0
         return _measure(session, edit, info, params, args)
     if cmd == "scale":
-        scales = []
-        for item in args.scales:
-            key, sep, val = item.rpartition("=")
-            if not sep:
-                raise ValueError(f"{item!r}: write it as COMPONENT=SCALE, e.g. 1.mlp.down:17=0")
-            try:
-                scale = float(val)
-            except ValueError:
-                raise ValueError(f"{item!r}: scale {val!r} is not a number") from None
-            scales.append(ComponentScale(component=key, scale=scale,
-                                         ci_threshold=args.ci_threshold))
-        edit = scale_edit(session, scales)
-        params: dict[str, Any] = {"scales": [s.model_dump() for s in edit.scales]}
-        info, cached = _book_call(session, lambda b: b.put(
-            params, edit, type="scale", name=args.name, description=describe_scales(edit)))
+        scales = _scales(args)
+        info, cached = _book_call(session, lambda b: b.scale(scales, name=args.name))
     else:
-        targets = [EditTarget(prompt=p, token=t) for p, t in
-                   (_pair(x, "--raise") for x in args.raise_)]
-        targets += [EditTarget(prompt=p, token=t, direction="lower") for p, t in
-                    (_pair(x, "--lower") for x in args.lower)]
-        if not targets:
-            raise ValueError("give at least one --raise or --lower 'PROMPT => TOKEN'")
-        preserve = list(args.preserve)
-        if args.preserve_file is not None:
-            preserve += [ln.strip() for ln in args.preserve_file.read_text().splitlines()
-                         if ln.strip()]
-        settings = TrainSettings(vectors=args.vectors, mode=args.mode, steps=args.steps,
-                                 lr=args.lr, kl_coeff=args.kl_coeff, n_kl_texts=args.n_kl_texts)
-        params = {"components": args.component, "targets": [t.model_dump() for t in targets],
-                  "preserve": preserve, "settings": settings.model_dump()}
-        from rich.progress import Progress
-
-        found = _book_call(session, lambda b: b.find(params, "train"))
-        if found is not None:
-            edit, info, params = _book_call(session, lambda b: b.get(found.edit_id))
-            return _finish(session, edit, info, params, True, args)
-        with Progress(transient=True) as bar:
-            task = bar.add_task("training", total=settings.steps)
-            edit, report = train_edit(
-                session, args.component, targets, settings, preserve=preserve,
-                progress=lambda done, total: bar.update(task, completed=done))
-        for r in report.targets:
-            print(f"  P({r.token}) {r.before:.4f} → {r.after:.4f}   top-1 {r.top1_before} → "
-                  f"{r.top1_after}   | {r.prompt[-60:]}", file=sys.stderr)
-        print(f"trained {report.n_trainable} scalars in {report.seconds:.1f} s; KL on training "
-              f"text {report.kl_train_text_after:.5f}", file=sys.stderr)
-        desc = (f"{report.mode} edit of {', '.join(report.components[:6])} "
-                f"({report.vectors} vectors, {report.steps} steps)")
-        info, cached = _book_call(session, lambda b: b.put(
-            params, edit, type="train", name=args.name, description=desc,
-            report=report.model_dump()))
+        info, cached = _train(session, args)
+    edit, info, params = _book_call(session, lambda b: b.get(info.edit_id))
     return _finish(session, edit, info, params, cached, args)
 
 
 def _finish(session: Any, edit: Any, info: Any, params: dict[str, Any], cached: bool,
             args: argparse.Namespace) -> int:
-    from spd_mcp.analysis.edit import export_baked
+    from spd_mcp.editing.bake import export_baked
 
     print(f"edit {info.edit_id}{' (already stored)' if cached else ''}: {info.description}")
     if args.export is not None:

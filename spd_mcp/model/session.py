@@ -1,33 +1,29 @@
-"""A loaded run prepared for analysis: topology, key space, tokenizer and natural CI.
+"""A loaded run prepared for analysis: topology, key space, text target and natural CI.
 
 Analyses address layers by canonical name (``0.attn.q``); the ComponentModel uses module paths
-(``blocks.0.attn.q``). :class:`RunSession` converts at this boundary and nowhere else.
+(``blocks.0.attn.q``). :class:`RunSession` converts at this boundary and nowhere else. What the
+target offers beyond its weights (tokenizer, text, behaviours) comes from its adapter as a
+:class:`~spd_mcp.model.text_target.TextTarget`; the structure from its
+:class:`~spd_mcp.model.topology.Topology`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from spd_mcp.errors import AnalysisError
 from spd_mcp.keys import ComponentKey, KeySpace
 from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.run_io import LoadedRun, load_run
+from spd_mcp.model.text_target import PlantedBehaviour, TextTarget, TextTokenizer
 from spd_mcp.model.topology import Topology
-from spd_mcp.model.zoo.transformer import Transformer
 
-
-class AnalysisError(ValueError):
-    """Bad input to an analysis; the message says what is wrong and what is valid."""
-
-
-def topology_for(run: LoadedRun) -> Topology:
-    model = run.target.model
-    if isinstance(model, Transformer):
-        return Topology.for_transformer(model.config)
-    return Topology.identity(run.model.layer_names)
+__all__ = ["AnalysisError", "NaturalCI", "RunSession"]
 
 
 @dataclass
@@ -46,18 +42,24 @@ class RunSession:
         self.run = run
         self.cm: ComponentModel = run.model
         self.device = next(self.cm.parameters()).device
-        self.topology = topology_for(run)
+        self.topology: Topology = run.target.topology or Topology.identity(run.model.layer_names)
         self.to_canonical = {m: self.topology.to_canonical(m) for m in self.cm.layer_names}
         self.to_module = {c: m for m, c in self.to_canonical.items()}
-        self.tokenizer: Any = getattr(run.target.entry, "tokenizer", None)
+        self.text: TextTarget | None = run.target.text
+        self.tokenizer: Any = self.text.tokenizer if self.text is not None else None
         vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
         self.keys = KeySpace({self.to_canonical[m]: C for m, C in self.cm.Cs.items()}, vocab)
-        model = run.target.model
-        self.max_len: int | None = model.config.max_len if isinstance(model, Transformer) else None
+        self.max_len: int | None = self.topology.max_len
+        self.memo: dict[str, Any] = {}
+        """Results analyses compute once per run (e.g. the background CI)."""
 
     @classmethod
     def load(cls, ref: str, *, device: str = "cpu") -> RunSession:
         return cls(load_run(ref, device=device))
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
 
     @property
     def layers(self) -> list[str]:
@@ -66,42 +68,55 @@ class RunSession:
 
     @property
     def is_language_model(self) -> bool:
-        return self.tokenizer is not None
+        return self.text is not None
+
+    def behaviours(self) -> Mapping[str, PlantedBehaviour]:
+        """Planted behaviours of the target (empty for models without them)."""
+        return self.text.behaviours() if self.text is not None else {}
 
     # ------------------------------------------------------------------------------- text
-    def require_lm(self) -> None:
-        if not self.is_language_model:
+    def require_lm(self) -> TextTarget:
+        if self.text is None:
             raise AnalysisError(
                 f"run {self.run.name!r} has no tokenizer (a toy model); text tools need a "
                 "language-model run such as 'tales'"
             )
+        return self.text
+
+    @property
+    def tok(self) -> TextTokenizer:
+        """The tokenizer (an error for toy models)."""
+        return self.require_lm().tokenizer
 
     def encode(self, text: str) -> list[int]:
         """Token ids (with BOS) of ``text``; unknown words and over-long text are errors."""
-        self.require_lm()
+        tok = self.tok
         if not isinstance(text, str) or not text.strip():
             raise AnalysisError("text is empty; give at least one word")
-        words = text.split()
-        unk = self.tokenizer.unk_id
-        unknown = sorted({w for w in words if self.tokenizer.token_to_id(w) == unk})
+        unknown = self.unknown_words(text)
         if unknown:
             raise AnalysisError(
                 f"words not in the vocabulary: {unknown[:20]}; the tokenizer is word-level and "
                 "lower-case with punctuation as separate words (e.g. 'the ball was red .'); "
                 "use `tokenize` to check a text"
             )
-        ids = self.tokenizer.encode(text)
+        ids = tok.encode(text)
         if self.max_len is not None and len(ids) > self.max_len:
             raise AnalysisError(
                 f"text has {len(ids)} tokens (with BOS); the model's context is {self.max_len}"
             )
         return ids
 
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of ``text`` the tokenizer maps to its unknown token, sorted."""
+        tok = self.tok
+        return sorted({w for w in text.split() if tok.token_to_id(w) == tok.unk_id})
+
     def token_id(self, token: str) -> int:
         """Id of one vocabulary word."""
-        self.require_lm()
-        tid = self.tokenizer.token_to_id(token)
-        if tid == self.tokenizer.unk_id and token != "<unk>":
+        tok = self.tok
+        tid = tok.token_to_id(token)
+        if tid == tok.unk_id and token != "<unk>":
             raise AnalysisError(f"token {token!r} is not in the vocabulary")
         return int(tid)
 

@@ -1,0 +1,79 @@
+"""What is being served: the run, its layers, key grammar, planted behaviours and analyses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .labels import best_labels
+from .state import AppState
+
+KEY_GRAMMAR = ("component 'LAYER:C' (e.g. '1.attn.o:5'); node 'LAYER:POS:C' (e.g. "
+               "'1.attn.o:12:5'); 'embed:POS:0'; 'output:POS:TOKEN_ID'. Positions count "
+               "from 0, and position 0 is the <bos> token.")
+
+
+class LayerInfo(BaseModel):
+    name: str = Field(description="canonical layer name used in every key")
+    module: str
+    C: int
+    d_in: int
+    d_out: int
+
+
+class BehaviourInfo(BaseModel):
+    name: str
+    rule: str
+    example_prompt: str
+    expected_next_token: str
+
+
+class ModelInfo(BaseModel):
+    run: str
+    run_id: str
+    architecture: dict[str, Any]
+    layers: list[LayerInfo]
+    vocab_size: int | None
+    max_len: int | None
+    key_grammar: str
+    analyses: dict[str, bool] = Field(description="which offline analyses exist for this run")
+    planted_behaviours: list[BehaviourInfo] = Field(
+        description="ground-truth behaviours of the target (zoo language models)"
+    )
+    device: str
+    compute_queue: dict[str, Any]
+
+
+def architecture(st: AppState) -> dict[str, Any]:
+    """The target's class name and, where the model has one, its config."""
+    model = st.session.run.target.model
+    arch: dict[str, Any] = {"type": type(model).__name__}
+    config = getattr(model, "config", None)
+    if isinstance(config, BaseModel):
+        arch |= config.model_dump()
+    return arch
+
+
+async def model_info(st: AppState) -> ModelInfo:
+    s = st.session
+    h = await st.harvest()
+    attr = await st.attributions()
+    labels = await best_labels(st)
+    layers = [
+        LayerInfo(name=c, module=m, C=s.cm.Cs[m], d_in=s.cm.component(m).d_in,
+                  d_out=s.cm.component(m).d_out)
+        for m, c in s.to_canonical.items()
+    ]
+    behaviours = [BehaviourInfo(name=b.name, rule=b.rule, example_prompt=b.example_prompt,
+                                expected_next_token=b.example_expected)
+                  for b in s.behaviours().values()]
+    return ModelInfo(
+        run=s.run.name, run_id=s.run_id, architecture=architecture(st), layers=layers,
+        vocab_size=s.keys.vocab_size, max_len=s.max_len, key_grammar=KEY_GRAMMAR,
+        analyses={"harvest": h is not None, "dataset_attributions": attr is not None,
+                  "labels": bool(labels)},
+        planted_behaviours=behaviours, device=str(s.device),
+        compute_queue={"running": st.executor.running, "estimated_wait_s":
+                       round(st.executor.estimated_wait(), 2)},
+    )
