@@ -40,11 +40,16 @@ def main() -> None:
 
     components = sorted({str(k.component) for k in
                          run.session.keys.nodes(nodes, len(run.session.encode(PROMPT)))})
-    edit = run.edit(dict.fromkeys(components, 0.0))
-    edited = run.generate(PROMPT, max_new_tokens=1, edit=edit).token_probs[0]
-    target = run.generate(PROMPT, max_new_tokens=1).token_probs[0]
-    print(f"ablating its {len(components)} components everywhere: P(top token) "
-          f"{target:.3f} → {edited:.3f}")
+    abl = run.ablate(PROMPT, components, label="he")
+    assert abl.label_prob is not None
+    print(f"ablating its {len(components)} components at every position: P(he) "
+          f"{abl.label_prob['target']:.3f} → {abl.label_prob['ablated']:.3f}")
+    assert abl.label_prob["ablated"] < abl.label_prob["target"], abl.label_prob
+
+    edit = run.edit(dict.fromkeys(components, 0.0))  # the same ablation as a stored-able edit
+    gen = run.generate(PROMPT, max_new_tokens=1, edit=edit)
+    print(f"the edited model continues with {gen.generated} (p={gen.token_probs[0]:.3f})")
+    assert gen.generated != ["he"], gen  # the edit is the ablation: "he" is gone
     assert graph.n_nodes > 0 and graph.n_edges > 0
     print("ok")
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.realclients.clients import claude_env
-from tests.realclients.node_tools import require_node_tools
+from tests.realclients.clients import claude_env, claude_mcp_list
+from tests.realclients.node_tools import NodeTools, require_node_tools
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -22,7 +24,7 @@ def _run(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"python_api.py", "scripted_calls.py", "claude_mcp_add.sh"}
+    tested = {"python_api.py", "scripted_calls.py", "claude_mcp_add.sh", ".mcp.json"}
     assert {p.name for p in EXAMPLES.iterdir() if p.is_file()} == tested
 
 
@@ -34,10 +36,31 @@ def test_python_example(name: str, tmp_path: Path) -> None:
     assert out.rstrip().endswith("ok"), out
 
 
+def _path_with_claude(tools: NodeTools, tmp_path: Path) -> str:
+    """PATH with `claude` (the pinned Claude Code) and this venv's `spd-mcp` first."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").symlink_to(tools.claude)
+    venv_bin = Path(sys.executable).parent
+    return os.pathsep.join([str(bin_dir), str(venv_bin), os.environ["PATH"]])
+
+
 def test_claude_mcp_add_example(tmp_path: Path) -> None:
     tools = require_node_tools()
-    venv_bin = Path(sys.executable).parent
-    env = claude_env(tmp_path, extra={"SPD_MCP_HOME": str(tmp_path / "home")})
-    env["PATH"] = os.pathsep.join([str(Path(tools.claude).parent), str(venv_bin), env["PATH"]])
+    env = claude_env(tmp_path, extra={"SPD_MCP_HOME": str(tmp_path / "home"),
+                                      "PATH": _path_with_claude(tools, tmp_path)})
     out = _run(["sh", str(EXAMPLES / "claude_mcp_add.sh")], env, tmp_path).stdout
     assert "✔ Connected" in out, out
+
+
+def test_project_mcp_json_example(tmp_path: Path) -> None:
+    """examples/.mcp.json, as a project's .mcp.json, connects (once project servers are
+    approved in the user's settings)."""
+    tools = require_node_tools()
+    shutil.copy(EXAMPLES / ".mcp.json", tmp_path / ".mcp.json")
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / "settings.json").write_text(
+        json.dumps({"enableAllProjectMcpServers": True}))
+    listed = claude_mcp_list(tmp_path, tools=tools, env={
+        "SPD_MCP_HOME": str(tmp_path / "home"), "PATH": _path_with_claude(tools, tmp_path)})
+    assert listed.status.get("spd") == "✔ Connected", listed.stdout
