@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-FOUNDATION = frozenset({"keys", "errors", "paths", "files", "http"})
+FOUNDATION = frozenset({"keys", "errors", "paths", "files", "http", "lazy"})
 COMPUTATIONS = frozenset({"analysis", "harvest", "attributions", "editing", "interp",
                           "investigation"})
 FACES = frozenset({"tools", "viewer", "api", "launch", "demo"})
@@ -27,6 +27,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "paths": frozenset(),
     "files": frozenset(),
     "http": frozenset(),
+    "lazy": frozenset(),
     # the SPD core, run I/O, targets and the run session
     "model": FOUNDATION,
     # pure computations on a loaded run

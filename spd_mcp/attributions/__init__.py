@@ -7,8 +7,9 @@ Names are imported lazily so that ``spd_mcp.attributions.cli`` / ``.config`` loa
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spd_mcp.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .compute import (
@@ -38,7 +39,6 @@ _EXPORTS = {
     "store": ["AttributionManifest", "Attributions", "AttributionsNotFound", "list_attributions",
               "load_attributions"],
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = [  # noqa: RUF022 (grouped by module)
     "Accumulator", "AttributionSums", "accumulate", "natural_ci_fn", "reference_attributions",
     "AttributionConfig", "AttributionError", "config_hash",
@@ -47,15 +47,4 @@ __all__ = [  # noqa: RUF022 (grouped by module)
     "AttributionManifest", "Attributions", "AttributionsNotFound", "list_attributions",
     "load_attributions",
 ]
-assert sorted(__all__) == sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'spd_mcp.attributions' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

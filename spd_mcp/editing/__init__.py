@@ -14,8 +14,9 @@ Names are imported lazily so that ``spd_mcp.editing.cli`` loads without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spd_mcp.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .bake import export_baked, load_edited_target
@@ -31,7 +32,6 @@ _EXPORTS = {
     "measure": ["EditMeasurement", "MeasureSettings", "Probe", "measure_edit"],
     "train": ["EditTarget", "TrainReport", "TrainSettings", "train_edit"],
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = [  # noqa: RUF022 (grouped by module)
     "export_baked", "load_edited_target",
     "EditBook", "EditInfo",
@@ -39,15 +39,4 @@ __all__ = [  # noqa: RUF022 (grouped by module)
     "EditMeasurement", "MeasureSettings", "Probe", "measure_edit",
     "EditTarget", "TrainReport", "TrainSettings", "train_edit",
 ]
-assert sorted(__all__) == sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'spd_mcp.editing' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

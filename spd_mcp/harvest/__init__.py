@@ -6,8 +6,9 @@ Names are imported lazily so that ``spd_mcp.harvest.cli`` / ``.config`` load wit
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spd_mcp.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .config import HarvestConfig, HarvestError, HarvestPlan, ShardSpec, config_hash
@@ -54,7 +55,6 @@ _EXPORTS = {
     "store": ["Harvest", "HarvestManifest", "HarvestNotFound", "find_harvest", "list_harvests",
               "load_harvest"],
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = [  # noqa: RUF022 (grouped by module)
     "HarvestConfig", "HarvestError", "HarvestPlan", "ShardSpec", "config_hash",
     "ActivationExample", "component_examples",
@@ -66,15 +66,4 @@ __all__ = [  # noqa: RUF022 (grouped by module)
     "Harvest", "HarvestManifest", "HarvestNotFound", "find_harvest", "list_harvests",
     "load_harvest",
 ]
-assert sorted(__all__) == sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'spd_mcp.harvest' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
