@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory or name")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+    e.add_argument("--strict", action="store_true",
+                   help="exit 1 when the validity verdict fails a check")
 
     sub.add_parser("runs", help="list local and shipped runs")
 
@@ -370,6 +372,7 @@ def _zoo_build(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from spd_mcp.model.decompose import resolve_device
     from spd_mcp.model.run_io import load_run
+    from spd_mcp.model.validity import save_validity, validity_of_run
 
     run = load_run(args.run, device=resolve_device(args.device))
     entry = run.target.entry
@@ -378,11 +381,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         from spd_mcp.model.evaluate import evaluate_run
 
         result = evaluate_run(run)
+    validity = validity_of_run(run)  # fresh, every time: evaluation never trusts a cache
+    save_validity(run, validity)  # what get_model_info reports for this run from now on
+    result["validity"] = validity.model_dump(mode="json")
     if args.json:
         print(json.dumps(result))
     else:
         _print_eval(result)
-    return 0
+        _print_validity(validity)
+    return 1 if args.strict and not validity.ok else 0
 
 
 def _fmt(v: Any) -> str:
@@ -410,8 +417,34 @@ def _print_eval(result: dict[str, Any]) -> None:
     for name, row in layers.items():
         table.add_row(name, *(_fmt(row.get(c, "")) for c in cols))
     console.print(table)
-    extras = {k: v for k, v in result.items() if k not in {"layers", "behaviours", "run"}}
+    extras = {k: v for k, v in result.items()
+              if k not in {"layers", "behaviours", "run", "validity"}}
     console.print(" ".join(f"{k}={_fmt(v)}" for k, v in extras.items()))
+
+
+def _print_validity(v: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    rt = Table("masks", "divergence", "÷ all off", "max", title=f"validity: reconstruction on "
+               f"{v.data} ({v.output_loss}; all components off: {v.zero_divergence:.4g})")
+    for k, r in v.recon.items():
+        limit = getattr(v.thresholds, k)
+        mark = "" if r.ratio <= limit else "  ✘"
+        rt.add_row(k, f"{r.divergence:.4g}", f"{r.ratio:.4g}{mark}", f"{limit:g}")
+    console.print(rt)
+    mt = Table("matrix", "C", "alive", "dead", "L0", "L0 %", "‖Δ‖/‖W‖", "firing spectrum",
+               "duplicates", title="validity: per matrix")
+    for m in v.matrices:
+        spectrum = " ".join(f"{k}:{n}" for k, n in m.spectrum.items() if n)
+        mt.add_row(m.layer, str(m.C), str(m.alive), str(m.dead), f"{m.l0:.2f}",
+                   f"{100 * m.l0_frac:.1f}", f"{m.delta_ratio:.4f}", spectrum,
+                   ", ".join(f"{a}~{b}" for a, b in m.duplicates) or "-")
+    console.print(mt)
+    print(f"verdict: {v.verdict}")
 
 
 _COL_ORDER = ["C", "alive", "expected_alive", "mmcs", "ml2r", "mmcs_full", "l0", "delta_ratio"]

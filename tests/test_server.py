@@ -63,6 +63,12 @@ def test_cheap_tools_and_caching(session: RunSession, tmp_path: Path) -> None:
         info = (await c.call_tool("get_model_info", {})).structured_content
         assert info["run"] == "tales" and len(info["layers"]) == 12
         assert {b["name"] for b in info["planted_behaviours"]} >= {"pronoun", "attribute"}
+        # the shipped run's verdict: trustworthy under CI / random masks, not under an adversary
+        validity = info["validity"]
+        assert validity["ok"] is False and validity["recon_ratio"]["ci_masked"] < 0.01
+        assert any(f.startswith("reconstruction with adversarial (PGD) masks")
+                   for f in validity["failures"])
+        assert any(f.startswith("1.attn.o: L0") for f in validity["failures"])
         tok = (await c.call_tool("tokenize", {"text": "the ball was zzz"})).structured_content
         assert tok["n_tokens"] == 5 and tok["unknown_words"] == ["zzz"]
         p1 = (await c.call_tool("create_prompt", {"text": PROMPT})).structured_content

@@ -6,7 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from spd_mcp.model.validity import Validity, ensure_validity
+
 from .labels import best_labels
+from .prompts import compute
 from .state import AppState
 
 KEY_GRAMMAR = ("component 'LAYER:C' (e.g. '1.attn.o:5'); node 'LAYER:POS:C' (e.g. "
@@ -29,6 +32,18 @@ class BehaviourInfo(BaseModel):
     expected_next_token: str
 
 
+class ValiditySummary(BaseModel):
+    """How far to trust the decomposition (``spd-mcp evaluate RUN`` shows the details)."""
+
+    verdict: str
+    ok: bool
+    failures: list[str] = Field(description="every validity threshold the run fails")
+    recon_ratio: dict[str, float] = Field(
+        description="output divergence from the target under each mask regime, as a fraction "
+                    "of all components off (0 = exactly the target, 1 = as bad as nothing)")
+    data: str
+
+
 class ModelInfo(BaseModel):
     run: str
     run_id: str
@@ -43,6 +58,10 @@ class ModelInfo(BaseModel):
     )
     device: str
     compute_queue: dict[str, Any]
+    validity: ValiditySummary = Field(
+        description="validity checks of the decomposition (fresh adversarial / CI-masked / "
+                    "rounded / unmasked reconstruction, L0, ‖Δ‖/‖W‖, duplicates); when it "
+                    "fails, treat circuits and ablations with matching caution")
 
 
 def architecture(st: AppState) -> dict[str, Any]:
@@ -53,6 +72,19 @@ def architecture(st: AppState) -> dict[str, Any]:
     if isinstance(config, BaseModel):
         arch |= config.model_dump()
     return arch
+
+
+async def validity(st: AppState) -> Validity:
+    """The run's validity verdict: stored, or evaluated once on the compute worker."""
+    if st._validity is None:
+        st._validity = await compute(st, "validity", lambda: ensure_validity(st.session.run))
+    return st._validity
+
+
+def summarize_validity(v: Validity) -> ValiditySummary:
+    return ValiditySummary(verdict=v.verdict, ok=v.ok, failures=v.failures,
+                           recon_ratio={k: round(r.ratio, 5) for k, r in v.recon.items()},
+                           data=v.data)
 
 
 async def model_info(st: AppState) -> ModelInfo:
@@ -76,4 +108,5 @@ async def model_info(st: AppState) -> ModelInfo:
         planted_behaviours=behaviours, device=str(s.device),
         compute_queue={"running": st.executor.running, "estimated_wait_s":
                        round(st.executor.estimated_wait(), 2)},
+        validity=summarize_validity(await validity(st)),
     )

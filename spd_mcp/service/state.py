@@ -13,6 +13,7 @@ from spd_mcp.attributions.store import Attributions, load_attributions
 from spd_mcp.editing.book import EditBook
 from spd_mcp.harvest.store import Harvest, load_harvest
 from spd_mcp.model.session import RunSession
+from spd_mcp.model.validity import Validity
 from spd_mcp.paths import app_db_path
 
 from .executor import ComputeExecutor
@@ -36,6 +37,7 @@ class AppState:
     _harvest: Harvest | None = None
     _attributions: Attributions | None = None
     _edits: EditBook | None = None
+    _validity: Validity | None = None
 
     @property
     def edits(self) -> EditBook:

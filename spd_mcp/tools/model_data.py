@@ -21,7 +21,8 @@ from .common import READ_ONLY, STORES, state, strict_tool
 
 async def get_model_info(ctx: Context) -> ModelInfo:
     """The run being served: architecture, decomposed layers with C, key grammar, planted
-    behaviours (with example prompts), and which analyses exist. Call this first."""
+    behaviours (with example prompts), which analyses exist, and the decomposition's validity
+    verdict (how far to trust it). Call this first."""
     return await model_info(state(ctx))
 
 
