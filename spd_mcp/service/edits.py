@@ -10,8 +10,7 @@ from spd_mcp.editing.edit import Edit
 from spd_mcp.editing.measure import EditMeasurement, MeasureSettings, measure_edit
 from spd_mcp.paths import exports_dir
 
-from .prompts import ProgressFn, compute
-from .state import AppState
+from .state import AppState, ProgressFn, compute
 
 
 class Measured(EditMeasurement):

@@ -22,8 +22,8 @@ from spd_mcp.errors import InputError
 from spd_mcp.keys import OUTPUT, NodeKey, is_special_layer
 from spd_mcp.model.session import RunSession
 
-from .prompts import ProgressFn, check_position, compute, label_id, resolve_prompt
-from .state import AppState
+from .prompts import check_position, label_id, resolve_prompt
+from .state import AppState, ProgressFn, compute
 
 MAX_STORED_EDGES = 200_000
 PREVIEW_EDGES = 15

@@ -10,8 +10,8 @@ from spd_mcp.analysis.intervene import REGIMES, InterventionResult, Regime, run_
 from spd_mcp.errors import InputError
 from spd_mcp.keys import NodeKey
 
-from .prompts import ProgressFn, check_position, compute, label_id, resolve_prompt
-from .state import AppState
+from .prompts import check_position, label_id, resolve_prompt
+from .state import AppState, ProgressFn, compute
 
 
 class StoredIntervention(InterventionResult):

@@ -9,8 +9,7 @@ from pydantic import BaseModel, Field
 from spd_mcp.model.validity import Validity, ensure_validity
 
 from .labels import best_labels
-from .prompts import compute
-from .state import AppState
+from .state import AppState, compute
 
 KEY_GRAMMAR = ("component 'LAYER:C' (e.g. '1.attn.o:5'); node 'LAYER:POS:C' (e.g. "
                "'1.attn.o:12:5'); 'embed:POS:0'; 'output:POS:TOKEN_ID'. Positions count "

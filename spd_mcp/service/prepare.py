@@ -7,8 +7,7 @@ from spd_mcp.attributions.store import Attributions
 from spd_mcp.errors import InputError
 from spd_mcp.harvest.store import Harvest
 
-from .prompts import ProgressFn, compute
-from .state import AppState
+from .state import AppState, ProgressFn, compute
 
 
 def _can_prepare(st: AppState) -> bool:

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 from spd_mcp.errors import InputError
 
 from .state import AppState
 
-T = TypeVar("T")
 MAX_TEXT_CHARS = 4000
-ProgressFn = Callable[[int, int], None]
-"""``progress(done, total)``, called from the compute worker (MCP notifications or the viewer)."""
 
 
 def check_text(text: str, name: str = "text") -> str:
@@ -58,8 +52,3 @@ async def resolve_prompt(
 def label_id(st: AppState, token: str | None) -> int | None:
     """The id of an optional vocabulary word (an error naming it when unknown)."""
     return None if token is None else st.session.token_id(token)
-
-
-async def compute(st: AppState, name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the compute worker (FIFO; ``Busy`` when the queue is full)."""
-    return await st.executor.run(name, fn)

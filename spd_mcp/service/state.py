@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from spd_mcp.analysis.dataset import DatasetIndex
 from spd_mcp.attributions.store import Attributions, load_attributions
@@ -19,6 +20,9 @@ from spd_mcp.paths import app_db_path
 from .executor import ComputeExecutor
 from .store import AppStore
 
+T = TypeVar("T")
+ProgressFn = Callable[[int, int], None]
+"""``progress(done, total)``, called from the compute worker (MCP notifications or the viewer)."""
 DATASET_DOCS = 2000
 """Documents of the training stream indexed for ``search_dataset``."""
 
@@ -69,6 +73,11 @@ class AppState:
                     DatasetIndex.build, self.session, DATASET_DOCS
                 )
             return self._dataset
+
+
+async def compute(st: AppState, name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the compute worker (FIFO; ``Busy`` when the queue is full)."""
+    return await st.executor.run(name, fn)
 
 
 async def open_state(

@@ -19,7 +19,8 @@ from spd_mcp.analysis.components import (
     probe_component,
 )
 from spd_mcp.errors import InputError
-from spd_mcp.service.prompts import check_position, compute, resolve_prompt
+from spd_mcp.service.prompts import check_position, resolve_prompt
+from spd_mcp.service.state import compute
 
 from .common import READ_ONLY, PromptIdArg, TextArg, state, strict_tool
 

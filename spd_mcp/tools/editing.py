@@ -14,7 +14,7 @@ from spd_mcp.editing.edit import ComponentScale
 from spd_mcp.editing.measure import MeasureSettings, Probe
 from spd_mcp.editing.train import EditTarget, TrainSettings
 from spd_mcp.service.edits import Measured, export, measure
-from spd_mcp.service.prompts import compute
+from spd_mcp.service.state import compute
 
 from .common import READ_ONLY, STORES, Progress, state, strict_tool
 

@@ -18,8 +18,7 @@ from spd_mcp.keys import layer_of
 from spd_mcp.service.knowledge import component_info
 from spd_mcp.service.labels import best_labels, search_labels
 from spd_mcp.service.prepare import ensure_harvest
-from spd_mcp.service.prompts import compute
-from spd_mcp.service.state import AppState
+from spd_mcp.service.state import AppState, compute
 
 from .common import READ_ONLY, STORES, Progress, state, strict_tool
 

@@ -14,7 +14,8 @@ from spd_mcp.editing.edit import edited_forward, edited_logits
 from spd_mcp.model.text import Generation, generate
 from spd_mcp.service.edits import get_edit
 from spd_mcp.service.model_info import ModelInfo, model_info
-from spd_mcp.service.prompts import check_text, compute, resolve_prompt
+from spd_mcp.service.prompts import check_text, resolve_prompt
+from spd_mcp.service.state import compute
 
 from .common import READ_ONLY, STORES, state, strict_tool
 
