@@ -83,6 +83,9 @@ def test_cheap_tools_and_caching(session: RunSession, tmp_path: Path) -> None:
         g2 = (await c.call_tool("compute_graph", {"text": PROMPT})).structured_content
         assert not g1["cached"] and g2["cached"] and g1["graph_id"] == g2["graph_id"]
         assert any(o["output_token"] == "red" for o in g1["outputs"])
+        assert g1["validity_note"].startswith("The decomposition fails validity checks")
+        assert "adversarial" in g1["validity_note"] and "1.attn.o (L0 7.6% of C)" in \
+            g1["validity_note"]
         view = (await c.call_tool("get_graph", {"graph_id": g1["graph_id"], "top_k": 5})
                 ).structured_content
         assert len(view["edges"]) == 5 and view["next_offset"] == 5 and view["notice"]

@@ -97,6 +97,23 @@ class Validity(BaseModel):
     def ok(self) -> bool:
         return not self.failures
 
+    def flagged_layers(self) -> dict[str, str]:
+        """Matrix → why it is flagged (too dense, delta-carried, duplicated, all dead)."""
+        th, out = self.thresholds, {}
+        for m in self.matrices:
+            why = [w for w, bad in (
+                (f"L0 {100 * m.l0_frac:.1f}% of C", m.l0_frac > th.l0_frac),
+                (f"‖Δ‖/‖W‖ {m.delta_ratio:.3f}", m.delta_ratio > th.delta_ratio),
+                ("duplicated components", bool(m.duplicates)),
+                ("no alive component", m.alive == 0)) if bad]
+            if why:
+                out[m.layer] = ", ".join(why)
+        return out
+
+    def failed_regimes(self) -> list[str]:
+        """Mask regimes whose reconstruction fails its threshold."""
+        return [k for k in RECON_KINDS if self.recon[k].ratio > getattr(self.thresholds, k)]
+
 
 Batches = Callable[[], list[tuple[Tensor, Tensor | None]]]
 """Fresh evaluation batches: (inputs, position mask or None)."""

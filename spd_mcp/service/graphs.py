@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,7 @@ from spd_mcp.errors import InputError
 from spd_mcp.keys import OUTPUT, NodeKey, is_special_layer
 from spd_mcp.model.session import RunSession
 
+from .model_info import validity_note
 from .prompts import check_position, label_id, resolve_prompt
 from .state import AppState, ProgressFn, compute
 
@@ -39,11 +40,16 @@ class GraphSummary(BaseModel):
     outputs: list[GraphNode] = Field(description="output nodes with target probabilities")
     top_edges: list[GraphEdge] = Field(description=f"the {PREVIEW_EDGES} largest |signed| edges")
     hint: str = "use get_graph(graph_id=…) to filter edges by node, CI threshold, sign, or page"
+    validity_note: str | None = Field(
+        None, description="a caution when the decomposition fails its validity checks")
 
 
 class OptimizedGraph(GraphSummary):
     metrics: OptimizeMetrics
     circuit: list[GraphNode] = Field(description="component nodes kept by the optimisation")
+
+
+G = TypeVar("G", bound=GraphSummary)
 
 
 def _summary(session: RunSession, gid: int, g: AttributionGraph, cached: bool) -> GraphSummary:
@@ -84,7 +90,7 @@ async def natural_graph(
               "top_k_outputs": top_k_outputs, "label_token": label}
     hit = await _load_graph(st, "graph", params)
     if hit is not None:
-        return _summary(st.session, hit[0], hit[1], True)
+        return await _noted(st, _summary(st.session, hit[0], hit[1], True), hit[1])
     s = st.session
 
     def work() -> AttributionGraph:
@@ -96,7 +102,7 @@ async def natural_graph(
 
     g = await compute(st, "compute_graph", work)
     gid = await _store_graph(st, "graph", params, pid, g, {"kind": "natural"})
-    return _summary(s, gid, g, False)
+    return await _noted(st, _summary(s, gid, g, False), g)
 
 
 async def optimized_graph(
@@ -115,7 +121,8 @@ async def optimized_graph(
     hit = await _load_graph(st, "optimized_graph", params)
     if hit is not None:
         gid, g, summary = hit
-        return _optimized(s, gid, g, True, OptimizeMetrics.model_validate(summary["metrics"]))
+        return await _noted(st, _optimized(
+            s, gid, g, True, OptimizeMetrics.model_validate(summary["metrics"])), g)
 
     def work() -> tuple[AttributionGraph, OptimizeMetrics]:
         opt = optimize_ci(s, ids, position=pos, label_token=label, settings=settings,
@@ -127,7 +134,14 @@ async def optimized_graph(
     g, metrics = await compute(st, "optimize_graph", work)
     gid = await _store_graph(st, "optimized_graph", params, pid, g,
                              {"kind": "optimized", "metrics": metrics.model_dump()})
-    return _optimized(s, gid, g, False, metrics)
+    return await _noted(st, _optimized(s, gid, g, False, metrics), g)
+
+
+async def _noted(st: AppState, out: G, g: AttributionGraph) -> G:
+    """``out`` with the validity caution for the layers the graph's components lie in."""
+    out.validity_note = await validity_note(st, {lay for lay in g.node_layer
+                                                 if not is_special_layer(lay)})
+    return out
 
 
 def _optimized(s: RunSession, gid: int, g: AttributionGraph, cached: bool,

@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from pydantic import Field
+
 from spd_mcp.analysis.intervene import REGIMES, InterventionResult, Regime, run_intervention
 from spd_mcp.errors import InputError
 from spd_mcp.keys import NodeKey
 
+from .model_info import validity_note
 from .prompts import check_position, label_id, resolve_prompt
 from .state import AppState, ProgressFn, compute
 
@@ -17,19 +20,22 @@ from .state import AppState, ProgressFn, compute
 class StoredIntervention(InterventionResult):
     run_id: int
     cached: bool
+    validity_note: str | None = Field(
+        None, description="a caution when the decomposition fails its validity checks")
 
 
 async def _run(st: AppState, kind: str, ids: list[int], pid: int, nodes: list[NodeKey],
                params: dict[str, Any], progress: ProgressFn | None, **kw: Any
                ) -> StoredIntervention:
     key = {"prompt_id": pid, "nodes": sorted(str(n) for n in nodes), **params}
+    note = await validity_note(st, {n.layer for n in nodes})
     found = await st.store.find_result(kind, key)
     if found is not None:
-        return StoredIntervention(**found[1], run_id=found[0], cached=True)
+        return StoredIntervention(**found[1], run_id=found[0], cached=True, validity_note=note)
     res = await compute(st, kind, lambda: run_intervention(
         st.session, ids, nodes, progress=progress, **kw))
     rid = await st.store.put_result(kind, key, res.model_dump(), None, pid)
-    return StoredIntervention(**res.model_dump(), run_id=rid, cached=False)
+    return StoredIntervention(**res.model_dump(), run_id=rid, cached=False, validity_note=note)
 
 
 async def intervention(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -31,6 +32,20 @@ class BehaviourInfo(BaseModel):
     expected_next_token: str
 
 
+RECON_MEANING = {
+    "unmasked": "every component on with mask 1, weight delta off: do the components sum to "
+                "the weights?",
+    "ci_masked": "mask = natural CI, delta off: the decomposition as the CI says it is needed",
+    "ci_rounded": "mask = 1 where CI > 0.5 else 0, delta off",
+    "stochastic": "mask = CI + (1 − CI)·random source at every position, delta masked alike",
+    "adversarial": "mask = CI + (1 − CI)·source, the sources (every component, every position, "
+                   "and the delta) chosen by a 20-step PGD to maximise the divergence over all "
+                   "positions of fresh text — a worst case for the whole decomposition, unlike "
+                   "run_intervention's adversarial regime, which attacks only components outside "
+                   "a circuit and only its own loss",
+}
+
+
 class ValiditySummary(BaseModel):
     """How far to trust the decomposition (``spd-mcp evaluate RUN`` shows the details)."""
 
@@ -40,6 +55,10 @@ class ValiditySummary(BaseModel):
     recon_ratio: dict[str, float] = Field(
         description="output divergence from the target under each mask regime, as a fraction "
                     "of all components off (0 = exactly the target, 1 = as bad as nothing)")
+    recon_meaning: dict[str, str] = Field(default_factory=lambda: dict(RECON_MEANING),
+                                          description="what each recon_ratio key measures")
+    flagged_layers: dict[str, str] = Field(
+        default_factory=dict, description="matrices that fail a check, and why")
     data: str
 
 
@@ -83,7 +102,27 @@ async def validity(st: AppState) -> Validity:
 def summarize_validity(v: Validity) -> ValiditySummary:
     return ValiditySummary(verdict=v.verdict, ok=v.ok, failures=v.failures,
                            recon_ratio={k: round(r.ratio, 5) for k, r in v.recon.items()},
-                           data=v.data)
+                           flagged_layers=v.flagged_layers(), data=v.data)
+
+
+async def validity_note(st: AppState, layers: Iterable[str]) -> str | None:
+    """A one-line caution for a result whose components lie in ``layers`` (None when the
+    decomposition passes every check)."""
+    v = await validity(st)
+    if v.ok:
+        return None
+    parts = []
+    if regimes := v.failed_regimes():
+        parts.append(f"its reconstruction fails under {', '.join(regimes)} masks")
+    flagged = v.flagged_layers()
+    if hit := sorted(set(layers) & set(flagged)):
+        parts.append("this result uses flagged matrices: "
+                     + "; ".join(f"{n} ({flagged[n]})" for n in hit))
+    elif flagged:
+        parts.append(f"{len(flagged)} matrices are flagged ({', '.join(sorted(flagged))})")
+    return ("The decomposition fails validity checks (get_model_info → validity): "
+            + "; ".join(parts) + ". Confirm a circuit on counterfactual prompts before "
+            "trusting it.")
 
 
 async def model_info(st: AppState) -> ModelInfo:
