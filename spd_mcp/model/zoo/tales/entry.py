@@ -14,7 +14,13 @@ from torch import Tensor, nn
 from spd_mcp.keys import BlockLayer
 from spd_mcp.model.topology import Topology
 from spd_mcp.model.zoo.base import Progress, TargetKwargs, ZooEntry
-from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS, Behaviour, TalesCorpus
+from spd_mcp.model.zoo.tales.corpus import (
+    DEFAULT_GRAMMAR,
+    Behaviour,
+    Grammar,
+    TalesCorpus,
+)
+from spd_mcp.model.zoo.tales.corpus import behaviours as grammar_behaviours
 from spd_mcp.model.zoo.tales.tokenizer import Tokenizer
 from spd_mcp.model.zoo.tales.train import (
     DEFAULT_BATCH_SIZE,
@@ -39,6 +45,9 @@ class TalesKwargs(TargetKwargs):
     max_len: int = Field(128, gt=0)
     train_batch_size: int = Field(DEFAULT_BATCH_SIZE, gt=0)
     train_lr: float = Field(DEFAULT_LR, gt=0)
+    # v1: the grammar the shipped run was trained on (its run.json has no `grammar` key);
+    # v2: v1's shortcuts broken, with `<behaviour>_shortcut` probe families (docs/tales.md).
+    grammar: Grammar = DEFAULT_GRAMMAR
 
 
 class TalesEntry(ZooEntry[TalesKwargs]):
@@ -57,7 +66,7 @@ class TalesEntry(ZooEntry[TalesKwargs]):
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_corpus(TalesCorpus)
+            self._tokenizer = Tokenizer(TalesCorpus.vocabulary(self.kwargs.grammar))
         return self._tokenizer
 
     def transformer_config(self) -> TransformerConfig:
@@ -78,8 +87,10 @@ class TalesEntry(ZooEntry[TalesKwargs]):
         loss = train_tales_model(
             model, self.tokenizer, seed=seed, steps=steps, batch_size=self.kwargs.train_batch_size,
             device=device, lr=self.kwargs.train_lr, num_threads=None, progress=progress,
+            grammar=self.kwargs.grammar,
         )
-        scores = evaluate_behaviours(model, self.tokenizer, device=device)
+        scores = evaluate_behaviours(model, self.tokenizer, device=device,
+                                     grammar=self.kwargs.grammar)
         return {"loss": loss, "seconds": time.time() - t0,
                 **{f"top1/{k}": v for k, v in scores.items()}}
 
@@ -87,7 +98,8 @@ class TalesEntry(ZooEntry[TalesKwargs]):
         """Right-padded (B, T) story batches from the SPD data stream (deterministic)."""
         if batch_size not in self._streams:
             self._streams[batch_size] = story_batches(
-                self.tokenizer, SPD_DATA_SEED + batch_size, batch_size, max_len=self.kwargs.max_len
+                self.tokenizer, SPD_DATA_SEED + batch_size, batch_size, max_len=self.kwargs.max_len,
+                grammar=self.kwargs.grammar,
             )
         return next(self._streams[batch_size]).to(device)
 
@@ -96,15 +108,15 @@ class TalesEntry(ZooEntry[TalesKwargs]):
 
     def dataset_text(self, index: int) -> str:
         """Story ``index`` of the stream SPD was trained on (deterministic, random access)."""
-        return TalesCorpus(SPD_DATA_SEED).story(index).text
+        return TalesCorpus(SPD_DATA_SEED, self.kwargs.grammar).story(index).text
 
     def heldout_text(self, index: int) -> str:
         """Story ``index`` of a stream neither the target nor SPD saw (for edit measurements)."""
-        return TalesCorpus(HELD_OUT_TEXT_SEED).story(index).text
+        return TalesCorpus(HELD_OUT_TEXT_SEED, self.kwargs.grammar).story(index).text
 
     def behaviours(self) -> Mapping[str, Behaviour]:
-        """The corpus's planted behaviours (each with held-out probe generators)."""
-        return BEHAVIOURS
+        """The grammar's planted behaviours (held-out probes; v2 also ``shortcut_probes``)."""
+        return grammar_behaviours(self.kwargs.grammar)
 
     def text_target(self) -> TalesEntry:
         return self
@@ -113,7 +125,7 @@ class TalesEntry(ZooEntry[TalesKwargs]):
         return {
             "name": self.name,
             "seed": 0,
-            "target": {"zoo": self.name},
+            "target": {"zoo": self.name, "kwargs": {"grammar": self.kwargs.grammar}},
             "modules": [
                 {"pattern": "blocks.*.attn.*", "C": 128},
                 {"pattern": "blocks.*.mlp.*", "C": 128},
@@ -153,7 +165,11 @@ class TalesEntry(ZooEntry[TalesKwargs]):
 
     @torch.no_grad()
     def evaluate_run(self, run: Any, *, n_probes: int = 200, n_text: int = 256) -> dict[str, Any]:
-        """Behaviour accuracy (target / CI-masked / stochastic), held-out KL, per-layer stats."""
+        """Behaviour accuracy (target / CI-masked / stochastic), held-out KL, per-layer stats.
+
+        The behaviour table has a row per probe family: each behaviour and, for grammar v2,
+        each ``<behaviour>_shortcut`` family (probes that no known shortcut solves).
+        """
         from spd_mcp.model.diagnostics import alive_mask, delta_ratios
         from spd_mcp.model.losses import output_divergence
         from spd_mcp.model.masks import delta_masks, stochastic_masks
@@ -174,11 +190,13 @@ class TalesEntry(ZooEntry[TalesKwargs]):
                       delta_masks=delta_masks(ci.lower, sampling))
 
         fns = {"target_top1": cm.target, "ci_top1": ci_logits, "stochastic_top1": stochastic_logits}
-        per_fn = {k: evaluate_behaviours(f, self.tokenizer, n=n_probes, device=device)
+        per_fn = {k: evaluate_behaviours(f, self.tokenizer, n=n_probes, device=device,
+                                         grammar=self.kwargs.grammar)
                   for k, f in fns.items()}
         behaviours = {b: {k: per_fn[k][b] for k in fns} for b in per_fn["target_top1"]}
 
-        batches = story_batches(self.tokenizer, HELD_OUT_TEXT_SEED, 64, max_len=self.kwargs.max_len)
+        batches = story_batches(self.tokenizer, HELD_OUT_TEXT_SEED, 64, max_len=self.kwargs.max_len,
+                                grammar=self.kwargs.grammar)
         kl_ci = kl_st = tokens = 0.0
         l0: dict[str, float] = {n: 0.0 for n in cm.layer_names}
         alive = {n: torch.zeros(cm.Cs[n], dtype=torch.bool, device=device) for n in cm.layer_names}

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS, Probe, TalesCorpus
+from spd_mcp.model.zoo.tales.corpus import (
+    DEFAULT_GRAMMAR,
+    GRAMMARS,
+    Grammar,
+    Probe,
+    TalesCorpus,
+    probe_families,
+)
 from spd_mcp.model.zoo.tales.tokenizer import Tokenizer
 from spd_mcp.model.zoo.transformer import Transformer, TransformerConfig
 
@@ -46,6 +53,7 @@ class TalesTrainResult:
     steps: int
     batch_size: int
     seed: int
+    grammar: Grammar = DEFAULT_GRAMMAR
 
     def save(self, directory: str | Path) -> Path:
         """Write ``model.pt`` (state dict), ``config.json`` and ``tokenizer.json``."""
@@ -73,14 +81,15 @@ def default_config(tokenizer: Tokenizer) -> TransformerConfig:
 
 
 def story_batches(
-    tokenizer: Tokenizer, seed: int, batch_size: int, *, max_len: int = 128, pool: int = 8
-) -> Iterator[torch.Tensor]:
-    """Endless right-padded (B, T) batches of ``<bos> story <eos>`` from ``TalesCorpus(seed)``.
+    tokenizer: Tokenizer, seed: int, batch_size: int, *, max_len: int = 128, pool: int = 8,
+    grammar: Grammar = DEFAULT_GRAMMAR,
+) -> Iterator[torch.Tensor]:  # fmt: skip
+    """Endless right-padded (B, T) ``<bos> story <eos>`` batches of ``TalesCorpus(seed, grammar)``.
 
     Stories are drawn ``pool`` batches at a time and grouped by length to cut padding; T is
     the longest row of each batch. Deterministic given the arguments.
     """
-    stories = TalesCorpus(seed).stories()
+    stories = TalesCorpus(seed, grammar).stories()
     order = random.Random(f"batches/{seed}")
     while True:
         rows = [tokenizer.encode(next(stories), eos=True) for _ in range(batch_size * pool)]
@@ -134,8 +143,9 @@ def train_tales_model(
     warmup: int = 100,
     num_threads: int | None = 1,
     progress: ProgressFn | None = None,
+    grammar: Grammar = DEFAULT_GRAMMAR,
 ) -> float:
-    """Train ``model`` in place on stories of ``TalesCorpus(seed)``; return the final loss.
+    """Train ``model`` in place on stories of ``TalesCorpus(seed, grammar)``; return the final loss.
 
     fp32 AdamW with linear warm-up and cosine decay; next-token loss on ``<bos> story <eos>``
     rows, padding ignored. ``num_threads`` (default 1, fastest for this small model on a
@@ -154,7 +164,9 @@ def train_tales_model(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: _lr_factor(s, steps, min(warmup, steps))
     )
-    batches = story_batches(tokenizer, seed, batch_size, max_len=model.config.max_len)
+    batches = story_batches(
+        tokenizer, seed, batch_size, max_len=model.config.max_len, grammar=grammar
+    )
     tail_losses: list[float] = []
     model.to(device).train()
     with _threads(num_threads if torch.device(device).type == "cpu" else None):
@@ -199,13 +211,14 @@ def train_tales_target(
     config: TransformerConfig | None = None,
     num_threads: int | None = 1,
     progress: ProgressFn | None = None,
+    grammar: Grammar = DEFAULT_GRAMMAR,
 ) -> TalesTrainResult:
     """Build and train the `tales` target; ``seed`` fixes initialisation and training text.
 
     Evaluate it with :func:`evaluate_behaviours`, whose probes come from another seed.
     """
     start = time.perf_counter()
-    tokenizer = Tokenizer.from_corpus(TalesCorpus)
+    tokenizer = Tokenizer(TalesCorpus.vocabulary(grammar))
     model = build_tales_model(tokenizer, seed=seed, config=config)
     final_loss = train_tales_model(
         model,
@@ -217,6 +230,7 @@ def train_tales_target(
         lr=lr,
         num_threads=num_threads,
         progress=progress,
+        grammar=grammar,
     )
     return TalesTrainResult(
         model=model,
@@ -227,12 +241,13 @@ def train_tales_target(
         steps=steps,
         batch_size=batch_size,
         seed=seed,
+        grammar=grammar,
     )
 
 
-@lru_cache(maxsize=32)
-def _probes(name: str, seed: int, n: int) -> tuple[Probe, ...]:
-    return tuple(BEHAVIOURS[name].probes(seed, n))
+@lru_cache(maxsize=64)
+def _probes(grammar: Grammar, family: str, seed: int, n: int) -> tuple[Probe, ...]:
+    return tuple(probe_families(grammar)[family](seed, n))
 
 
 @torch.no_grad()
@@ -261,12 +276,17 @@ def evaluate_behaviours(
     seed: int = EVAL_SEED,
     n: int = 200,
     device: str | torch.device = "cpu",
+    grammar: Grammar = DEFAULT_GRAMMAR,
 ) -> dict[str, float]:
-    """Top-1 accuracy per behaviour on ``n`` probes drawn from ``TalesCorpus(seed)``."""
+    """Top-1 accuracy per probe family on ``n`` probes each from ``TalesCorpus(seed, grammar)``.
+
+    Families are the behaviours and, for v2, each behaviour's ``<name>_shortcut`` family.
+    """
     scores: dict[str, float] = {}
-    for name in BEHAVIOURS:
-        correct = score_probes(logits_fn, tokenizer, _probes(name, seed, n), device=device)
-        scores[name] = sum(correct) / len(correct)
+    for family in probe_families(grammar):
+        probes = _probes(grammar, family, seed, n)
+        correct = score_probes(logits_fn, tokenizer, probes, device=device)
+        scores[family] = sum(correct) / len(correct)
     return scores
 
 
@@ -276,11 +296,11 @@ def format_report(result: TalesTrainResult, scores: dict[str, float]) -> str:
         f"tales target: {result.model.num_parameters():,} parameters, vocab "
         f"{result.tokenizer.vocab_size}, d_model {result.config.d_model}, "
         f"{result.config.n_layers} layers",
-        f"trained {result.steps} steps x {result.batch_size} stories in {result.seconds:.1f} s, "
-        f"final loss {result.final_loss:.4f}",
-        "behaviour    top-1",
+        f"grammar {result.grammar}: trained {result.steps} steps x {result.batch_size} stories "
+        f"in {result.seconds:.1f} s, final loss {result.final_loss:.4f}",
+        "behaviour            top-1",
     ]
-    lines += [f"{name:<12} {acc:6.1%}" for name, acc in scores.items()]
+    lines += [f"{name:<20} {acc:6.1%}" for name, acc in scores.items()]
     return "\n".join(lines)
 
 
@@ -292,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--n-probes", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--grammar", choices=GRAMMARS, default=DEFAULT_GRAMMAR,
+                        help="corpus grammar to train and probe on")
     parser.add_argument("--out", type=Path, default=None, help="directory to save the target")
     args = parser.parse_args(argv)
     overrides = {
@@ -305,9 +327,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step {step:5d}/{total}  loss {loss:.4f}", flush=True)
 
     result = train_tales_target(
-        seed=args.seed, num_threads=args.threads, progress=progress, **overrides
+        seed=args.seed, num_threads=args.threads, progress=progress, grammar=args.grammar,
+        **overrides,
     )
-    scores = evaluate_behaviours(result.model, result.tokenizer, n=args.n_probes)
+    scores = evaluate_behaviours(
+        result.model, result.tokenizer, n=args.n_probes, grammar=args.grammar
+    )
     print(format_report(result, scores))
     if args.out is not None:
         print(f"saved to {result.save(args.out)}")
