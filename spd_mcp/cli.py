@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     zb.add_argument("--steps", type=int, help="SPD steps (default: the zoo config's)")
     zb.add_argument("--target-steps", type=int, help="target training steps (default: zoo's)")
     zb.add_argument("--seed", type=int, help="override the config seed")
+    zb.add_argument("--target-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                    help="target constructor argument (repeatable; VALUE is JSON or a string), "
+                    "e.g. grammar=v1 for the tales corpus")
     zb.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     zb.add_argument("--threads", type=int, help="torch CPU threads (default: the target's)")
     zb.add_argument("--print-config", action="store_true", help="print the config and exit")
@@ -349,11 +352,23 @@ def _decompose(args: argparse.Namespace) -> int:
 
 
 def _zoo_build(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from spd_mcp.model.config import parse_config
     from spd_mcp.model.zoo import get_entry
 
-    entry = get_entry(args.name)
+    try:
+        kwargs = _target_kwargs(args.target_kwarg)
+        entry = get_entry(args.name, **kwargs)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors())
+        return _fail(f"--target-kwarg for {args.name}: {problems}")
+    except ValueError as e:
+        return _fail(f"--target-kwarg: {e}")
     cfg = entry.default_config()
+    if kwargs:
+        cfg["target"]["kwargs"] = {**cfg["target"].get("kwargs", {}), **kwargs}
     if args.steps is not None:
         cfg["steps"] = args.steps
     if args.seed is not None:
@@ -367,6 +382,20 @@ def _zoo_build(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, threads=args.threads)
     print(path)
     return 0
+
+
+def _target_kwargs(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE is read as JSON where it parses (numbers, booleans), else text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -11,7 +11,10 @@ from spd_mcp.model.evaluate import evaluate_run
 from spd_mcp.model.run_io import load_run
 from spd_mcp.model.zoo import get_entry
 
-TOYS = ["tms-5-2", "tms-5-2-id", "tms-40-10", "resid-mlp", "induction"]
+TOYS = [
+    "tms-5-2", "tms-5-2-id", "tms-40-10", "tms-40-10-id", "resid-mlp", "resid-mlp-2", "resid-mlp-3",
+    "induction",
+]
 
 
 @pytest.mark.parametrize("name", TOYS)

@@ -115,6 +115,19 @@ class Schedule(Strict):
     final_frac: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
 
 
+class Restarts(Strict):
+    """Train ``n`` candidate decompositions (different initialisation seeds) for ``steps`` steps,
+    keep the one whose training objective (Σ coeff · loss on ``select_batches`` fixed batches of
+    ``eval_batch_size``) is lowest, and train it on to the config's ``steps``. No ground truth is
+    used; the run's summary records every candidate's loss and the choice."""
+
+    n: int = Field(ge=1, description="number of candidates")
+    steps: int | None = Field(
+        None, ge=1, description="screening steps per candidate (None: every candidate runs in full)"
+    )
+    select_batches: int = Field(4, ge=1, description="fixed batches the objective is averaged over")
+
+
 class DecomposeConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -143,6 +156,10 @@ class DecomposeConfig(Strict):
     schedule: Schedule = Field(default_factory=Schedule)
     faithfulness_warmup_steps: int = Field(0, ge=0)
     faithfulness_warmup_lr: float = Field(1e-3, gt=0)
+    faithfulness_warmup_weight_decay: float = Field(0.01, ge=0, description="(AdamW's default)")
+    restarts: Restarts | None = Field(
+        None, description="train several candidates, keep the lowest training loss"
+    )
     eval_every: int = Field(500, gt=0)
     eval_batch_size: int = Field(1024, gt=0)
     alive_threshold: float = Field(0.1, ge=0, le=1)
@@ -153,6 +170,12 @@ class DecomposeConfig(Strict):
         dup = sorted({k for k in kinds if kinds.count(k) > 1 and k in _SINGLETON})
         if dup:
             raise ValueError(f"loss types {dup} may appear only once")
+        screen = self.restarts.steps if self.restarts is not None else None
+        if screen is not None and screen > self.steps:
+            raise ValueError(
+                f"restarts.steps ({screen}) exceeds steps ({self.steps}); "
+                "leave it out to compare full runs"
+            )
         return self
 
 

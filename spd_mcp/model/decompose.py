@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -143,63 +144,149 @@ def train_components(
     """Optimise U, V and CI functions in place; return the metrics rows (also eval rows).
 
     Layers in ``config.tied`` share parameters during training and are untied at the end."""
-    for source, follower in config.tied:
-        cm.tie(source, follower)
+    trainer = _Trainer(cm, target, config, device=device, reporter=reporter)
     try:
-        return _train(cm, target, config, device=device, reporter=reporter)
+        trainer.run(0, config.steps)
     finally:
         cm.untie()
+    return trainer.metrics
 
 
-def _train(
-    cm: ComponentModel,
+class _Trainer:
+    """One decomposition being optimised: its ComponentModel, optimiser and metrics rows.
+
+    Training can stop and resume (``run(start, stop)``), which restarts use to screen candidates
+    for a few steps and then carry the chosen one on with its optimiser state."""
+
+    def __init__(
+        self,
+        cm: ComponentModel,
+        target: ResolvedTarget,
+        config: DecomposeConfig,
+        *,
+        device: str,
+        reporter: Reporter | None,
+    ) -> None:
+        self.cm, self.target, self.config, self.device = cm, target, config, device
+        self.reporter = reporter
+        self.output_loss = config.output_loss or target.output_loss
+        self.metrics: list[dict[str, Any]] = []
+        for source, follower in config.tied:
+            cm.tie(source, follower)
+        if config.faithfulness_warmup_steps:
+            self._faithfulness_warmup()
+        self.params = list(cm.trainable_parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.t0 = time.time()
+
+    def _faithfulness_warmup(self) -> None:
+        cfg = self.config
+        warm_opt = torch.optim.AdamW(
+            self.cm.components.parameters(), lr=cfg.faithfulness_warmup_lr,
+            weight_decay=cfg.faithfulness_warmup_weight_decay,
+        )
+        for _ in range(cfg.faithfulness_warmup_steps):
+            self.cm.refresh_ties()
+            loss = L.faithfulness_loss(self.cm)
+            warm_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            warm_opt.step()
+        self.cm.refresh_ties()
+        self.metrics.append({"step": 0, "faithfulness_warmup": loss.item()})
+
+    def objective(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss (Σ coeff · term) on batch ``x`` and its terms."""
+        self.cm.refresh_ties()
+        terms = compute_losses(
+            self.cm, self.config, x, output_loss=self.output_loss, step=step,
+            mask=self.target.position_mask(x),
+        )
+        coeffs = _coeffs(self.config, list(terms))
+        total = sum(coeffs[k] * v for k, v in terms.items())
+        return total, terms  # type: ignore[return-value]
+
+    def run(self, start: int, stop: int) -> None:
+        """Train steps [start, stop) of the schedule; evaluate on the eval grid and at the end."""
+        cfg, steps = self.config, self.config.steps
+        for step in range(start, stop + 1):
+            resumed = step == start > 0  # the first leg already evaluated this step
+            if (step % cfg.eval_every == 0 or step == steps) and not resumed:
+                row = {"step": step, "seconds": round(time.time() - self.t0, 3),
+                       **evaluate(self.cm, self.target, cfg, device=self.device)}
+                self.metrics.append(row)
+            if step == stop:
+                break
+            for group in self.opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, steps)
+            x = self.target.sampler(cfg.batch_size, self.device)
+            total, terms = self.objective(x, step)
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.opt.step()
+            if self.reporter is not None and (step % 10 == 0 or step == steps - 1):
+                latest = {k: v.item() for k, v in terms.items()}
+                latest["total"] = float(total.detach())
+                self.reporter(step + 1, steps, latest)
+                if step % max(1, cfg.eval_every // 5) == 0:
+                    self.metrics.append({"step": step, "train": latest})
+
+    @torch.no_grad()
+    def selection_loss(self, step: int, *, batches: int, seed: int) -> float:
+        """The training objective averaged over ``batches`` fixed batches (data and mask noise
+        drawn from ``seed``, so every candidate is scored on the same draws; the global RNG
+        stream is left untouched). Uses no ground truth."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            losses = [
+                float(self.objective(
+                    self.target.sampler(self.config.eval_batch_size, self.device), step
+                )[0])
+                for _ in range(batches)
+            ]
+        return sum(losses) / len(losses)
+
+
+def train_with_restarts(
+    make_cm: Callable[[int], ComponentModel],
     target: ResolvedTarget,
     config: DecomposeConfig,
     *,
     device: str,
-    reporter: Reporter | None,
-) -> list[dict[str, Any]]:
-    output_loss = config.output_loss or target.output_loss
-    metrics: list[dict[str, Any]] = []
-    if config.faithfulness_warmup_steps:
-        warm_opt = torch.optim.AdamW(cm.components.parameters(), lr=config.faithfulness_warmup_lr)
-        for _ in range(config.faithfulness_warmup_steps):
-            loss = L.faithfulness_loss(cm)
-            warm_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            warm_opt.step()
-        metrics.append({"step": 0, "faithfulness_warmup": loss.item()})
-    params = list(cm.trainable_parameters())
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    t0 = time.time()
-    for step in range(config.steps + 1):
-        if step % config.eval_every == 0 or step == config.steps:
-            row = {"step": step, "seconds": round(time.time() - t0, 3), **evaluate(cm, target,
-                   config, device=device)}
-            metrics.append(row)
-        if step == config.steps:
-            break
-        for group in opt.param_groups:
-            group["lr"] = config.lr * lr_factor(config.schedule, step, config.steps)
-        cm.refresh_ties()
-        x = target.sampler(config.batch_size, device)
-        terms = compute_losses(
-            cm, config, x, output_loss=output_loss, step=step, mask=target.position_mask(x)
-        )
-        coeffs = _coeffs(config, list(terms))
-        total = sum(coeffs[k] * v for k, v in terms.items())
-        opt.zero_grad(set_to_none=True)
-        total.backward()  # type: ignore[union-attr]
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        if reporter is not None and (step % 10 == 0 or step == config.steps - 1):
-            latest = {k: v.item() for k, v in terms.items()}
-            latest["total"] = float(total.detach())  # type: ignore[union-attr]
-            reporter(step + 1, config.steps, latest)
-            if step % max(1, config.eval_every // 5) == 0:
-                metrics.append({"step": step, "train": latest})
-    return metrics
+    reporter: Reporter | None = None,
+) -> tuple[ComponentModel, list[dict[str, Any]], dict[str, Any]]:
+    """Train ``config.restarts.n`` candidates (``make_cm(k)`` builds candidate k, seeded) for
+    ``config.restarts.steps`` steps, keep the one with the lowest training objective, and train it
+    to ``config.steps``. Returns the model, its metrics rows and a record of the choice."""
+    rs = config.restarts
+    assert rs is not None
+    screen = config.steps if rs.steps is None else rs.steps
+    best: _Trainer | None = None
+    record: dict[str, Any] = {"n": rs.n, "steps": screen, "criterion": "training objective",
+                              "candidates": []}
+    for k in range(rs.n):
+        trainer = _Trainer(make_cm(k), target, config, device=device, reporter=reporter)
+        trainer.run(0, screen)
+        loss = trainer.selection_loss(screen, batches=rs.select_batches, seed=config.seed)
+        record["candidates"].append({"candidate": k, "seed": _candidate_seed(config.seed, k),
+                                     "loss": loss})
+        trainer.metrics.append({"step": screen, "restart": k, "selection_loss": loss})
+        if best is None or loss < record["candidates"][record["chosen"]]["loss"]:
+            best, record["chosen"] = trainer, k
+        else:
+            trainer.cm.untie()
+    assert best is not None
+    try:
+        best.run(screen, config.steps)
+    finally:
+        best.cm.untie()
+    return best.cm, best.metrics, record
+
+
+def _candidate_seed(seed: int, k: int) -> int:
+    """Candidate k's initialisation seed (candidate 0 matches a run without restarts)."""
+    return seed + 1 + 1000 * k
 
 
 def evaluate(
@@ -238,16 +325,30 @@ def decompose(
             target.model, steps=steps, device=device, seed=config.seed, progress=target_reporter
         )
     target.model.to(device).eval()
-    seed_everything(config.seed + 1)
-    cm = ComponentModel(target.model, config.modules, config.ci_fn).to(device)
-    metrics = train_components(cm, target, config, device=device, reporter=reporter)
+
+    def make_cm(k: int) -> ComponentModel:
+        seed_everything(_candidate_seed(config.seed, k))
+        # Restart candidates each hook their own copy of the target (hooks are per module).
+        model = target.model if config.restarts is None else copy.deepcopy(target.model)
+        return ComponentModel(model, config.modules, config.ci_fn).to(device)
+
+    restarts: dict[str, Any] | None = None
+    if config.restarts is None:
+        cm = make_cm(0)
+        metrics = train_components(cm, target, config, device=device, reporter=reporter)
+    else:
+        cm, metrics, restarts = train_with_restarts(
+            make_cm, target, config, device=device, reporter=reporter
+        )
     final = next(m for m in reversed(metrics) if "layers" in m)
-    summary = {
+    summary: dict[str, Any] = {
         "device": device,
         "seconds": round(time.time() - t0, 2),
         "target": target_metrics,
         "final_eval": final,
     }
+    if restarts is not None:
+        summary["restarts"] = restarts
     entry = target.entry
     return save_run(
         out, config=config, cm=cm.cpu(), metrics=metrics, summary=summary,

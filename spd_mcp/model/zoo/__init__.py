@@ -13,7 +13,10 @@ _REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "tms-5-2": ("spd_mcp.model.zoo.tms:TMSEntry", {}),
     "tms-5-2-id": ("spd_mcp.model.zoo.tms:TMSIdentityEntry", {}),
     "tms-40-10": ("spd_mcp.model.zoo.tms:TMS40Entry", {}),
+    "tms-40-10-id": ("spd_mcp.model.zoo.tms:TMS40IdentityEntry", {}),
     "resid-mlp": ("spd_mcp.model.zoo.resid_mlp:ResidMLPEntry", {}),
+    "resid-mlp-2": ("spd_mcp.model.zoo.resid_mlp:ResidMLP2Entry", {}),
+    "resid-mlp-3": ("spd_mcp.model.zoo.resid_mlp:ResidMLP3Entry", {}),
     "induction": ("spd_mcp.model.zoo.induction:InductionEntry", {}),
     "tales": ("spd_mcp.model.zoo.tales.entry:TalesEntry", {}),
 }
