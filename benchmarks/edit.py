@@ -6,7 +6,7 @@
   ``he`` is also shown after screening out candidates whose solo ablation changes training text
   by more than 0.005 nats/token (``screen_components``).
 - ``flip``: train the 4 components ``rank_for_change`` picks (read + write vectors, rank-1
-  adapters) to turn ball → blue, vs fine-tuning the same layers' whole matrices for the same
+  adapters) to turn kite → green, vs fine-tuning the same layers' whole matrices for the same
   steps with the same objective, optimiser and penalty; and both without the KL penalty.
   Reported: flip rate on held-out probes, worst other-object accuracy, held-out KL, seconds.
 - ``exactness``: empty-edit KL and |baked − runtime| for an ablation.
@@ -68,7 +68,7 @@ def flip(session, steps: int, mode: str, kl_coeff: float) -> dict:
     from spd_mcp.model.text import prompt_batch
     from spd_mcp.model.zoo.tales.corpus import OBJECT_COLOUR, attribute_probes_by_object
 
-    obj, new = "ball", "blue"
+    obj, new = "kite", "green"  # (ball → blue also turns the other red objects blue: README)
     train = attribute_probes_by_object(7, 600)
     held = attribute_probes_by_object(99, 600)
     prompts = [p.prompt for p in train[obj][:16]]

@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep that 
     from mcp import ClientSession
     from rich.console import Console
 
-QUESTION = "How does the model know which pronoun (he/she) to use after '..., and then'?"
+QUESTION = ("How does the model know which pronoun (he/she) to use after a connective "
+            "(', and then', ', so', 'because')?")
 REGIMES = ("ci", "stochastic", "adversarial", "ablated")
 N_TOP = 3
 
@@ -147,7 +148,8 @@ async def investigate(inv: Investigator, run: str) -> Findings:
     inv.say(f"circuit: {len(f.circuit)} of {f.n_alive} alive nodes; P({f.label}) "
             f"{_fmt_probs(f.graph_probs)}")
     art = await inv.call("save_graph_artifact", {
-        "graph_id": g["graph_id"], "title": f"Sparse circuit for '{f.label}' after ', and then'",
+        "graph_id": g["graph_id"],
+        "title": f"Sparse circuit for '{f.label}' after '{f.prompt.split()[-1]}'",
         "caption": f"optimize_graph on a pronoun probe; {len(f.circuit)} component nodes kept."})
     f.artifact_id = art["artifact_id"]
     await inv.log("Sparse circuit", (
@@ -256,8 +258,8 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
     ]
     confidence = 0.8 if p["ci"] >= 0.5 and drop >= 0.5 and control_drop < 0.2 else 0.5
     await inv.call("save_explanation", {
-        "behaviour": f"predicting the pronoun '{f.label}' after ', and then' (pronoun agreement "
-                     "with the most recently named character)",
+        "behaviour": f"predicting the pronoun '{f.label}' after '{f.prompt.split()[-1]}' (pronoun "
+                     "agreement with the most recently named character)",
         "components": roles, "evidence": evidence, "confidence": confidence,
         "alternatives": ["the gender could be carried by earlier-position components that the "
                          "single-prediction circuit does not separate"],

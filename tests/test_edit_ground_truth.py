@@ -27,8 +27,9 @@ HELD_OUT_SEED = 99  # probes for measurement; edits are built from seed 7
 EDIT_SEED = 7
 
 # The recipes (also in benchmarks/edit.py and the README).
-PRONOUN_K = 15  # components from search_components(output_token=...), ablated where CI > 0
-FLIP = {"object": "ball", "new": "blue", "k": 4, "steps": 150, "n_train": 16,
+PRONOUN = "he"
+PRONOUN_K = 8  # components from search_components(output_token=...), ablated where CI > 0
+FLIP = {"object": "kite", "new": "green", "k": 4, "steps": 150, "n_train": 16,
         "preserve_per_object": 3, "kl_coeff": 5.0}
 
 
@@ -45,9 +46,9 @@ def pronoun_probes(pronoun: str, seed: int, n: int) -> list[Probe]:
 
 @pytest.mark.slow
 def test_ablating_found_pronoun_components(session: RunSession) -> None:
-    # `she`; `he` is not concentrated this way (its top components include a dense, bias-like
-    # layer-0 component): see benchmarks/edit.py for its numbers.
-    pronoun = "she"
+    # `he`; `she` is not concentrated this way in the shipped run (its top components also carry
+    # induction and quote): see benchmarks/edit.py for its numbers.
+    pronoun = PRONOUN
     found = search_by_effect(session, None, pronoun, k=PRONOUN_K)
     keys = [c.key for c in found.components]
     assert len(keys) == PRONOUN_K
@@ -65,7 +66,8 @@ def test_ablating_found_pronoun_components(session: RunSession) -> None:
           f"{m.control.probes.drop_pct:.2f}%, KL {m.control.text.kl:.4f}; "
           f"concentration {m.concentration}")
     assert m.probes.drop_pct >= 80.0
-    assert m.text.kl <= 0.05
+    assert m.text.kl_outside_groups <= 0.05  # text elsewhere barely changes
+    assert m.text.kl <= 0.1  # (the pronoun positions themselves are meant to change)
     assert m.control.probes.drop_pct < 10.0
     assert m.concentration is not None and m.concentration["probe_drop_ratio"] > 8
     # the other planted behaviours are intact

@@ -12,19 +12,28 @@ from mcp import Client
 
 from spd_mcp.cli import main
 from spd_mcp.editing.bake import load_edited_target
+from spd_mcp.editing.train import rank_for_change
 from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server
 
 PROMPT = ("once upon a time , a clever girl named laura lived in a house . everyone in the zoo "
           "liked the girl named laura . laura had a ball , and the ball was")
-# the components most supporting red over blue here (rank_for_change); ablated, red loses top-1
-ABLATE = [{"component": k, "scale": 0} for k in (
-    "1.attn.v:15", "1.attn.v:110", "1.attn.v:65", "1.attn.v:87", "1.attn.o:127", "1.attn.o:23")]
 
 
 @pytest.fixture(scope="module")
 def session() -> RunSession:
     return RunSession.load("tales")
+
+
+@pytest.fixture(scope="module")
+def ranked(session: RunSession) -> list[str]:
+    """The 6 components most supporting red over blue here (``rank_for_change``); ablated
+    together, red loses top-1 (asserted below)."""
+    return [k for k, _ in rank_for_change(session, [PROMPT], "red", "blue", k=6)]
+
+
+def _writes_d_model(key: str) -> bool:
+    return not key.split(":")[0].endswith("mlp.up")  # mlp.up writes d_mlp, the rest d_model
 
 
 def call(session: RunSession, db: Path, script) -> Any:
@@ -35,9 +44,10 @@ def call(session: RunSession, db: Path, script) -> Any:
     return asyncio.run(main_())
 
 
-def test_edit_measure_generate_export(session: RunSession, tmp_path: Path,
+def test_edit_measure_generate_export(session: RunSession, ranked: list[str], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPD_MCP_HOME", str(tmp_path / "home"))
+    ABLATE = [{"component": k, "scale": 0} for k in ranked]
 
     async def script(c: Client) -> dict[str, Any]:
         names = {t.name for t in (await c.list_tools()).tools}
@@ -99,7 +109,7 @@ def test_edit_measure_generate_export(session: RunSession, tmp_path: Path,
     p = out["prompt"]
     assert p["next_tokens"][0]["token"] == "red"
     assert p["next_tokens_edited"][0]["token"] != "red"
-    assert out["gen"]["unedited_text"].endswith("was red . the")
+    assert out["gen"]["unedited_text"].startswith(PROMPT + " red .")  # the target says red
     assert out["gen"]["generated"][0] == p["next_tokens_edited"][0]["token"]
     m = out["m"]
     assert m["probes"]["drop_pct"] > 50
@@ -118,9 +128,13 @@ def test_edit_measure_generate_export(session: RunSession, tmp_path: Path,
     assert session.token_str(top) == p["next_tokens_edited"][0]["token"]
 
 
-def test_train_tool_and_trained_control(session: RunSession, tmp_path: Path) -> None:
+def test_train_tool_and_trained_control(session: RunSession, ranked: list[str],
+                                        tmp_path: Path) -> None:
+    pair = [k for k in ranked if _writes_d_model(k)][:2]
+    assert len(pair) == 2, ranked
+
     async def script(c: Client) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        args = {"components": ["1.attn.v:15", "1.attn.v:110"],
+        args = {"components": pair,
                 "targets": [{"prompt": PROMPT, "token": "blue"}], "steps": 30, "lr": 0.05,
                 "n_kl_texts": 8, "vectors": "write"}
         r = await c.call_tool("train_component_edit", args)
@@ -145,17 +159,19 @@ def test_train_tool_and_trained_control(session: RunSession, tmp_path: Path) -> 
     assert m["probes"]["edited_prob"] > 0.5
 
 
-def test_cli_scale_list_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_cli_scale_list_export(ranked: list[str], tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("SPD_MCP_HOME", str(tmp_path / "home"))
-    assert main(["edit", "scale", "tales", "1.attn.v:15=0", "1.attn.v:110=0", "--measure",
+    a, b = ranked[:2]
+    assert main(["edit", "scale", "tales", f"{a}=0", f"{b}=0", "--measure",
                  "--n-texts", "8", "--no-behaviours", "--json", "--probe",
                  f"{PROMPT} => red", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("edit 1: ablate 1.attn.v:15; ablate 1.attn.v:110")
+    assert out.startswith(f"edit 1: ablate {a}; ablate {b}")
     assert '"drop_pct"' in out
     assert main(["edit", "list", "tales"]) == 0
-    assert "ablate 1.attn.v:15" in capsys.readouterr().out
+    assert f"ablate {a}" in capsys.readouterr().out
     assert main(["edit", "export", "tales", "1", "--out", str(tmp_path / "x")]) == 0
     assert (tmp_path / "x" / "target.safetensors").is_file()
     assert main(["edit", "scale", "tales", "1.attn.v:15"]) == 2

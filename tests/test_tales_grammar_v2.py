@@ -13,7 +13,9 @@ import torch
 from spd_mcp.model.zoo.tales.corpus import (
     ANIMALS,
     BEHAVIOURS,
+    BEHAVIOURS_V1,
     BEHAVIOURS_V2,
+    DEFAULT_GRAMMAR,
     GENDER,
     NUMBERS,
     SCENERY,
@@ -67,21 +69,22 @@ def stories():
 
 @pytest.mark.parametrize("seed", list(V1_STREAMS))
 def test_v1_stream_unchanged(seed: int) -> None:
-    assert _stream_hash(TalesCorpus(seed), 300) == V1_STREAMS[seed]
+    assert _stream_hash(TalesCorpus(seed, grammar="v1"), 300) == V1_STREAMS[seed]
+    assert _stream_hash(TalesCorpus(seed), 300) != V1_STREAMS[seed]  # the default is v2
     assert _stream_hash(TalesCorpus(seed, grammar="v1"), 300) == V1_STREAMS[seed]
 
 
 def test_v1_probes_vocabulary_and_tokenizer_unchanged() -> None:
-    assert TalesCorpus(12345).story(1).text == V1_STORY_12345_1
-    for name, b in BEHAVIOURS.items():
+    assert TalesCorpus(12345, grammar="v1").story(1).text == V1_STORY_12345_1
+    for name, b in BEHAVIOURS_V1.items():
         probes = b.probes(12345, 200)
         assert _h("\n".join(f"{p.prompt}|{p.expected}|{p.story_index}" for p in probes)) == (
             V1_PROBES[name]
         ), name
     assert _h(" ".join(TalesCorpus.vocabulary())) == V1_VOCAB
     assert _h(json.dumps(Tokenizer.from_corpus(TalesCorpus).to_dict())) == V1_TOKENIZER
-    assert behaviours() is BEHAVIOURS and behaviours("v1") is BEHAVIOURS
-    for b in BEHAVIOURS.values():  # v1 plants no shortcut families
+    assert behaviours("v1") is BEHAVIOURS_V1
+    for b in BEHAVIOURS_V1.values():  # v1 plants no shortcut families
         assert b.grammar == "v1" and b.shortcut_family is None
         with pytest.raises(ValueError, match="no shortcut family"):
             b.shortcut_probes(0, 1)
@@ -108,8 +111,8 @@ def test_v2_deterministic_random_access_and_distinct_from_v1() -> None:
     a = [corpus.story(i).text for i in range(40)]
     assert a == [TalesCorpus(3, grammar="v2").story(i).text for i in range(40)]
     assert a[:5] == [s for s, _ in zip(corpus.stories(), range(5), strict=False)]
-    assert all(x != y for x, y in zip(a, (TalesCorpus(3).story(i).text for i in range(40)),
-                                      strict=True))
+    v1 = (TalesCorpus(3, grammar="v1").story(i).text for i in range(40))
+    assert all(x != y for x, y in zip(a, v1, strict=True))
     assert TalesCorpus(4, grammar="v2").story(0).text != a[0]
 
 
@@ -233,7 +236,7 @@ def _agreement_rates(corpus: TalesCorpus, name: str, n: int) -> dict[str, float]
 
 @pytest.mark.parametrize("name", list(BEHAVIOURS_V2))
 def test_v2_text_contradicts_every_shortcut_that_v1_text_taught(name: str) -> None:
-    v1 = _agreement_rates(TalesCorpus(7), name, 500)
+    v1 = _agreement_rates(TalesCorpus(7, grammar="v1"), name, 500)
     v2 = _agreement_rates(TalesCorpus(7, grammar="v2"), name, 500)
     confound = V1_CONFOUNDS[name]
     if name == "pronoun":  # v1 already contradicted it at ~20% of positions; v2 keeps that
@@ -326,7 +329,8 @@ def test_evaluate_behaviours_scores_rule_and_shortcut_oracles() -> None:
     scores = evaluate_behaviours(_oracle(tok, rule), tok, n=40, grammar="v2")
     assert list(scores) == [k for b in BEHAVIOURS_V2 for k in (b, f"{b}_shortcut")]
     assert all(v == 1.0 for v in scores.values()), scores
-    assert list(evaluate_behaviours(_oracle(tok, rule), tok, n=5)) == list(BEHAVIOURS)
+    assert list(evaluate_behaviours(_oracle(tok, rule), tok, n=5, grammar="v1")) == list(
+        BEHAVIOURS_V1)
     # A model that answers by the first-introduced character fails every induction_shortcut
     # probe but gets about half of the induction probes.
     first = BEHAVIOURS_V2["induction"].shortcuts[0]
@@ -342,9 +346,14 @@ def test_entry_grammar_kwarg_flows_from_config_to_corpus_and_behaviours() -> Non
     from spd_mcp.model.zoo.tales.entry import TalesEntry
 
     default = get_entry("tales")
-    assert default.kwargs.grammar == "v1" and default.behaviours() is BEHAVIOURS  # shipped run
-    assert default.dataset_text(0) == TalesCorpus(1).story(0).text
-    cfg = TalesEntry(grammar="v2").default_config()
+    assert DEFAULT_GRAMMAR == "v2" and behaviours() is BEHAVIOURS is BEHAVIOURS_V2
+    assert default.kwargs.grammar == "v2" and default.behaviours() is BEHAVIOURS  # shipped run
+    assert default.dataset_text(0) == TalesCorpus(1, grammar="v2").story(0).text
+    v1 = TalesEntry(grammar="v1")
+    assert v1.behaviours() is BEHAVIOURS_V1
+    assert v1.dataset_text(0) == TalesCorpus(1, grammar="v1").story(0).text
+    assert v1.default_config()["target"]["kwargs"] == {"grammar": "v1"}
+    cfg = TalesEntry().default_config()
     assert cfg["target"] == {"zoo": "tales", "kwargs": {"grammar": "v2"}}
     target = resolve_target(parse_config(cfg).target)
     entry = target.entry
@@ -356,15 +365,14 @@ def test_entry_grammar_kwarg_flows_from_config_to_corpus_and_behaviours() -> Non
     batch = entry.sample_batch(4, "cpu")  # (B, T) from the v2 SPD stream
     first = entry.tokenizer.decode(batch[0].tolist())
     assert first in {TalesCorpus(1 + 4, grammar="v2").story(i).text for i in range(32)}
-    assert get_entry("tales").default_config()["target"]["kwargs"] == {"grammar": "v1"}
     with pytest.raises(ValueError):
         TalesEntry(grammar="v3")
 
 
-def test_shipped_run_stays_v1() -> None:
+def test_shipped_run_is_v2() -> None:
     from spd_mcp.model.run_io import load_run
 
     run = load_run("tales")
-    assert run.target.entry.kwargs.grammar == "v1"
-    assert run.target.entry.behaviours() is BEHAVIOURS
+    assert run.target.entry.kwargs.grammar == "v2"
+    assert run.target.entry.behaviours() is BEHAVIOURS_V2
     assert run.target.entry.tokenizer == Tokenizer.from_corpus(TalesCorpus(0, grammar="v2"))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from spd_mcp.errors import InputError
-from spd_mcp.model.ci_functions import CIFunctions
+from spd_mcp.model.ci_functions import CIFunctions, PerComponentMLP
 from spd_mcp.model.components import Components, components_for
 from spd_mcp.model.config import CIFnConfig, ModulePattern
 from spd_mcp.model.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
@@ -123,6 +123,15 @@ class ComponentModel(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.components.parameters()
         yield from self.ci_fns.parameters()
+
+    def per_component_ci_fn(self, name: str) -> PerComponentMLP | None:
+        """Layer ``name``'s CI function when it is one small MLP per component (slice c along
+        dim 0 of every parameter belongs to component c: types ``mlp`` and ``vector_mlp``, and
+        embeddings under any per-layer type), else None (shared MLPs mix components)."""
+        if self.ci_fns.fn_type == "global_shared_mlp":
+            return None
+        fn = self.ci_fns.fns[_safe(name)]
+        return fn if isinstance(fn, PerComponentMLP) else None
 
     # ------------------------------------------------------------------------------------ ties
     def tie(self, source: str, follower: str) -> None:

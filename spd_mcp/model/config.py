@@ -128,6 +128,26 @@ class Restarts(Strict):
     select_batches: int = Field(4, ge=1, description="fixed batches the objective is averaged over")
 
 
+class Revive(Strict):
+    """Dead-component revival (opt-in). Every ``every`` steps while ``step < until_frac · steps``
+    the trainer measures each component's largest lower CI over ``batches`` fixed batches of
+    ``eval_batch_size``; a component whose CI never exceeds ``threshold`` is dead and is
+    re-initialised: its V column and U row are aimed at what the current decomposition
+    reconstructs worst (at a small norm), its CI function is re-drawn where that function is per
+    component, and its AdamW moments are zeroed. A tied component is revived only when it is dead
+    in both layers. Each check is recorded as a metrics row ``{"step", "revived": {layer: n}}``.
+    No check happens at step 0, nor at all when ``every ≥ until_frac · steps``."""
+
+    every: int = Field(gt=0, description="steps between checks")
+    until_frac: float = Field(
+        0.5, gt=0, le=1, description="check only while step < until_frac · steps"
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="dead: max lower CI ≤ this (None: alive_threshold)"
+    )
+    batches: int = Field(4, ge=1, description="fixed batches of eval_batch_size per check")
+
+
 class DecomposeConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -159,6 +179,9 @@ class DecomposeConfig(Strict):
     faithfulness_warmup_weight_decay: float = Field(0.01, ge=0, description="(AdamW's default)")
     restarts: Restarts | None = Field(
         None, description="train several candidates, keep the lowest training loss"
+    )
+    revive: Revive | None = Field(
+        None, description="re-initialise dead components during the first part of training"
     )
     eval_every: int = Field(500, gt=0)
     eval_batch_size: int = Field(1024, gt=0)

@@ -9,6 +9,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from spd_mcp.model import losses as L
+from spd_mcp.model.ci_functions import PerComponentMLP
 from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.config import (
     CIMaskedRecon,
@@ -216,6 +218,8 @@ class _Trainer:
                 self.metrics.append(row)
             if step == stop:
                 break
+            if self._revive_due(step):
+                self.revive(step)
             for group in self.opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, steps)
             x = self.target.sampler(cfg.batch_size, self.device)
@@ -246,6 +250,169 @@ class _Trainer:
                 for _ in range(batches)
             ]
         return sum(losses) / len(losses)
+
+    # ---------------------------------------------------------------------------------- revival
+    def _revive_due(self, step: int) -> bool:
+        rv = self.config.revive
+        return (rv is not None and step > 0 and step % rv.every == 0
+                and step < rv.until_frac * self.config.steps)
+
+    @torch.no_grad()
+    def revive(self, step: int) -> dict[str, Tensor]:
+        """Re-initialise the dead components (``config.revive``); return layer → revived indices.
+
+        Dead: the component's lower CI never exceeds ``revive.threshold`` (default
+        ``alive_threshold``) on ``revive.batches`` fixed batches of ``eval_batch_size`` (the same
+        draws at every check). Padding positions count neither as firing nor as residual. A
+        component shared by a tied pair is dead only if it is dead in both layers.
+
+        New V column and U row are *aimed* rather than drawn blindly: on the same batches each
+        layer's residual under its own CI masks, R = x Wᵀ − ((x V) ⊙ g) U, gives G = Σ xᵀ R, whose
+        top singular pair is the rank-1 piece that adding would reduce that residual fastest.
+        Revived component k reads v_k ∝ G ω_k (ω_k ~ N(0, I)) and writes u_k ∝ Gᵀ v_k: a random
+        direction inside the span of the inputs the decomposition reconstructs worst, weighted
+        by how badly, so the revived components are distinct yet all start where a component is
+        missing (a blind draw would mostly land in directions the alive components already
+        explain; in tms-40-10 the residual sits on the five features the baseline shares out).
+        When G is zero the directions fall back to the ComponentModel's normal draws. Norms are
+        small: V_k and U_k keep the ratio of the layer's median alive V and U norms, and the
+        revived pieces V_k U_k together weigh 10% of a median alive component, so revival barely
+        moves the layer's weight or output and a revived component starts nearly silent (its CI
+        function sees small activations); it grows where that lowers the loss (Adam's steps do not
+        depend on the parameter's scale) and otherwise fades like any dead component. (A first
+        version gave V the full alive norm and only U a small one; on tms-40-10 six revived
+        components then kept a CI just over the threshold on rare inputs with no weight behind
+        it, counting as alive.) A per-component CI function (``mlp``, ``vector_mlp``) has its
+        slices re-drawn by the CI function's own initialiser in every layer that uses the
+        component; shared CI MLPs are left as they are. AdamW's ``exp_avg`` and ``exp_avg_sq``
+        are zeroed for exactly the revived slices (the per-tensor step count is shared and kept,
+        so Adam's bias correction is ~1 and those slices take steps of up to a few lr for the
+        next few hundred steps, larger than a fresh optimiser's, until their moments fill).
+
+        All randomness (the fixed batches, then the draws, seeded by ``seed`` and ``step``) is
+        taken from forked generators, so the training stream is the same as without the check.
+        A metrics row ``{"step": step, "revived": {layer: n}}`` records every check."""
+        rv, cfg, cm = self.config.revive, self.config, self.cm
+        assert rv is not None
+        threshold = cfg.alive_threshold if rv.threshold is None else rv.threshold
+        source_of = {f: s for s, f in cfg.tied}
+        cm.refresh_ties()
+        with _fork_rng(self.device):
+            torch.manual_seed(cfg.seed + _REVIVE_BATCH_SEED)
+            max_ci, resid = self._revive_stats(rv.batches, skip=set(source_of))
+            dead = {n: max_ci[n] <= threshold for n in cm.layer_names}
+            for s, f in cfg.tied:
+                dead[s] = dead[f] = dead[s] & dead[f]
+            torch.manual_seed(_revive_seed(cfg.seed, step))
+            revived = {n: dead[n].nonzero().flatten() for n in cm.layer_names}
+            for n, idx in revived.items():
+                if idx.numel() == 0:
+                    continue
+                if n not in source_of:
+                    self._reinit_components(n, idx, resid[n], alive=~dead[n])
+                self._reinit_ci_fn(n, idx)
+        cm.refresh_ties()
+        self.metrics.append(
+            {"step": step, "revived": {n: int(i.numel()) for n, i in revived.items()}}
+        )
+        return revived
+
+    def _revive_stats(
+        self, batches: int, *, skip: set[str]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per layer: (C,) max lower CI, and G = Σ xᵀ R (d_in, d_out) for layers not in skip."""
+        cm, cfg = self.cm, self.config
+        max_ci: dict[str, Tensor] = {}
+        resid: dict[str, Tensor] = {}
+        for _ in range(batches):
+            x = self.target.sampler(cfg.eval_batch_size, self.device)
+            pos = self.target.position_mask(x)
+            _, inputs, _ = cm.forward_with_inputs(x)
+            ci = cm.compute_ci(inputs)
+            for n in cm.layer_names:
+                g = ci.lower[n] if pos is None else ci.lower[n] * pos.unsqueeze(-1)
+                top = g.flatten(0, -2).amax(0)
+                max_ci[n] = torch.maximum(max_ci[n], top) if n in max_ci else top
+                if n in skip:
+                    continue
+                comp, xin = cm.component(n), inputs[n]
+                out = comp.delta_out(xin, cm.target_weight(n))  # x Wᵀ (W[ids] for embeddings)
+                R = out - (comp.component_acts(xin) * g) @ comp.U
+                if pos is not None:
+                    R = R * pos.unsqueeze(-1)
+                R = R.flatten(0, -2)
+                G = resid.get(n)
+                if G is None:
+                    G = resid[n] = torch.zeros(comp.d_in, comp.d_out, device=R.device,
+                                               dtype=R.dtype)
+                if comp.kind == "embedding":
+                    G.index_add_(0, xin.flatten(), R)
+                else:
+                    G.addmm_(xin.flatten(0, -2).T, R)
+        return max_ci, resid
+
+    def _reinit_components(self, name: str, idx: Tensor, G: Tensor, *, alive: Tensor) -> None:
+        """New V columns and U rows for components ``idx`` of a layer (see ``revive``)."""
+        comp = self.cm.component(name)
+        V, U = comp.V, comp.U
+        k = idx.numel()
+        v_norm, u_norm = V.norm(dim=0), U.norm(dim=1)
+        ref = alive if bool(alive.any()) else torch.ones_like(alive)
+        nu, mu = float(v_norm[ref].median()), float(u_norm[ref].median())
+        if not (nu > 0 and mu > 0):  # the expected norms of a fresh V column and U row
+            nu, mu = math.sqrt(comp.d_in / comp.d_out), math.sqrt(comp.d_out / comp.C)
+        piece = float((v_norm * u_norm)[ref].median())
+        if not piece > 0:  # (a zero piece would leave V_k = U_k = 0, a point with no gradient)
+            piece = nu * mu
+        shrink = math.sqrt(_REVIVE_TOTAL_NORM * piece / (k * nu * mu))
+        scale = float(G.norm()) if G.numel() else 0.0
+        if scale > 0 and math.isfinite(scale):
+            G = G / scale
+            v = G @ torch.randn(comp.d_out, k, device=G.device, dtype=G.dtype)  # (d_in, k)
+            u = G.T @ v  # (d_out, k)
+        else:
+            v = torch.randn(comp.d_in, k, device=V.device, dtype=V.dtype)
+            u = torch.randn(comp.d_out, k, device=V.device, dtype=V.dtype)
+        v = v / v.norm(dim=0).clamp_min(1e-12)
+        u = u / u.norm(dim=0).clamp_min(1e-12)
+        V[:, idx] = (v * (nu * shrink)).to(V.dtype)
+        U[idx, :] = (u.T * (mu * shrink)).to(U.dtype)
+        self._zero_adam(V, 1, idx)
+        self._zero_adam(U, 0, idx)
+
+    def _reinit_ci_fn(self, name: str, idx: Tensor) -> None:
+        fn = self.cm.per_component_ci_fn(name)
+        if fn is None:
+            return
+        hidden = [w.shape[2] for w in fn.weights]
+        d_in = fn.weights[0].shape[1] if hidden else fn.w_out.shape[1]
+        fresh = PerComponentMLP(idx.numel(), d_in, hidden)
+        for old, new in zip(fn.parameters(), fresh.parameters(), strict=True):
+            old[idx] = new.to(old)
+            self._zero_adam(old, 0, idx)
+
+    def _zero_adam(self, param: Tensor, dim: int, idx: Tensor) -> None:
+        state = self.opt.state.get(param)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if state and key in state:
+                state[key].index_fill_(dim, idx.to(state[key].device), 0.0)
+
+
+_REVIVE_BATCH_SEED = 7_919
+"""Offset from ``config.seed`` of the seed that draws revival's fixed batches."""
+_REVIVE_TOTAL_NORM = 0.1
+"""Revived pieces of one layer together weigh this fraction of a median alive component."""
+
+
+def _revive_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % 2**63
+
+
+def _fork_rng(device: str) -> AbstractContextManager:
+    """Fork the CPU generator and, on a GPU, that device's, so draws inside leave both as found."""
+    dev = torch.device(device)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def train_with_restarts(

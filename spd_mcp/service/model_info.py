@@ -108,7 +108,11 @@ def summarize_validity(v: Validity) -> ValiditySummary:
 async def validity_note(st: AppState, layers: Iterable[str]) -> str | None:
     """A one-line caution for a result whose components lie in ``layers`` (None when the
     decomposition passes every check)."""
-    v = await validity(st)
+    return note_for(await validity(st), layers)
+
+
+def note_for(v: Validity, layers: Iterable[str]) -> str | None:
+    """:func:`validity_note` for a given verdict."""
     if v.ok:
         return None
     parts = []

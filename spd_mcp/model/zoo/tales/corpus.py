@@ -630,8 +630,9 @@ class Story:
 
 Grammar = Literal["v1", "v2"]
 GRAMMARS: tuple[Grammar, ...] = ("v1", "v2")
-DEFAULT_GRAMMAR: Grammar = "v1"
-"""v1 is the grammar the shipped run was trained on; v2 breaks v1's shortcuts (docs/tales.md)."""
+DEFAULT_GRAMMAR: Grammar = "v2"
+"""v2 (the shipped run's grammar) contradicts every shortcut of v1 in training text (docs/tales.md);
+v1 stays available, bit for bit, as ``grammar="v1"``."""
 
 
 class TalesCorpus:
@@ -903,7 +904,7 @@ class Behaviour:
     example_prompt: str
     example_expected: str
     predict: Callable[[Sequence[str]], str | None] = field(repr=False)
-    grammar: Grammar = DEFAULT_GRAMMAR
+    grammar: Grammar = "v1"  # the grammar whose stories the probes come from
     shortcuts: tuple[Shortcut, ...] = field(default=(), repr=False)
 
     @property
@@ -951,7 +952,7 @@ class Behaviour:
 _EX_INTRO = "once upon a time , a kind girl named mia lived in a cottage ."
 _EX_FRIEND = _EX_INTRO + " mia had a friend called tom ."
 
-BEHAVIOURS: dict[str, Behaviour] = {
+BEHAVIOURS_V1: dict[str, Behaviour] = {
     b.name: b
     for b in (
         Behaviour(
@@ -1285,11 +1286,15 @@ BEHAVIOURS_V2: dict[str, Behaviour] = {
 }
 
 
+BEHAVIOURS: dict[str, Behaviour] = BEHAVIOURS_V2 if DEFAULT_GRAMMAR == "v2" else BEHAVIOURS_V1
+"""The default grammar's behaviours (those the shipped run was trained and is probed on)."""
+
+
 def behaviours(grammar: Grammar = DEFAULT_GRAMMAR) -> dict[str, Behaviour]:
     """The planted behaviours of ``grammar`` (v1: no shortcut families)."""
     if grammar not in GRAMMARS:
         raise ValueError(f"unknown tales grammar {grammar!r}; known: {', '.join(GRAMMARS)}")
-    return BEHAVIOURS_V2 if grammar == "v2" else BEHAVIOURS
+    return BEHAVIOURS_V2 if grammar == "v2" else BEHAVIOURS_V1
 
 
 ProbeDraw = Callable[[int, int], list[Probe]]
@@ -1309,17 +1314,26 @@ def probe_families(grammar: Grammar = DEFAULT_GRAMMAR) -> dict[str, ProbeDraw]:
 def attribute_object(prompt: str) -> str | None:
     """The object whose colour an `attribute` probe asks for (None if it is not one)."""
     t = prompt.split()
-    if len(t) >= 3 and t[-1] == "was" and t[-3] == "the" and t[-2] in OBJECT_COLOUR:
+    if not t or t[-1] != "was":
+        return None
+    for size in (7, 6):  # v2: `the O <prep> the [C] O2 was` asks for O's colour, not O2's
+        w = t[-size:]
+        if (len(t) >= size and w[0] == "the" and w[1] in OBJECT_COLOUR and w[2] in PREPOSITIONS
+                and w[3] == "the" and w[-2] in OBJECT_COLOUR and (size == 6 or w[4] in COLOURS)):
+            return w[1]
+    if len(t) >= 3 and t[-3] == "the" and t[-2] in OBJECT_COLOUR:
         return t[-2]
-    if len(t) >= 6 and t[-1] == "was" and t[-6] == "the" and t[-4] == "that":
+    if len(t) >= 6 and t[-6] == "the" and t[-4] == "that":
         return t[-5] if t[-5] in OBJECT_COLOUR else None
     return None
 
 
-def attribute_probes_by_object(seed: int, n: int) -> dict[str, list[Probe]]:
-    """``n`` attribute probes of ``TalesCorpus(seed)`` grouped by object."""
+def attribute_probes_by_object(
+    seed: int, n: int, grammar: Grammar = DEFAULT_GRAMMAR
+) -> dict[str, list[Probe]]:
+    """``n`` attribute probes of ``TalesCorpus(seed, grammar)`` grouped by object."""
     out: dict[str, list[Probe]] = {}
-    for p in BEHAVIOURS["attribute"].probes(seed, n):
+    for p in behaviours(grammar)["attribute"].probes(seed, n):
         obj = attribute_object(p.prompt)
         assert obj is not None, p.prompt
         out.setdefault(obj, []).append(p)

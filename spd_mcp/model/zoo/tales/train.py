@@ -36,7 +36,7 @@ ProgressFn = Callable[[int, int, float], None]
 """Called as ``progress(step, total_steps, loss)`` after every optimiser step."""
 
 EVAL_SEED = 12345  # probe seed; never used for training text
-DEFAULT_STEPS = 1200
+DEFAULT_STEPS = 1600  # v2 reaches >= 99.8% on every probe family (v1 was shipped at 1200)
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LR = 1e-2
 

@@ -1,0 +1,127 @@
+"""Dead-component revival (``config.revive``): validation, what a revival touches, and opt-in."""
+
+import json
+
+import pytest
+import torch
+
+from spd_mcp.model.component_model import ComponentModel
+from spd_mcp.model.config import ConfigError, parse_config
+from spd_mcp.model.decompose import _Trainer, decompose, seed_everything
+from spd_mcp.model.run_io import load_run
+from spd_mcp.model.targets import resolve_target
+from spd_mcp.model.zoo import get_entry
+
+
+def _tiny(**over) -> dict:
+    cfg = get_entry("tms-5-2").default_config()
+    cfg.update(steps=12, eval_every=6, batch_size=16, eval_batch_size=64,
+               faithfulness_warmup_steps=2)
+    return {**cfg, **over}
+
+
+def test_revive_is_validated_with_clear_errors():
+    with pytest.raises(ConfigError, match=r"revive\.every: Input should be greater than 0"):
+        parse_config(_tiny(revive={"every": 0}))
+    with pytest.raises(ConfigError, match=r"revive\.until_frac: Input should be less than or"):
+        parse_config(_tiny(revive={"every": 4, "until_frac": 1.5}))
+    with pytest.raises(ConfigError, match=r"revive\.threshold: Input should be greater than or"):
+        parse_config(_tiny(revive={"every": 4, "threshold": -0.1}))
+    with pytest.raises(ConfigError, match=r"revive\.batches: Input should be greater than or"):
+        parse_config(_tiny(revive={"every": 4, "batches": 0}))
+    with pytest.raises(ConfigError, match=r"unknown key 'revive\.steps'"):
+        parse_config(_tiny(revive={"every": 4, "steps": 3}))
+    with pytest.raises(ConfigError, match=r"revive\.every: Field required"):
+        parse_config(_tiny(revive={"until_frac": 0.5}))
+    assert parse_config(_tiny()).revive is None  # opt-in
+    rv = parse_config(_tiny(revive={"every": 4})).revive
+    assert (rv.until_frac, rv.threshold, rv.batches) == (0.5, None, 4)
+
+
+def _trainer(cfg: dict) -> _Trainer:
+    """A trainer set up the way ``decompose`` sets one up (target trained for a few steps)."""
+    config = parse_config(cfg)
+    seed_everything(config.seed)
+    target = resolve_target(config.target)
+    target.entry.train_target(target.model, steps=5, device="cpu", seed=0, progress=None)
+    target.model.eval()
+    seed_everything(config.seed + 1)
+    cm = ComponentModel(target.model, config.modules, config.ci_fn)
+    return _Trainer(cm, target, config, device="cpu", reporter=None)
+
+
+def _slices(tr: _Trainer) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every per-component tensor (parameters and AdamW moments) with its component dim."""
+    out = {}
+    for layer in ("linear1", "linear2"):
+        fn = tr.cm.per_component_ci_fn(layer)
+        for name, p in fn.named_parameters():
+            out[f"{layer}.ci.{name}"] = (p, 0)
+    comp = tr.cm.component("linear1")  # linear2's V, U are views of these (tied)
+    out["V"], out["U"] = (comp.V, 1), (comp.U, 0)
+    for key in list(out):
+        p, dim = out[key]
+        for m in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}.{m}"] = (tr.opt.state[p][m], dim)
+    return out
+
+
+def test_a_dead_component_is_revived_and_nothing_else_moves():
+    tr = _trainer(_tiny(revive={"every": 4, "until_frac": 0.5, "batches": 2}))
+    tr.run(0, 4)  # trains steps 0-3; the check at step 4 has not happened yet
+    cm = tr.cm
+    dead, half = 3, 5  # component 5 is dead in linear1 only: the tie keeps it
+    with torch.no_grad():
+        comp = cm.component("linear1")
+        comp.V[:, dead] = 0.0
+        comp.U[dead] = 0.0
+        for layer in ("linear1", "linear2"):
+            cm.per_component_ci_fn(layer).b_out[dead] = -10.0
+        cm.per_component_ci_fn("linear1").b_out[half] = -10.0
+        cm.per_component_ci_fn("linear2").b_out[half] = 10.0
+    cm.refresh_ties()
+    before = {k: t.detach().clone() for k, (t, _) in _slices(tr).items()}
+    rng = torch.get_rng_state()
+
+    revived = tr.revive(4)
+
+    assert torch.equal(torch.get_rng_state(), rng)  # the training stream is left as it was
+
+    idx = revived["linear1"].tolist()
+    assert dead in idx and half not in idx
+    assert revived["linear2"].tolist() == idx  # one shared set of components
+    comp = cm.component("linear1")
+    assert comp.V[:, dead].norm() > 0 and comp.U[dead].norm() > 0
+    assert cm.per_component_ci_fn("linear1").b_out[dead] == 0.0  # re-drawn (biases start at 0)
+    assert torch.equal(cm.component("linear2").V, comp.U.T)  # ties refreshed
+    keep = [c for c in range(comp.C) if c not in idx]
+    for key, (t, dim) in _slices(tr).items():
+        old = before[key]
+        assert torch.equal(t.index_select(dim, torch.tensor(keep)),
+                           old.index_select(dim, torch.tensor(keep))), key
+        if key.endswith(("exp_avg", "exp_avg_sq")):
+            assert not t.index_select(dim, torch.tensor(idx)).any(), key
+    assert not torch.equal(comp.V, before["V"]) and not torch.equal(comp.U, before["U"])
+    row = tr.metrics[-1]
+    assert row == {"step": 4, "revived": {"linear1": len(idx), "linear2": len(idx)}}
+
+
+def test_revival_runs_in_decompose_and_records_its_checks(tmp_path):
+    cfg = _tiny(revive={"every": 3, "until_frac": 0.75, "threshold": 1.0})  # all dead
+    out = decompose(parse_config(cfg), out=tmp_path / "r", target_steps=5)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "revived" in r]
+    assert [r["step"] for r in checks] == [3, 6]  # 9 is not below 0.75 · 12
+    assert all(r["revived"] == {"linear1": 20, "linear2": 20} for r in checks)
+    assert max(r["step"] for r in rows) == 12
+
+
+def test_without_revive_a_run_is_unchanged(tmp_path):
+    a = decompose(parse_config(_tiny()), out=tmp_path / "a", target_steps=5)
+    b = decompose(parse_config(_tiny(revive=None)), out=tmp_path / "b", target_steps=5)
+    wa, wb = load_run(a).model.state_dict(), load_run(b).model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra, rb = ((r / "metrics.jsonl").read_text().splitlines() for r in (a, b))
+    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in ra]
+    assert strip == [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in rb]
+    assert not any("revived" in line for line in ra)
