@@ -7,6 +7,8 @@ prints and exits non-zero when a claim fails.
 
 from __future__ import annotations
 
+import torch
+
 import spd_mcp
 
 PROMPT = ("once upon a time , a kind girl named mia lived in a cottage . mia had a friend called "
@@ -49,7 +51,13 @@ def main() -> None:
     edit = run.edit(dict.fromkeys(components, 0.0))  # the same ablation as a stored-able edit
     gen = run.generate(PROMPT, max_new_tokens=1, edit=edit)
     print(f"the edited model continues with {gen.generated} (p={gen.token_probs[0]:.3f})")
-    assert gen.generated != ["he"], gen  # the edit is the ablation: "he" is gone
+    s = run.session
+    with torch.no_grad(), run.applied(edit):
+        logits = s.cm.target(s.ids_tensor(s.encode(PROMPT)))[0, -1]
+    p_he = float(logits.softmax(-1)[s.token_id("he")])
+    assert abs(p_he - abl.label_prob["ablated"]) < 1e-4, p_he  # the edit is the ablation
+    if p_he > 0.5:  # sufficient is not necessary: other components also say "he"
+        print("the circuit suffices for 'he' but is not its only route (redundancy)")
     assert graph.n_nodes > 0 and graph.n_edges > 0
     print("ok")
 

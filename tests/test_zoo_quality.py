@@ -44,7 +44,7 @@ def test_tms_5_2_recovers_every_feature(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tms-5-2-id"])
+@pytest.mark.parametrize("name", ["tms-5-2-id", "resid-mlp"])
 def test_toy_reaches_the_papers_figures(name, tmp_path):
     """Alive counts per layer as the paper finds them, MMCS / ML2R (TMS, Table 1) or neuron
     contributions and one mlp_in component per feature (ResidMLP, Figs. 6-8, 10-13)."""
