@@ -1084,14 +1084,20 @@ def predict_attribute_v2(prefix: Sequence[str]) -> str | None:
     t = list(prefix[-8:])
     if not t or t[-1] != "was":
         return None
-    for size in (7, 6):  # `the O P the [C] O2 was`
+    obj = _object_before_preposition(t)
+    return OBJECT_COLOUR[obj] if obj is not None else predict_attribute(t)
+
+
+def _object_before_preposition(t: Sequence[str]) -> str | None:
+    """O in a prefix ending `the O <prep> the [C] O2 was` (v2's attribute form), else None."""
+    for size in (7, 6):
         if len(t) >= size:
             w = t[-size:]
             if (w[0] == "the" and w[1] in OBJECT_COLOUR and w[2] in PREPOSITIONS
                     and w[3] == "the" and w[-2] in OBJECT_COLOUR
                     and (size == 6 or w[4] in COLOURS)):
-                return OBJECT_COLOUR[w[1]]
-    return predict_attribute(t)
+                return w[1]
+    return None
 
 
 # Shortcuts (each predicts an answer from one cue that the rule does not use) ----------------
@@ -1316,11 +1322,8 @@ def attribute_object(prompt: str) -> str | None:
     t = prompt.split()
     if not t or t[-1] != "was":
         return None
-    for size in (7, 6):  # v2: `the O <prep> the [C] O2 was` asks for O's colour, not O2's
-        w = t[-size:]
-        if (len(t) >= size and w[0] == "the" and w[1] in OBJECT_COLOUR and w[2] in PREPOSITIONS
-                and w[3] == "the" and w[-2] in OBJECT_COLOUR and (size == 6 or w[4] in COLOURS)):
-            return w[1]
+    if (obj := _object_before_preposition(t)) is not None:  # v2: O's colour, not O2's
+        return obj
     if len(t) >= 3 and t[-3] == "the" and t[-2] in OBJECT_COLOUR:
         return t[-2]
     if len(t) >= 6 and t[-6] == "the" and t[-4] == "that":
