@@ -9,7 +9,7 @@ therefore runs the real target code (attention, norms, ...) with some matrices r
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from spd_mcp.errors import InputError
 from spd_mcp.model.ci_functions import CIFunctions, PerComponentMLP
-from spd_mcp.model.components import Components, components_for
+from spd_mcp.model.components import Components, components_for, is_decomposable
 from spd_mcp.model.config import CIFnConfig, ModulePattern
 from spd_mcp.model.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 
@@ -27,21 +27,29 @@ class PatternError(InputError):
     """A module pattern matched nothing, or a module matched two patterns."""
 
 
-def match_modules(target: nn.Module, patterns: list[ModulePattern]) -> dict[str, int]:
-    """Module path → C for every Linear/Embedding matched by a pattern (in module order)."""
+def match_modules(
+    target: nn.Module, patterns: list[ModulePattern], aliases: Mapping[str, str] | None = None
+) -> dict[str, int]:
+    """Module path → C for every decomposable module (Linear, Embedding, Conv1D) matched by a
+    pattern, in module order. A pattern matches a module's path or its alias (its canonical
+    name, e.g. ``0.attn.q`` for ``model.layers.0.self_attn.q_proj``)."""
+    aliases = aliases or {}
     decomposable = [
-        name
-        for name, mod in target.named_modules()
-        if name and isinstance(mod, nn.Linear | nn.Embedding)
+        name for name, mod in target.named_modules() if name and is_decomposable(mod)
     ]
     found: dict[str, int] = {}
     owner: dict[str, str] = {}
     for p in patterns:
-        hits = [n for n in decomposable if fnmatch.fnmatchcase(n, p.pattern)]
+        hits = [
+            n for n in decomposable
+            if fnmatch.fnmatchcase(n, p.pattern)
+            or (n in aliases and fnmatch.fnmatchcase(aliases[n], p.pattern))
+        ]
         if not hits:
+            named = [f"{aliases[n]} ({n})" if n in aliases else n for n in decomposable]
             raise PatternError(
-                f"module pattern {p.pattern!r} matches no nn.Linear/nn.Embedding module; "
-                f"decomposable modules are: {', '.join(decomposable) or '(none)'}"
+                f"module pattern {p.pattern!r} matches no decomposable module (nn.Linear, "
+                f"nn.Embedding, Conv1D); they are: {', '.join(named) or '(none)'}"
             )
         for n in hits:
             if n in owner:
@@ -79,13 +87,18 @@ def _safe(name: str) -> str:
 
 class ComponentModel(nn.Module):
     def __init__(
-        self, target: nn.Module, patterns: list[ModulePattern], ci_fn: CIFnConfig | None = None
+        self,
+        target: nn.Module,
+        patterns: list[ModulePattern],
+        ci_fn: CIFnConfig | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
+        """``aliases``: module path → canonical name, so patterns may name either."""
         super().__init__()
         ci_fn = ci_fn or CIFnConfig()
         self.target = target
         self.target.requires_grad_(False)
-        self.Cs = match_modules(target, patterns)
+        self.Cs = match_modules(target, patterns, aliases)
         self.layer_names: list[str] = list(self.Cs)
         self.leak_alpha = ci_fn.leak_alpha
         mods = dict(target.named_modules())

@@ -102,6 +102,36 @@ class LinearComponents(Components):
         return x @ delta.T  # (..., d_out)
 
 
+class Conv1DComponents(LinearComponents):
+    """A ``transformers`` ``Conv1D`` (GPT-2): the weight is stored (d_in, d_out) and the layer
+    computes x W + b. Components read and write exactly as for a Linear; only the weight layout
+    differs."""
+
+    @classmethod
+    def for_conv1d(cls, module: nn.Module, C: int) -> Conv1DComponents:
+        d_in, d_out = module.weight.shape
+        return cls(d_in, d_out, C, module.bias)
+
+    def target_shaped(self, VU: Tensor) -> Tensor:
+        return VU  # (d_in, d_out)
+
+    def component_weights(self) -> Tensor:
+        return torch.einsum("ic,co->cio", self.V, self.U)  # (C, d_in, d_out)
+
+    def delta_out(self, x: Tensor, delta: Tensor) -> Tensor:
+        return x @ delta  # (..., d_out)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A ``transformers.pytorch_utils.Conv1D`` (checked without importing transformers)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_decomposable(module: nn.Module) -> bool:
+    """Whether SPD can decompose this module: nn.Linear, nn.Embedding or a GPT-2 Conv1D."""
+    return isinstance(module, nn.Linear | nn.Embedding) or is_conv1d(module)
+
+
 class EmbeddingComponents(Components):
     """Embedding table (vocab, d): d_in is the vocabulary size, input is token ids."""
 
@@ -125,11 +155,14 @@ class EmbeddingComponents(Components):
 
 
 def components_for(module: nn.Module, C: int) -> Components:
-    """Build components matching a target module (nn.Linear or nn.Embedding)."""
+    """Build components matching a target module (nn.Linear, nn.Embedding or Conv1D)."""
     if isinstance(module, nn.Linear):
         return LinearComponents.for_module(module, C)
     if isinstance(module, nn.Embedding):
         return EmbeddingComponents.for_module(module, C)
+    if is_conv1d(module):
+        return Conv1DComponents.for_conv1d(module, C)
     raise TypeError(
-        f"cannot decompose {type(module).__name__}: only nn.Linear and nn.Embedding are supported"
+        f"cannot decompose {type(module).__name__}: only nn.Linear, nn.Embedding and "
+        "transformers' Conv1D are supported"
     )

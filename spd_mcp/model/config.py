@@ -42,6 +42,64 @@ class ImportTarget(Strict):
     output_loss: Literal["mse", "kl"] = "mse"
 
 
+class TopologySpec(Strict):
+    """Where a Hugging Face architecture this code does not know keeps its parts. Module paths
+    are the model's own (``model.layers.{i}.self_attn.q_proj``); ``{i}`` stands for the block."""
+
+    n_blocks: int = Field(gt=0, description="number of transformer blocks")
+    embed: str = Field(description="token embedding module, e.g. 'model.embed_tokens'")
+    unembed: str = Field(description="output projection, e.g. 'lm_head'")
+    final_norm: str | None = Field(None, description="norm before the unembedding")
+    norm: Literal["rms", "layer"] = Field("rms", description="RMSNorm or LayerNorm")
+    attn: dict[Literal["q", "k", "v", "o", "qkv"], str] = Field(
+        description="attention matrices per block: q/k/v/o, or qkv (fused) and o"
+    )
+    mlp: dict[Literal["up", "down", "gate"], str] = Field(
+        default_factory=dict, description="MLP matrices per block: up/down, or gate/up/down"
+    )
+    attn_norm: str | None = Field(None, description="norm read by attention, per block")
+    mlp_norm: str | None = Field(None, description="norm read by the MLP, per block")
+
+    @model_validator(mode="after")
+    def _check(self) -> TopologySpec:
+        keys = set(self.attn)
+        if keys not in ({"q", "k", "v", "o"}, {"qkv", "o"}):
+            raise ValueError(f"attn must name q, k, v, o or qkv, o; got {sorted(keys)}")
+        if self.mlp and set(self.mlp) not in ({"up", "down"}, {"gate", "up", "down"}):
+            raise ValueError(f"mlp must name up, down or gate, up, down; got {sorted(self.mlp)}")
+        for name, path in [*self.attn.items(), *self.mlp.items(),
+                           ("attn_norm", self.attn_norm), ("mlp_norm", self.mlp_norm)]:
+            if path is not None and "{i}" not in path:
+                raise ValueError(f"{name}: {path!r} must contain '{{i}}' (the block index)")
+        return self
+
+
+class HFTarget(Strict):
+    """A Hugging Face ``transformers`` causal LM saved with ``save_pretrained`` (model and
+    tokenizer) in a local directory; nothing is ever downloaded."""
+
+    huggingface: str = Field(description="directory written by save_pretrained")
+    topology: TopologySpec | None = Field(
+        None, description="required for architectures spd-mcp does not know (GPT-2, Llama "
+        "family, GPT-NeoX are inferred from the model's config)"
+    )
+    weights: str | None = Field(None, description="safetensors of the target weights (a run's)")
+
+
+class TextData(Strict):
+    """Text a language model is decomposed, harvested and measured on."""
+
+    text: str = Field(
+        description="plain text (one document per line), JSONL with a 'text' field, or a "
+        "directory written by datasets' save_to_disk"
+    )
+    context: int = Field(128, gt=1, description="tokens per training window")
+    heldout_frac: float = Field(
+        0.1, gt=0, lt=1, description="the last documents, never trained on (measurements)"
+    )
+    text_field: str = Field("text", description="field holding the text (JSONL, datasets)")
+
+
 # ------------------------------------------------------------------------------------------ model
 class ModulePattern(Strict):
     pattern: str = Field(description="fnmatch pattern over the target's module paths")
@@ -151,7 +209,10 @@ class Revive(Strict):
 class DecomposeConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
-    target: ZooTarget | ImportTarget
+    target: ZooTarget | ImportTarget | HFTarget
+    data: TextData | None = Field(
+        None, description="text for a Hugging Face target (required there, unused elsewhere)"
+    )
     modules: list[ModulePattern] = Field(min_length=1)
     ci_fn: CIFnConfig = Field(default_factory=CIFnConfig)
     tied: list[tuple[str, str]] = Field(
@@ -193,6 +254,8 @@ class DecomposeConfig(Strict):
         dup = sorted({k for k in kinds if kinds.count(k) > 1 and k in _SINGLETON})
         if dup:
             raise ValueError(f"loss types {dup} may appear only once")
+        if isinstance(self.target, HFTarget) and self.data is None:
+            raise ValueError("a huggingface target needs `data: {text: FILE}` to train on")
         screen = self.restarts.steps if self.restarts is not None else None
         if screen is not None and screen > self.steps:
             raise ValueError(

@@ -33,6 +33,7 @@ from spd_mcp.model.config import (
 from spd_mcp.model.diagnostics import diagnose_batch
 from spd_mcp.model.run_io import save_run
 from spd_mcp.model.targets import ResolvedTarget, resolve_target
+from spd_mcp.model.zoo.base import ZooEntry
 
 Reporter = Callable[[int, int, dict[str, float]], None]
 """reporter(step, total, latest losses) — for progress bars."""
@@ -482,11 +483,11 @@ def decompose(
     device = resolve_device(device)
     seed_everything(config.seed)
     t0 = time.time()
-    target = resolve_target(config.target)
+    target = resolve_target(config.target, data=config.data)
     set_cpu_threads(device, threads, target.entry.cpu_threads if target.entry else None)
     target_metrics: dict[str, float] = {}
     if isinstance(config.target, ZooTarget) and config.target.weights is None:
-        assert target.entry is not None
+        assert isinstance(target.entry, ZooEntry)
         steps = target.entry.target_steps if target_steps is None else target_steps
         target_metrics = target.entry.train_target(
             target.model, steps=steps, device=device, seed=config.seed, progress=target_reporter
@@ -497,7 +498,7 @@ def decompose(
         seed_everything(_candidate_seed(config.seed, k))
         # Restart candidates each hook their own copy of the target (hooks are per module).
         model = target.model if config.restarts is None else copy.deepcopy(target.model)
-        return ComponentModel(model, config.modules, config.ci_fn).to(device)
+        return ComponentModel(model, config.modules, config.ci_fn, target.aliases()).to(device)
 
     restarts: dict[str, Any] | None = None
     if config.restarts is None:

@@ -202,8 +202,9 @@ def load_run(ref: str | Path, *, device: str = "cpu") -> LoadedRun:
     verify_manifest(run_dir)
     meta = read_meta(run_dir)
     config = DecomposeConfig.model_validate(meta["config"])
-    target = resolve_target(config.target, weights=run_dir / TARGET_FILE, run_dir=run_dir)
-    cm = ComponentModel(target.model, config.modules, config.ci_fn)
+    target = resolve_target(config.target, weights=run_dir / TARGET_FILE, run_dir=run_dir,
+                            data=config.data)
+    cm = ComponentModel(target.model, config.modules, config.ci_fn, target.aliases())
     state = load_file(str(run_dir / COMPONENTS_FILE))
     load_state_strict(_StateView(cm), state, source=str(run_dir / COMPONENTS_FILE))
     cm.to(device).eval()

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from spd_mcp.errors import InputError
-from spd_mcp.model.config import ImportTarget, ZooTarget
+from spd_mcp.model.adapter import TargetAdapter
+from spd_mcp.model.config import HFTarget, ImportTarget, TextData, ZooTarget
 from spd_mcp.model.text_target import TextTarget
 from spd_mcp.model.topology import Topology
 from spd_mcp.model.zoo import get_entry
-from spd_mcp.model.zoo.base import ZooEntry
 
 Sampler = Callable[[int, str], Tensor]
 """sampler(batch_size, device) -> a batch of target inputs."""
@@ -47,11 +47,18 @@ class ResolvedTarget:
     model: nn.Module
     sampler: Sampler
     output_loss: Literal["mse", "kl"]
-    entry: ZooEntry | None
+    entry: TargetAdapter | None
+    """What the target's adapter offers (a zoo entry, a Hugging Face adapter; None: import)."""
     topology: Topology | None = None
     """Canonical names and structure (None: canonical name == module path, no structure)."""
     text: TextTarget | None = None
     """Tokenizer, text and planted behaviours of a language model (None for toys)."""
+
+    def aliases(self) -> dict[str, str]:
+        """Module path → canonical name (config patterns may name either)."""
+        if self.topology is None:
+            return {}
+        return {m: c for c, m in self.topology.layers if c != m}
 
     def position_mask(self, x: Tensor) -> Tensor | None:
         """Which positions of a batch count in losses (None: all; language models skip pads)."""
@@ -81,13 +88,21 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, source: str
 
 
 def resolve_target(
-    spec: ZooTarget | ImportTarget, *, weights: Path | None = None, run_dir: Path | None = None
+    spec: ZooTarget | ImportTarget | HFTarget,
+    *,
+    weights: Path | None = None,
+    run_dir: Path | None = None,
+    data: TextData | None = None,
 ) -> ResolvedTarget:
     """Instantiate the target architecture; load ``weights`` (or the spec's) when given.
 
-    ``run_dir``: a saved run whose extra files (e.g. its tokenizer) the zoo entry reads first.
+    ``run_dir``: a saved run whose extra files (e.g. its tokenizer) the adapter reads first.
+    ``data``: the config's text data (Hugging Face targets).
     """
     weights = weights or (Path(spec.weights) if spec.weights else None)
+    if isinstance(spec, HFTarget):
+        return _resolve_hf(spec, weights, run_dir, data)
+    entry: TargetAdapter | None
     if isinstance(spec, ZooTarget):
         entry = get_entry(spec.zoo, **spec.kwargs)
         if run_dir is not None:
@@ -111,6 +126,27 @@ def resolve_target(
     model.eval()
     text = entry.text_target() if entry is not None else None
     return ResolvedTarget(model, sampler, output_loss, entry, infer_topology(model), text)
+
+
+def _resolve_hf(
+    spec: HFTarget, weights: Path | None, run_dir: Path | None, data: TextData | None
+) -> ResolvedTarget:
+    from spd_mcp.model.hf.adapter import HFAdapter
+
+    adapter = HFAdapter(spec, data)
+    if run_dir is not None:
+        adapter.load_extras(run_dir)
+    state = None
+    if weights is not None:
+        if not weights.is_file():
+            raise TargetError(f"target weights not found: {weights}")
+        state = load_file(str(weights))
+    model, topology = adapter.build(state)
+    if state is not None:
+        load_state_strict(model, state, source=str(weights))
+    model.eval()
+    return ResolvedTarget(model, adapter.sample_batch, "kl", adapter, topology,
+                          adapter.text_target())
 
 
 def infer_topology(model: nn.Module) -> Topology | None:

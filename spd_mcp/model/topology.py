@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from spd_mcp.keys import EMBED, OUTPUT, BlockLayer
 
 if TYPE_CHECKING:
+    from spd_mcp.model.config import TopologySpec
     from spd_mcp.model.zoo.transformer import TransformerConfig
 
 ATTN_MATRICES: tuple[str, ...] = ("q", "k", "v", "o")
@@ -39,7 +40,9 @@ class Topology:
     final_norm: str | None = None
     """Module path of the RMSNorm before the unembedding (its ``weight`` is the gain)."""
     input_norms: tuple[tuple[str, str], ...] = ()
-    """(canonical layer, module path of the RMSNorm whose output the layer reads)."""
+    """(canonical layer, module path of the norm whose output the layer reads)."""
+    norm: Literal["rms", "layer"] = "rms"
+    """Kind of every norm: RMSNorm (gain) or LayerNorm (centre, scale, gain, bias)."""
 
     def __post_init__(self) -> None:
         canonical = [c for c, _ in self.layers]
@@ -70,6 +73,41 @@ class Topology:
         return cls(tuple(layers), tuple(decomposable), n_blocks=config.n_layers,
                    d_model=config.d_model, max_len=config.max_len, final_norm="final_norm",
                    input_norms=tuple(norms))
+
+    @classmethod
+    def from_spec(cls, spec: TopologySpec, *, d_model: int, max_len: int | None) -> Topology:
+        """Topology of a transformer described by a config's ``topology:`` section (or by the
+        section a known Hugging Face family implies): canonical ``{i}.attn.{q,k,v,o}`` (fused:
+        ``{i}.attn.qkv``), ``{i}.mlp.{up,down}`` (gated: ``{i}.glu.{gate,up,down}``)."""
+        layers: list[tuple[str, str]] = [(EMBED, spec.embed)]
+        decomposable: list[str] = []
+        norms: list[tuple[str, str]] = []
+        mlp_kind = "glu" if "gate" in spec.mlp else "mlp"
+        attn_order = [m for m in ("qkv", "q", "k", "v", "o") if m in spec.attn]
+        mlp_order = [m for m in ("gate", "up", "down") if m in spec.mlp]
+        for b in range(spec.n_blocks):
+            parts = [("attn", m, spec.attn[m]) for m in attn_order]
+            parts += [(mlp_kind, m, spec.mlp[m]) for m in mlp_order]
+            for sub, matrix, path in parts:
+                name = str(BlockLayer(b, sub, matrix))
+                layers.append((name, path.replace("{i}", str(b))))
+                decomposable.append(name)
+                norm = spec.attn_norm if sub == "attn" else spec.mlp_norm
+                if norm is not None and matrix not in ("o", "down"):
+                    norms.append((name, norm.replace("{i}", str(b))))
+        layers.append((OUTPUT, spec.unembed))
+        return cls(tuple(layers), tuple(decomposable), n_blocks=spec.n_blocks, d_model=d_model,
+                   max_len=max_len, final_norm=spec.final_norm, input_norms=tuple(norms),
+                   norm=spec.norm)
+
+    def qkv_layers(self, block: int) -> tuple[str, str, str] | None:
+        """Canonical names feeding attention's query, key and value in ``block`` (the same name
+        three times for a fused qkv matrix); None when the block has neither form."""
+        fused = str(BlockLayer(block, "attn", "qkv"))
+        if fused in self:
+            return (fused, fused, fused)
+        names = tuple(str(BlockLayer(block, "attn", m)) for m in "qkv")
+        return names if all(n in self for n in names) else None  # type: ignore[return-value]
 
     @classmethod
     def identity(

@@ -1,0 +1,176 @@
+"""A local Hugging Face causal LM as a target: load it (local files only), make it return
+logits, infer its topology, and serve its tokenizer and text to the text tools.
+
+A run stores the model's ``config.json`` and tokenizer under ``hf/`` in the run directory and the
+weights in ``target.safetensors``, so a saved run loads without the original directory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from spd_mcp.model.adapter import TargetAdapter
+from spd_mcp.model.config import HFTarget, TextData
+from spd_mcp.model.hf.data import TextDocuments
+from spd_mcp.model.hf.families import infer_spec
+from spd_mcp.model.hf.tokenizer import HFTokenizer, HFTokenizerError
+from spd_mcp.model.targets import TargetError
+from spd_mcp.model.topology import Topology
+
+RUN_SUBDIR = "hf"
+"""Where a run keeps the model's config.json and its tokenizer files."""
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_local_dir(path: str) -> Path:
+    """The model directory; a hub name or a missing path is an error that says what to do."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise TargetError(f"target.huggingface: {p} has no config.json; give a directory "
+                              "written by `model.save_pretrained(DIR)`")
+        return p
+    hint = ""
+    if _HUB_NAME.match(path) and not path.startswith((".", "/", "~")):
+        hint = (f" It looks like a Hugging Face hub name: spd-mcp never downloads. Save it "
+                f"first: AutoModelForCausalLM.from_pretrained({path!r}).save_pretrained(DIR) and "
+                f"AutoTokenizer.from_pretrained({path!r}).save_pretrained(DIR), then use DIR.")
+    raise TargetError(f"target.huggingface: {path!r} is not a local directory.{hint}")
+
+
+def _logits_only(_m: nn.Module, _args: tuple, out: Any) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def as_logits_model(model: nn.Module) -> nn.Module:
+    """Make ``model(ids)`` return the logits tensor (B, T, V), with no KV cache, in eval mode.
+    The module tree (and so every module path and state-dict key) stays the model's own."""
+    if not getattr(model, "_spd_mcp_logits", False):
+        model.register_forward_hook(_logits_only)
+        model._spd_mcp_logits = True  # type: ignore[assignment]
+    model.config.use_cache = False  # type: ignore[attr-defined]
+    return model.eval()
+
+
+def load_model(
+    directory: Path, *, weights: dict[str, Tensor] | None = None
+) -> nn.Module:
+    """The causal LM in ``directory`` (fp32, SDPA attention). With ``weights``, the architecture
+    comes from the directory's config.json and the weights from the dict (a run's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        if weights is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(directory), local_files_only=True, dtype=torch.float32,
+                attn_implementation="sdpa")
+        else:
+            cfg = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+            model = AutoModelForCausalLM.from_config(
+                cfg, dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, ValueError, KeyError) as e:
+        raise TargetError(f"cannot load a causal LM from {directory}: {e}") from None
+    return as_logits_model(model)
+
+
+class HFText:
+    """The :class:`~spd_mcp.model.text_target.TextTarget` of a Hugging Face target."""
+
+    def __init__(self, tokenizer: HFTokenizer, docs: TextDocuments | None) -> None:
+        self._tok = tokenizer
+        self.docs = docs
+
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        return self._tok
+
+    def _need_docs(self) -> TextDocuments:
+        if self.docs is None:
+            raise TargetError("this run has no text data (`data: {text: FILE}` in its config)")
+        return self.docs
+
+    def dataset_text(self, index: int) -> str:
+        train = self._need_docs().train
+        return train[index % len(train)]
+
+    def heldout_text(self, index: int) -> str:
+        held = self._need_docs().heldout
+        return held[index % len(held)]
+
+    def n_documents(self, source: Literal["train", "heldout"]) -> int | None:
+        docs = self._need_docs()
+        return len(docs.train if source == "train" else docs.heldout)
+
+    def behaviours(self) -> Mapping[str, Any]:
+        return {}
+
+
+class HFAdapter(TargetAdapter):
+    """Target adapter of a ``target: {huggingface: DIR}`` config."""
+
+    output_loss: ClassVar[Literal["mse", "kl"]] = "kl"
+
+    def __init__(self, spec: HFTarget, data: TextData | None) -> None:
+        self.spec = spec
+        self.data = data
+        self.source: Path | None = None
+        self._tokenizer: HFTokenizer | None = None
+        self._text: HFText | None = None
+
+    # ------------------------------------------------------------------------------- loading
+    def load_extras(self, run_dir: Path) -> None:
+        self.source = run_dir / RUN_SUBDIR
+
+    def build(self, weights: dict[str, Tensor] | None) -> tuple[nn.Module, Topology]:
+        directory = self.source or check_local_dir(self.spec.huggingface)
+        model = load_model(directory, weights=weights)
+        self._tokenizer = self._load_tokenizer(directory, model)
+        spec = infer_spec(model, self.spec.topology)
+        cfg = model.config  # type: ignore[attr-defined]
+        d_model = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
+        max_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        topo = Topology.from_spec(spec, d_model=d_model, max_len=max_len)
+        docs = (TextDocuments(self.data, self._tokenizer.encode) if self.data is not None
+                else None)
+        self._text = HFText(self._tokenizer, docs)
+        return model, topo
+
+    @staticmethod
+    def _load_tokenizer(directory: Path, model: nn.Module) -> HFTokenizer:
+        try:
+            tok = HFTokenizer.load(directory)
+        except HFTokenizerError as e:
+            raise TargetError(f"{e}; save the tokenizer beside the model "
+                              "(tokenizer.save_pretrained(DIR))") from None
+        n_emb = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+        if tok.vocab_size > n_emb:
+            raise TargetError(
+                f"tokenizer/model mismatch in {directory}: the tokenizer has {tok.vocab_size} "
+                f"tokens but the model's embedding only {n_emb}; they are not a pair"
+            )
+        return tok
+
+    def save_extras(self, run_dir: Path) -> None:
+        directory = self.source or check_local_dir(self.spec.huggingface)
+        out = run_dir / RUN_SUBDIR
+        out.mkdir()
+        (out / "config.json").write_bytes((directory / "config.json").read_bytes())
+        assert self._tokenizer is not None, "build() first"
+        self._tokenizer.save(out)
+
+    # ----------------------------------------------------------------------------------- data
+    def text_target(self) -> HFText | None:
+        return self._text
+
+    def sample_batch(self, batch_size: int, device: str) -> Tensor:
+        assert self._text is not None and self._text.docs is not None
+        return self._text.docs.windows(batch_size, device)
