@@ -584,11 +584,15 @@ def _per_node(
 
 
 def _qkv_modules(topology: Topology, o_layer: str) -> list[str] | None:
-    """Module paths of the q, k, v matrices in the block of attention output ``o_layer``."""
+    """Module paths feeding attention's q, k, v in the block of attention output ``o_layer``
+    (one fused qkv matrix appears three times)."""
     role = BlockLayer.parse(o_layer)
     if role is None:
         return None
-    mods = [topology.module_of(str(BlockLayer(role.block, "attn", m))) for m in "qkv"]
+    names = topology.qkv_layers(role.block)
+    if names is None:
+        return None
+    mods = [topology.module_of(n) for n in names]
     return None if any(m is None for m in mods) else [m for m in mods if m is not None]
 
 
@@ -599,7 +603,7 @@ def _attn_call(fwd: _Forward, tgt: _Group, topology: Topology) -> _SDPA | None:
     qkv = _qkv_modules(topology, tgt.name)
     if qkv is None or any(m not in fwd.recs for m in qkv):
         return None
-    before = [fwd.recs[m].n_sdpa for m in qkv]
+    before = [fwd.recs[m].n_sdpa for m in set(qkv)]
     if rec.n_sdpa != max(before) + 1:
         return None
     call = fwd.sdpa[rec.n_sdpa - 1]
@@ -610,12 +614,20 @@ def _attn_call(fwd: _Forward, tgt: _Group, topology: Topology) -> _SDPA | None:
         and q.dim() == 4
         and q.shape[0] == 1
         and q.shape[-2] == fwd.T  # type: ignore[union-attr]
-        and q.shape == k.shape == v.shape  # type: ignore[union-attr]
+        and k.shape == v.shape  # type: ignore[union-attr]
+        and _heads_match(q, k, bool(a.get("enable_gqa")))  # type: ignore[arg-type]
         and a.get("attn_mask") is None
         and not a.get("dropout_p")
-        and not a.get("enable_gqa")
     )
     return call if ok else None
+
+
+def _heads_match(q: Tensor, k: Tensor, gqa: bool) -> bool:
+    """Same shape, or (grouped-query attention) k/v heads dividing q's."""
+    if q.shape == k.shape:
+        return True
+    same_rest = q.shape[:1] == k.shape[:1] and q.shape[2:] == k.shape[2:]
+    return gqa and same_rest and q.shape[1] % k.shape[1] == 0
 
 
 def _push_forward(inp: Tensor, src: _Group, tab: _SrcTable) -> Tensor | None:
@@ -652,8 +664,10 @@ def _attn(
     assert tgt.root is not None and tgt.read is not None and tgt.module is not None
     a = call.args
     q, k, v = a["query"], a["key"], a["value"]  # (1, H, T, dh), graph-connected
-    qd, kd, vd = q.detach()[0], k.detach()[0], v.detach()[0]  # (H, T, dh)
+    qd, kd, vd = q.detach()[0], k.detach()[0], v.detach()[0]  # (H, T, dh); k, v: (Hkv, T, dh)
     H, dh = qd.shape[0], qd.shape[-1]
+    rep = H // kd.shape[0]  # query heads per key/value head (grouped-query attention)
+    kd, vd = kd.repeat_interleave(rep, 0), vd.repeat_interleave(rep, 0)
     scale = a.get("scale") or dh**-0.5
     causal = bool(a.get("is_causal"))
     which = {s.module: i for i, s in enumerate(sources)}
@@ -661,6 +675,7 @@ def _attn(
     if mods is None or any(m not in which for m in mods):
         return False
     qkv = [which[m] for m in mods]
+    fused = len(set(mods)) == 1  # one qkv matrix: its nodes get q, k and v contributions
     # gradient at the attention output per target node: (n, H, dh)
     rank = _rank_in_pos(tgt, T)
     gz = tgt.read.new_zeros(tgt.n, H, dh)
@@ -680,8 +695,9 @@ def _attn(
     dirs_in = [_push_forward(t, sources[i], tables[i]) for t, i in zip((q, k, v), qkv, strict=True)]
     if any(d is None for d in dirs_in):
         return False
-    din_q, din_k, din_v = dirs_in  # (T, A, H, dh) each
+    din_q, din_k, din_v = dirs_in  # (T, A, H, dh) each (k, v: Hkv heads)
     assert din_q is not None and din_k is not None and din_v is not None
+    din_k, din_v = din_k.repeat_interleave(rep, 2), din_v.repeat_interleave(rep, 2)
     s = torch.einsum("hpd,htd->hpt", qd, kd) * scale
     if causal:
         s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), -torch.inf)
@@ -720,8 +736,14 @@ def _attn(
         torch.sum(dS.index_select(2, pos_k[:ck]) * qk, dim=0, out=D[:, q1 - q0 : q1 - q0 + ck])
         Y = torch.bmm(g, dv_h[:, :, :cv])  # (H, R, cv)
         torch.sum(Y * P[:, p].index_select(1, pos_v[:cv])[:, None], dim=0, out=D[:, q1 - q0 + ck :])
-        src = torch.cat([node_q[q0:q1], node_k[:ck], node_v[:cv]])
-        _emit_rows(edges, tgt.nodes(sl), [(D, src)])
+        if fused:  # the same nodes read as q (position p), k and v: one column per node
+            nq = q1 - q0
+            Df = D[:, nq : nq + ck] + D[:, nq + ck :]
+            Df[:, q0:q1] += D[:, :nq]
+            _emit_rows(edges, tgt.nodes(sl), [(Df, node_k[:ck])])
+        else:
+            src = torch.cat([node_q[q0:q1], node_k[:ck], node_v[:cv]])
+            _emit_rows(edges, tgt.nodes(sl), [(D, src)])
         tick(R)
     return True
 
@@ -740,7 +762,12 @@ def _modes(cm: ComponentModel, topology: Topology, T: int) -> dict[str, Mode]:
         return mod is not None and mod in cm.Cs
 
     sealed = [decomposed(b, "attn", "o") for b in range(n)]  # attention mixes only into o
-    qkv = [all(decomposed(b, "attn", m) for m in "qkv") for b in range(n)]
+
+    def qkv_decomposed(b: int) -> bool:
+        names = topology.qkv_layers(b)
+        return names is not None and all(topology.module_of(x) in cm.Cs for x in names)
+
+    qkv = [qkv_decomposed(b) for b in range(n)]
     modes: dict[str, Mode] = {}
     for name in targets:
         role = BlockLayer.parse(topology.to_canonical(name)) if name != "output" else None

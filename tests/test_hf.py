@@ -1,0 +1,149 @@
+"""Hugging Face causal LMs as targets: tiny random GPT-2, Llama (grouped-query attention) and
+GPT-NeoX models built here, decomposed, saved, reloaded; exact reconstruction, the fast graph
+against the per-node reference (fused qkv included), and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_mcp.analysis.graph import _modes, compute_graph, compute_graph_reference
+from spd_mcp.errors import InputError
+from spd_mcp.model.config import parse_config
+from spd_mcp.model.decompose import decompose
+from spd_mcp.model.run_io import load_run
+from spd_mcp.model.targets import TargetError
+from tests.hf_models import FAMILIES, hf_config, make_model, save_tiny
+from tests.test_graph import assert_canonical, assert_same_graph
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_runs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """family → (model directory, saved run directory)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for fam in FAMILIES:
+        d, text = save_tiny(fam, root)
+        run = decompose(parse_config(hf_config(fam, d, text, steps=10)), out=root / f"run-{fam}")
+        out[fam] = (d, run)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_ones_masks_with_delta_reproduce_the_hf_model(hf_runs, family: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_dir, run_dir = hf_runs[family]
+    run = load_run(run_dir)
+    tok = run.target.text.tokenizer
+    ids = torch.tensor([tok.encode(run.target.text.heldout_text(0))[:40]])
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
+    with torch.no_grad():
+        want = hf(ids).logits
+        cm = run.model
+        T = ids.shape[1]
+        ones = {n: torch.ones(1, T, C) for n, C in cm.Cs.items()}
+        got = cm(ids, masks=ones, delta_masks=dict.fromkeys(cm.Cs, 1.0))
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-5
+    # canonical names, in forward order, as the key grammar says
+    names = run.target.topology.decomposable()
+    expect = {"gpt2": ["0.attn.qkv", "0.attn.o", "0.mlp.up", "0.mlp.down"],
+              "llama": ["0.attn.q", "0.attn.k", "0.attn.v", "0.attn.o",
+                        "0.glu.gate", "0.glu.up", "0.glu.down"],
+              "gpt_neox": ["0.attn.qkv", "0.attn.o", "0.mlp.up", "0.mlp.down"]}[family]
+    assert list(names[: len(expect)]) == expect
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_graph_equals_reference(hf_runs, family: str) -> None:
+    run = load_run(hf_runs[family][1])
+    cm, topo = run.model, run.target.topology
+    T = 10
+    ids = torch.tensor(run.target.text.tokenizer.encode(run.target.text.heldout_text(1))[:T])
+    assert ids.numel() == T
+    modes = _modes(cm, topo, T)
+    assert set(modes.values()) <= {"local", "attn"}, modes  # no slow general fallback
+    assert "attn" in modes.values()
+    torch.manual_seed(1)
+    ci = {n: (torch.rand(T, C) < 0.4) * torch.rand(T, C).clamp(0.05) for n, C in cm.Cs.items()}
+    kw = {"output_positions": [4, T - 1], "top_k_outputs": 3}
+    fast = compute_graph(cm, topo, ids, ci, **kw)
+    ref = compute_graph_reference(cm, topo, ids, ci, **kw)
+    assert_same_graph(fast, ref)
+    assert_canonical(fast)
+    pos = fast.node_pos
+    cross = pos[fast.edge_src] != pos[fast.edge_tgt]
+    assert bool(cross.any())  # attention carries edges across positions
+    tgt_layers = {fast.node_layer[i] for i in fast.edge_tgt[cross].tolist()}
+    assert tgt_layers <= {"0.attn.o", "1.attn.o"}
+
+
+def _config(model_dir: Path, text: Path, **target) -> dict:
+    cfg = hf_config("gpt2", model_dir, text, steps=1)
+    cfg["target"] = {"huggingface": str(model_dir), **target}
+    return cfg
+
+
+def test_hub_name_is_an_error_saying_save_pretrained(tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("a b\nc d\n")
+    cfg = parse_config(_config(Path("gpt2"), text) | {"target": {"huggingface": "openai/gpt2"}})
+    with pytest.raises(TargetError, match=r"hub name.*never downloads.*save_pretrained"):
+        decompose(cfg, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_architecture_needs_a_topology_section(tmp_path: Path, hf_runs) -> None:
+    import transformers as tr
+
+    model_dir = tmp_path / "opt"
+    tr.OPTForCausalLM(tr.OPTConfig(vocab_size=400, hidden_size=16, num_hidden_layers=1,
+                                   ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+                                   max_position_embeddings=32)).save_pretrained(str(model_dir))
+    gpt2_dir = hf_runs["gpt2"][0]
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / f).write_bytes((gpt2_dir / f).read_bytes())
+    text = gpt2_dir.parent / "tales.txt"
+    cfg = parse_config(_config(model_dir, text))
+    with pytest.raises(TargetError, match=r"OPTForCausalLM.*model_type 'opt'.*topology:"):
+        decompose(cfg, out=tmp_path / "run")
+    # with a topology naming a module the model lacks: the error lists it
+    topo = {"n_blocks": 1, "embed": "model.decoder.embed_tokens", "unembed": "lm_head",
+            "final_norm": "model.decoder.final_layer_norm", "norm": "layer",
+            "attn": {m: f"model.decoder.layers.{{i}}.self_attn.{m}_proj" for m in "qkv"}
+            | {"o": "model.decoder.layers.{i}.self_attn.out_proj"},
+            "mlp": {"up": "model.decoder.layers.{i}.fc1", "down": "model.decoder.layers.{i}.fc9"}}
+    cfg = parse_config(_config(model_dir, text, topology=topo))
+    with pytest.raises(TargetError, match=r"does not have: \['model.decoder.layers.0.fc9'\]"):
+        decompose(cfg, out=tmp_path / "run")
+    # the right topology decomposes it, with canonical names
+    topo["mlp"]["down"] = "model.decoder.layers.{i}.fc2"
+    run = decompose(parse_config(_config(model_dir, text, topology=topo)), out=tmp_path / "run")
+    meta = json.loads((run / "run.json").read_text())
+    assert "model.decoder.layers.0.fc2" in meta["layers"]
+    assert load_run(run).target.topology.to_canonical("model.decoder.layers.0.fc2") == "0.mlp.down"
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_an_error(tmp_path: Path, hf_runs) -> None:
+    gpt2_dir = hf_runs["gpt2"][0]
+    small = tmp_path / "small"
+    make_model("gpt2", 100).save_pretrained(str(small))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (small / f).write_bytes((gpt2_dir / f).read_bytes())
+    cfg = parse_config(_config(small, gpt2_dir.parent / "tales.txt"))
+    with pytest.raises(TargetError, match=r"tokenizer/model mismatch.*400 tokens.*only 100"):
+        decompose(cfg, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_huggingface_target_needs_data(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, tmp_path / "t.txt")
+    del cfg["data"]
+    with pytest.raises(InputError, match="needs `data: {text: FILE}`"):
+        parse_config(cfg)
