@@ -145,5 +145,33 @@ def test_tokenizer_larger_than_the_model_vocab_is_an_error(tmp_path: Path, hf_ru
 def test_huggingface_target_needs_data(tmp_path: Path) -> None:
     cfg = _config(tmp_path, tmp_path / "t.txt")
     del cfg["data"]
-    with pytest.raises(InputError, match="needs `data: {text: FILE}`"):
+    with pytest.raises(InputError, match=r"needs `data: \{text: FILE\}`"):
         parse_config(cfg)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_baked_edit_exports_a_save_pretrained_directory(hf_runs, family: str,
+                                                        tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spd_mcp.editing.bake import export_baked
+    from spd_mcp.editing.edit import ComponentScale, edited_logits, scale_edit
+    from spd_mcp.model.session import RunSession
+
+    session = RunSession.load(str(hf_runs[family][1]))
+    layer = session.layers[-1]  # the last MLP down projection (a Conv1D for GPT-2)
+    edit = scale_edit(session, [ComponentScale(component=f"{layer}:{c}", scale=s)
+                                for c, s in ((0, 0.0), (1, 2.5), (2, 0.0))])
+    text = session.text.heldout_text(2)
+    ids = session.ids_tensor(session.tok.encode(text)[:30])
+    with torch.no_grad():
+        want = edited_logits(session, edit, ids)
+        before = session.run.target.model(ids)
+    assert (want - before).abs().max().item() > 1e-3  # the edit changes the model
+    out = export_baked(session, edit, tmp_path / "edited")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok(text)["input_ids"][:30] == ids[0].tolist()
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert (got - want).abs().max().item() < 1e-5

@@ -142,17 +142,22 @@ def component_vectors(
     if role is not None and d is not None and session.is_language_model and embed and unembed:
         if role.matrix in ("o", "down") and U.shape[0] == d and topo.final_norm is not None:
             out.writes_to = "residual stream"
-            # Direct path to the logits: the final RMSNorm's gain, then the unembedding.
+            # Direct path to the logits: the final norm's linear part (LayerNorm: centring;
+            # both: the gain), then the unembedding.
             gain = model.get_submodule(topo.final_norm).weight  # (d,)
-            logits = model.get_submodule(unembed).weight @ (U * gain)  # (vocab,)
+            w = U - U.mean() if topo.norm == "layer" else U
+            logits = model.get_submodule(unembed).weight @ (w * gain)  # (vocab,)
             out.top_boosted = _token_scores(session, logits, top_k)
             out.top_suppressed = _token_scores(session, -logits, top_k, negate=True)
         norm = topo.input_norm(key.layer)
         if norm is not None and V.shape[0] == d:
             out.reads_from = "normalised residual stream"
-            gain = model.get_submodule(norm).weight  # (d,)
+            nmod = model.get_submodule(norm)
             emb = model.get_submodule(embed).weight  # (vocab, d)
-            emb = F.normalize(emb, dim=-1) * d**0.5 * gain  # (vocab, d): RMSNorm of each token
+            if topo.norm == "layer":  # LayerNorm of each token embedding
+                emb = F.layer_norm(emb, (d,), nmod.weight, getattr(nmod, "bias", None))
+            else:  # RMSNorm of each token embedding
+                emb = F.normalize(emb, dim=-1) * d**0.5 * nmod.weight
             out.top_reading = _token_scores(session, emb @ V, top_k)
     if include_vectors:
         out.read_vector = [round(v, 5) for v in V.tolist()]

@@ -60,10 +60,35 @@ class DatasetIndex:
         self, session: RunSession, query: str, *, offset: int = 0, limit: int = 20,
         window: int = 8,
     ) -> DatasetSearchResult:
-        words = query.split()
-        if not words:
+        if not query.split():
             raise AnalysisError("query is empty; give one or more words")
-        q = [session.token_id(w) for w in words]
+        found = [self._find(q) for q in session.phrase_ids(query)]
+        starts = np.concatenate([f[0] for f in found])
+        doc_of = np.concatenate([f[1] for f in found])
+        length = np.concatenate([np.full(len(f[0]), n) for f, n in
+                                 zip(found, [len(q) for q in session.phrase_ids(query)],
+                                     strict=True)])
+        order = np.argsort(starts, kind="stable")
+        starts, doc_of, length = starts[order], doc_of[order], length[order]
+        total = len(starts)
+        page = slice(offset, offset + limit)
+        matches = []
+        for s, d, n in zip(starts[page].tolist(), doc_of[page].tolist(), length[page].tolist(),
+                           strict=True):
+            lo = max(int(self.doc_start[d]), s - window)
+            hi = min(int(self.doc_start[d + 1]), s + n + window)
+            left = session.join_tokens(session.tokens(self.ids[lo:s].tolist()))
+            mid = session.join_tokens(session.tokens(self.ids[s : s + n].tolist()))
+            right = session.join_tokens(session.tokens(self.ids[s + n : hi].tolist()))
+            context = f"{left} [[ {mid} ]] {right}".strip()
+            matches.append(DatasetMatch(doc=d, pos=s - int(self.doc_start[d]), context=context))
+        nxt = offset + limit if offset + limit < total else None
+        return DatasetSearchResult(
+            query=query, n_docs=self.n_docs, total_matches=total, matches=matches, next_offset=nxt
+        )
+
+    def _find(self, q: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(start offsets, document) of every occurrence of the id sequence ``q``."""
         starts = self.postings.get(q[0], np.empty(0, dtype=np.int64))
         doc_of = np.searchsorted(self.doc_start, starts, side="right") - 1
         end_ok = starts + len(q) <= self.doc_start[doc_of + 1]
@@ -71,21 +96,7 @@ class DatasetIndex:
         for k, tok in enumerate(q[1:], start=1):
             hit = self.ids[starts + k] == tok
             starts, doc_of = starts[hit], doc_of[hit]
-        total = len(starts)
-        page = slice(offset, offset + limit)
-        matches = []
-        for s, d in zip(starts[page].tolist(), doc_of[page].tolist(), strict=True):
-            lo = max(int(self.doc_start[d]), s - window)
-            hi = min(int(self.doc_start[d + 1]), s + len(q) + window)
-            left = session.tokens(self.ids[lo:s].tolist())
-            mid = session.tokens(self.ids[s : s + len(q)].tolist())
-            right = session.tokens(self.ids[s + len(q) : hi].tolist())
-            context = " ".join([*left, "[[", *mid, "]]", *right])
-            matches.append(DatasetMatch(doc=d, pos=s - int(self.doc_start[d]), context=context))
-        nxt = offset + limit if offset + limit < total else None
-        return DatasetSearchResult(
-            query=query, n_docs=self.n_docs, total_matches=total, matches=matches, next_offset=nxt
-        )
+        return starts, doc_of
 
     def document(self, session: RunSession, doc: int) -> list[int]:
         if not 0 <= doc < self.n_docs:

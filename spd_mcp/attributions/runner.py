@@ -50,10 +50,11 @@ def encode_doc(session: RunSession, index: int) -> list[int]:
 
 
 def sample_docs(session: RunSession, n_tokens: int) -> list[list[int]]:
-    """Docs 0, 1, 2, … until ``n_tokens`` tokens are covered."""
+    """Docs 0, 1, 2, … until ``n_tokens`` tokens are covered (or every document is read)."""
     docs: list[list[int]] = []
     total = 0
-    while total < n_tokens:
+    limit = session.require_lm().n_documents("train") if session.is_language_model else None
+    while total < n_tokens and (limit is None or len(docs) < limit):
         doc = encode_doc(session, len(docs))
         if not doc:
             raise AttributionError(f"document {len(docs)} of run {session.run.name!r} is empty")

@@ -62,7 +62,8 @@ EDITED_META_FILE = "edited_target.json"
 
 def export_baked(session: RunSession, edit: Edit, out: Path, *, note: dict[str, Any] | None = None,
                  overwrite: bool = False) -> Path:
-    """Write a standalone target checkpoint (weights + target spec + tokenizer) atomically."""
+    """Write a standalone target checkpoint (weights + target spec + tokenizer) atomically; a
+    Hugging Face target's directory is also a ``save_pretrained`` directory (``native``)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise AnalysisError(f"{out} already exists; choose another directory or overwrite")
@@ -70,14 +71,17 @@ def export_baked(session: RunSession, edit: Edit, out: Path, *, note: dict[str, 
     with publish_dir(out) as tmp:
         save_file(state, str(tmp / EDITED_TARGET_FILE))
         entry = session.run.target.entry
+        native = False
         if entry is not None:
             entry.save_extras(tmp)
+            native = entry.save_native(state, tmp)
         meta = {
             "kind": "spd-mcp edited target",
             "target": session.run.meta["target"],
             "source_run": {"name": session.run.name, "run_id": session.run_id},
             "edit": edit.describe(),
             "note": note or {},
+            "native": native,
         }
         fsync_write(tmp / EDITED_META_FILE, json.dumps(meta, indent=2) + "\n")
     return out
@@ -87,7 +91,7 @@ def load_edited_target(path: Path, *, device: str = "cpu") -> nn.Module:
     """Load a checkpoint written by :func:`export_baked` as a plain target module (no SPD)."""
     from pydantic import TypeAdapter
 
-    from spd_mcp.model.config import ImportTarget, ZooTarget
+    from spd_mcp.model.config import HFTarget, ImportTarget, ZooTarget
     from spd_mcp.model.targets import resolve_target
 
     path = Path(path)
@@ -95,6 +99,6 @@ def load_edited_target(path: Path, *, device: str = "cpu") -> nn.Module:
     if not meta_file.is_file():
         raise AnalysisError(f"{path} is not an exported edited target (no {EDITED_META_FILE})")
     meta = json.loads(meta_file.read_text())
-    spec = TypeAdapter(ZooTarget | ImportTarget).validate_python(meta["target"])
+    spec = TypeAdapter(ZooTarget | ImportTarget | HFTarget).validate_python(meta["target"])
     resolved = resolve_target(spec, weights=path / EDITED_TARGET_FILE, run_dir=path)
     return resolved.model.to(device).eval()

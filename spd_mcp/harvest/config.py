@@ -113,10 +113,12 @@ class HarvestPlan(BaseModel):
         return sum(self.batch_tokens[j] for j in self.shard_batches(shard))
 
 
-def make_plan(doc_len: Callable[[int], int], n_tokens: int, batch_size: int) -> HarvestPlan:
-    """Scan document lengths until ``n_tokens`` tokens are covered."""
+def make_plan(doc_len: Callable[[int], int], n_tokens: int, batch_size: int,
+              max_docs: int | None = None) -> HarvestPlan:
+    """Scan document lengths until ``n_tokens`` tokens are covered (or ``max_docs`` documents,
+    all a finite text source has, are read)."""
     total, n_docs, batch_tokens = 0, 0, []
-    while total < n_tokens:
+    while total < n_tokens and (max_docs is None or n_docs < max_docs):
         length = doc_len(n_docs)
         if n_docs % batch_size == 0:
             batch_tokens.append(0)

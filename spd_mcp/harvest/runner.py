@@ -85,7 +85,7 @@ def get_plan(session: RunSession, run_id: str, chash: str, config: HarvestConfig
     plan = read_plan(run_id, chash)
     if plan is None:
         plan = make_plan(lambda i: len(encode_doc(session, i)), config.n_tokens,
-                         config.batch_size)
+                         config.batch_size, session.require_lm().n_documents("train"))
         stage = stage_dir(run_id, chash)
         stage.mkdir(parents=True, exist_ok=True)
         write_json_atomic(stage / PLAN, plan.model_dump(mode="json"))

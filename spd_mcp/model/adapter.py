@@ -30,6 +30,11 @@ class TargetAdapter:
     def load_extras(self, run_dir: Path) -> None:
         """Read extra files from a run directory."""
 
+    def save_native(self, state: dict[str, Tensor], out: Path) -> bool:
+        """Write the target with weights ``state`` in its ecosystem's own format into ``out``
+        (a Hugging Face model: ``save_pretrained`` files and its tokenizer); False: none."""
+        return False
+
     def text_target(self) -> TextTarget | None:
         """What this target offers text tools (tokenizer, text, behaviours); None for toys."""
         return None

@@ -108,8 +108,11 @@ class RunSession:
         return ids
 
     def unknown_words(self, text: str) -> list[str]:
-        """Words of ``text`` the tokenizer maps to its unknown token, sorted."""
+        """Words of ``text`` the tokenizer maps to its unknown token, sorted (none for
+        tokenizers that are not word-level: byte-level BPE encodes any text)."""
         tok = self.tok
+        if not getattr(tok, "word_level", True):
+            return []
         return sorted({w for w in text.split() if tok.token_to_id(w) == tok.unk_id})
 
     def token_id(self, token: str) -> int:
@@ -117,8 +120,32 @@ class RunSession:
         tok = self.tok
         tid = tok.token_to_id(token)
         if tid == tok.unk_id and token != "<unk>":
-            raise AnalysisError(f"token {token!r} is not in the vocabulary")
+            hint = ("" if getattr(tok, "word_level", True) else
+                    "; give one token as `tokenize` shows it (e.g. ' the', with its space)")
+            raise AnalysisError(f"token {token!r} is not in the vocabulary{hint}")
         return int(tid)
+
+    def phrase_ids(self, text: str) -> list[list[int]]:
+        """The id sequences ``text`` can appear as inside a document: word by word for a
+        word-level tokenizer; for a subword tokenizer its pieces with and without a leading
+        space (`` ball`` mid-sentence, ``ball`` at a line start)."""
+        tok = self.tok
+        if getattr(tok, "word_level", True):
+            return [[self.token_id(w) for w in text.split()]]
+        plain = tok.encode_plain  # type: ignore[attr-defined]
+        variants = [plain(text)] + ([] if text.startswith(" ") else [plain(" " + text)])
+        out: list[list[int]] = []
+        for v in variants:
+            if v and v not in out:
+                out.append(v)
+        if not out:
+            raise AnalysisError(f"{text!r} encodes to no tokens")
+        return out
+
+    def join_tokens(self, tokens: list[str]) -> str:
+        """Token strings as text: spaced words (word-level), or pieces concatenated (their
+        readable forms carry their own spaces)."""
+        return " ".join(tokens) if getattr(self.tok, "word_level", True) else "".join(tokens)
 
     def token_str(self, token_id: int) -> str:
         if self.tokenizer is None:

@@ -50,6 +50,9 @@ def documents(session: RunSession, source: TextSource, n: int, offset: int = 0) 
     target nor the decomposition saw."""
     text = session.require_lm()
     get = text.dataset_text if source == "train" else text.heldout_text
+    total = text.n_documents(source)
+    if total is not None:
+        n = max(0, min(n, total - offset))
     return [get(offset + i) for i in range(n)]
 
 

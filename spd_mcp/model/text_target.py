@@ -8,15 +8,19 @@ exposes it as ``session.text``. Toy targets have none.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 
 class TextTokenizer(Protocol):
-    """A tokenizer loadable offline. ``encode`` prepends BOS; ids below ``vocab_size``."""
+    """A tokenizer loadable offline. ``encode`` adds the tokenizer's own special tokens (a BOS
+    for `tales` and Llama-style tokenizers); ids below ``vocab_size``. ``word_level``: words
+    outside the vocabulary map to ``unk_id`` (byte-level BPE tokenizers have no unknown text,
+    and their ``unk_id`` is -1)."""
 
     pad_id: int
     unk_id: int
     eos_id: int
+    word_level: bool
 
     @property
     def vocab_size(self) -> int: ...
@@ -61,6 +65,10 @@ class TextTarget(Protocol):
 
     def heldout_text(self, index: int) -> str:
         """Document ``index`` of a stream neither the target nor the decomposition saw."""
+        ...
+
+    def n_documents(self, source: Literal["train", "heldout"]) -> int | None:
+        """How many documents ``source`` holds (None: unbounded, e.g. a generated corpus)."""
         ...
 
     def behaviours(self) -> Mapping[str, PlantedBehaviour]:

@@ -45,7 +45,8 @@ def tokenize(
     ctx: Context,
     text: Annotated[str, Field(description="text to tokenise, e.g. 'the ball was'")],
 ) -> Tokenized:
-    """Split text into tokens as the model sees them (a <bos> token is prepended at position 0).
+    """Split text into tokens as the model sees them (with the tokenizer's special tokens, e.g.
+    <bos> at position 0).
     Example: tokenize(text="mia said , \\" hello") → positions, ids, unknown words."""
     s = state(ctx).session
     check_text(text)
@@ -53,7 +54,7 @@ def tokenize(
     ids = tok.encode(text)
     rows = [TokenInfo(pos=p, token=s.token_str(i), id=i, known=i != tok.unk_id)
             for p, i in enumerate(ids)]
-    unknown = [w for w in text.split() if tok.token_to_id(w) == tok.unk_id]
+    unknown = s.unknown_words(text)
     return Tokenized(n_tokens=len(ids), tokens=rows, unknown_words=unknown,
                      fits_context=s.max_len is None or len(ids) <= s.max_len)
 

@@ -167,6 +167,20 @@ class HFAdapter(TargetAdapter):
         assert self._tokenizer is not None, "build() first"
         self._tokenizer.save(out)
 
+    def save_native(self, state: dict[str, Tensor], out: Path) -> bool:
+        """``save_pretrained`` files (config, weights) and the tokenizer: a directory that
+        ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load."""
+        from spd_mcp.model.targets import load_state_strict
+
+        directory = self.source or check_local_dir(self.spec.huggingface)
+        model = load_model(directory, weights=state)
+        load_state_strict(model, state, source="edited weights")
+        model.config.use_cache = True  # type: ignore[attr-defined]
+        model.save_pretrained(str(out))  # type: ignore[attr-defined]
+        assert self._tokenizer is not None, "build() first"
+        self._tokenizer.save(out)
+        return True
+
     # ----------------------------------------------------------------------------------- data
     def text_target(self) -> HFText | None:
         return self._text

@@ -115,6 +115,10 @@ class TalesEntry(ZooEntry[TalesKwargs]):
         """Story ``index`` of a stream neither the target nor SPD saw (for edit measurements)."""
         return TalesCorpus(HELD_OUT_TEXT_SEED, self.kwargs.grammar).story(index).text
 
+    def n_documents(self, source: str) -> int | None:
+        """Unbounded: the corpus generates any story index."""
+        return None
+
     def behaviours(self) -> Mapping[str, Behaviour]:
         """The grammar's planted behaviours (held-out probes; v2 also ``shortcut_probes``)."""
         return grammar_behaviours(self.kwargs.grammar)

@@ -21,6 +21,7 @@ class Tokenizer:
     """Whitespace word tokenizer: ids 0-3 are `<pad> <bos> <eos> <unk>`, then the vocabulary."""
 
     pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
+    word_level = True
 
     def __init__(self, vocabulary: Iterable[str]) -> None:
         words = sorted(set(vocabulary) - set(SPECIAL_TOKENS))

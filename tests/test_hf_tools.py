@@ -1,0 +1,117 @@
+"""Every MCP tool through the SDK client on a Hugging Face run (a tiny random GPT-2: Conv1D
+weights, a fused qkv matrix, byte-level BPE), with harvest, dataset attributions and a label
+from the local fake Messages API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from spd_mcp.model.config import parse_config
+from spd_mcp.model.decompose import decompose
+from spd_mcp.model.session import RunSession
+from spd_mcp.server import build_server
+from tests.hf_models import hf_config, save_tiny
+from tests.realclients.fake_messages_api import FakeMessagesAPI, text_block
+from tests.test_server import TOOLS
+
+PROMPT = "mia found a ball in the park . the ball was"
+EVIDENCE = [{"type": "ablation", "description": "p drops", "value": -0.5}]
+
+
+@pytest.fixture(scope="module")
+def hf_session(tmp_path_factory) -> RunSession:
+    root = tmp_path_factory.mktemp("hf-tools")
+    d, text = save_tiny("gpt2", root)
+    run = decompose(parse_config(hf_config("gpt2", d, text, steps=10)), out=root / "run")
+    return RunSession.load(str(run))
+
+
+def test_every_tool_answers_on_a_gpt2_run(hf_session: RunSession, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from spd_mcp.attributions import AttributionConfig, compute_attributions
+    from spd_mcp.harvest import HarvestConfig, harvest
+
+    s = hf_session
+    harvest(s, HarvestConfig(n_tokens=2000, batch_size=8))
+    compute_attributions(s, AttributionConfig(n_tokens=600, batch_size=8))
+    comp, node = "0.attn.qkv:3", "0.attn.qkv:2:3"
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("ping", {}),
+        ("get_model_info", {}),
+        ("tokenize", {"text": PROMPT}),
+        ("create_prompt", {"text": PROMPT}),
+        ("search_dataset", {"query": "ball", "limit": 3}),
+        ("generate", {"text": PROMPT, "max_new_tokens": 3}),
+        ("get_ci", {"text": PROMPT}),
+        ("probe_component", {"text": PROMPT, "component": comp}),
+        ("get_component_vectors", {"component": "0.attn.o:1"}),
+        ("get_component_vectors", {"component": "0.attn.qkv:1"}),
+        ("find_components_by_examples", {"examples": [{"text": PROMPT}]}),
+        ("compute_graph", {"text": PROMPT}),
+        ("optimize_graph", {"text": PROMPT, "label_token": " the", "steps": 5}),
+        ("get_graph", {"graph_id": "$graph", "top_k": 5}),
+        ("run_intervention", {"text": PROMPT, "nodes": [node]}),
+        ("run_ablation", {"text": PROMPT, "components": [comp]}),
+        ("get_component_info", {"component": comp}),
+        ("get_component_activation_examples", {"component": comp, "limit": 3}),
+        ("search_components", {"output_token": " the", "rank_by": "pmi", "limit": 3}),
+        ("get_component_attributions", {"key": "1.mlp.down:1", "top_k": 3}),
+        ("get_attribution_strength", {"source": "0.mlp.down:1", "target": "1.mlp.up:2"}),
+        ("label_component", {"component": comp}),
+        ("update_research_log", {"entry": "looked at the qkv matrix"}),
+        ("save_explanation", {"behaviour": "b", "components": [{"key": comp, "role": "r"}],
+                              "evidence": EVIDENCE, "confidence": 0.3}),
+        ("set_investigation_summary", {"title": "t", "summary": "s", "status": "inconclusive"}),
+        ("save_graph_artifact", {"graph_id": "$graph", "title": "graph", "max_edges": 10}),
+        ("submit_suggestion", {"text": "more", "category": "tool"}),
+        ("get_investigation", {}),
+        ("edit_components", {"components": [{"component": comp, "scale": 0}]}),
+        ("train_component_edit", {"components": ["1.mlp.down:1"], "steps": 3, "n_kl_texts": 2,
+                                  "targets": [{"prompt": PROMPT, "token": " the"}]}),
+        ("measure_edit", {"edit_id": "$edit", "n_texts": 4,
+                          "probes": [{"prompt": PROMPT, "expected": " the"}]}),
+        ("list_edits", {}),
+        ("export_edit", {"edit_id": "$edit"}),
+    ]
+    assert {name for name, _ in calls} == TOOLS
+    answer = {"label": "ball", "confidence": 0.5, "reasoning": "fires on ball"}
+    with FakeMessagesAPI(lambda body: [text_block(json.dumps(answer))],
+                         toolless_reply=None) as fake:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "fake")
+
+        async def main() -> list[Any]:
+            server = build_server(session=s, db_path=tmp_path / "app.db", auto_prepare=False,
+                                  task_dir=tmp_path / "task")
+            ids: dict[str, int] = {}
+            out = []
+            async with Client(server) as c:
+                for n, a in calls:  # "$graph" / "$edit": the id the last such call returned
+                    a = {k: ids[v[1:]] if isinstance(v, str) and v[:1] == "$" else v
+                         for k, v in a.items()}
+                    r = await c.call_tool(n, a)
+                    sc = r.structured_content or {}
+                    for kind in ("graph", "edit"):
+                        if f"{kind}_id" in sc:
+                            ids[kind] = sc[f"{kind}_id"]
+                    out.append(r)
+            return out
+
+        results = asyncio.run(main())
+    failed = {n: r.content[0].text for (n, _), r in zip(calls, results, strict=True)
+              if r.is_error}
+    assert not failed, "\n".join(f"{k}: {v}" for k, v in failed.items())
+    out = {n: r.structured_content for (n, _), r in zip(calls, results, strict=True)}
+    out["vectors_o"] = results[[n for n, _ in calls].index("get_component_vectors")
+                               ].structured_content
+    tok = out["tokenize"]
+    assert tok["unknown_words"] == [] and "".join(t["token"] for t in tok["tokens"]) == PROMPT
+    assert out["vectors_o"]["writes_to"] == "residual stream" and out["vectors_o"]["top_boosted"]
+    assert out["get_component_vectors"]["reads_from"] == "normalised residual stream"
+    assert out["get_model_info"]["layers"][0]["name"] == "0.attn.qkv"
