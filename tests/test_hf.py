@@ -175,3 +175,17 @@ def test_baked_edit_exports_a_save_pretrained_directory(hf_runs, family: str,
     with torch.no_grad():
         got = hf(ids).logits
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_evaluate_and_context_limit_on_an_hf_run(hf_runs) -> None:
+    from spd_mcp.errors import AnalysisError
+    from spd_mcp.model.session import RunSession
+    from spd_mcp.model.validity import validity_of_run
+
+    run = load_run(hf_runs["gpt_neox"][1])
+    v = validity_of_run(run, n_batches=2, batch_size=4)
+    assert v.data == "6 held-out documents"  # 60 stories, the last 10% held out, capped
+    assert [m.layer for m in v.matrices][:2] == ["0.attn.qkv", "0.attn.o"]
+    session = RunSession(run)
+    with pytest.raises(AnalysisError, match=r"has \d+ tokens .*context is 64"):
+        session.encode("the ball " * 45)

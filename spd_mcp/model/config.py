@@ -306,4 +306,17 @@ def load_config(path: str | Path) -> DecomposeConfig:
         raise ConfigError(f"config must be .yaml, .yml or .json, got {path.name}")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    _anchor_paths(data, path.resolve().parent)
     return parse_config(data, source=str(path))
+
+
+def _anchor_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative file paths in a config file (``target.huggingface``, ``target.weights``,
+    ``data.text``) are relative to the file's directory; they are stored absolute."""
+    for section, key in (("target", "huggingface"), ("target", "weights"), ("data", "text")):
+        sec = data.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            p = Path(sec[key]).expanduser()
+            looks_like_path = p.is_absolute() or (base / p).exists() or sec[key].startswith(".")
+            if not p.is_absolute() and looks_like_path:
+                sec[key] = str(base / p)

@@ -12,19 +12,15 @@ from typing import Any, Literal
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from spd_mcp.errors import InputError
 from spd_mcp.model.adapter import TargetAdapter
 from spd_mcp.model.config import HFTarget, ImportTarget, TextData, ZooTarget
 from spd_mcp.model.text_target import TextTarget
 from spd_mcp.model.topology import Topology
+from spd_mcp.model.weights import TargetError, load_state_strict
 from spd_mcp.model.zoo import get_entry
 
 Sampler = Callable[[int, str], Tensor]
 """sampler(batch_size, device) -> a batch of target inputs."""
-
-
-class TargetError(InputError):
-    """The target spec cannot be resolved (bad import path, missing weights, shape mismatch)."""
 
 
 def import_object(path: str) -> Any:
@@ -63,28 +59,6 @@ class ResolvedTarget:
     def position_mask(self, x: Tensor) -> Tensor | None:
         """Which positions of a batch count in losses (None: all; language models skip pads)."""
         return self.entry.position_mask(x) if self.entry is not None else None
-
-
-def load_state_strict(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
-    """Load with every key and shape checked; the error lists exact keys, sorted."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if bad:
-            parts.append(
-                "shape mismatch "
-                + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                            for k in bad)
-            )
-        raise TargetError(f"{source}: " + "; ".join(parts))
-    model.load_state_dict(state)
 
 
 def resolve_target(
@@ -150,11 +124,17 @@ def _resolve_hf(
 
 
 def infer_topology(model: nn.Module) -> Topology | None:
-    """The structure of a model this code knows (the zoo transformer); None otherwise."""
+    """The structure of a model this code knows (the zoo transformer, a Hugging Face model of a
+    known family); None otherwise."""
     from spd_mcp.model.zoo.transformer import Transformer
 
     if isinstance(model, Transformer):
         return Topology.for_transformer(model.config)
+    if type(model).__module__.startswith("transformers."):
+        from spd_mcp.model.hf.adapter import hf_topology
+        from spd_mcp.model.hf.families import infer_spec
+
+        return hf_topology(model, infer_spec(model, None))
     return None
 
 

@@ -262,12 +262,15 @@ def run_batches(run: LoadedRun, *, n_batches: int, batch_size: int) -> tuple[Bat
     if text is not None:
         tok = text.tokenizer
         limit = run.target.topology.max_len if run.target.topology is not None else None
+        available = text.n_documents("heldout")
+        n_docs = n_batches * batch_size if available is None else min(
+            n_batches * batch_size, available)
 
         def docs() -> list[tuple[Tensor, Tensor | None]]:
             out = []
-            for b in range(n_batches):
-                rows = [tok.encode(text.heldout_text(b * batch_size + i))[: limit or None]
-                        for i in range(batch_size)]
+            for b0 in range(0, n_docs, batch_size):
+                rows = [tok.encode(text.heldout_text(i))[: limit or None]
+                        for i in range(b0, min(b0 + batch_size, n_docs))]
                 T = max(len(r) for r in rows)
                 ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
                 for i, r in enumerate(rows):
@@ -277,7 +280,7 @@ def run_batches(run: LoadedRun, *, n_batches: int, batch_size: int) -> tuple[Bat
                 out.append((ids.to(device), mask.to(device)))
             return out
 
-        return docs, f"{n_batches * batch_size} held-out documents"
+        return docs, f"{n_docs} held-out documents"
 
     def draws() -> list[tuple[Tensor, Tensor | None]]:
         out = []

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from spd_mcp.model.adapter import TargetAdapter
-from spd_mcp.model.config import HFTarget, TextData
+from spd_mcp.model.config import HFTarget, TextData, TopologySpec
 from spd_mcp.model.hf.data import TextDocuments
 from spd_mcp.model.hf.families import infer_spec
 from spd_mcp.model.hf.tokenizer import HFTokenizer, HFTokenizerError
-from spd_mcp.model.targets import TargetError
 from spd_mcp.model.topology import Topology
+from spd_mcp.model.weights import TargetError
 
 RUN_SUBDIR = "hf"
 """Where a run keeps the model's config.json and its tokenizer files."""
@@ -52,6 +52,9 @@ def _logits_only(_m: nn.Module, _args: tuple, out: Any) -> Tensor:
 def as_logits_model(model: nn.Module) -> nn.Module:
     """Make ``model(ids)`` return the logits tensor (B, T, V), with no KV cache, in eval mode.
     The module tree (and so every module path and state-dict key) stays the model's own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # no advice about padding masks: batches pad on the right
     if not getattr(model, "_spd_mcp_logits", False):
         model.register_forward_hook(_logits_only)
         model._spd_mcp_logits = True  # type: ignore[assignment]
@@ -80,6 +83,14 @@ def load_model(
     except (OSError, ValueError, KeyError) as e:
         raise TargetError(f"cannot load a causal LM from {directory}: {e}") from None
     return as_logits_model(model)
+
+
+def hf_topology(model: nn.Module, spec: TopologySpec) -> Topology:
+    """The topology of a Hugging Face model from its topology section and its config."""
+    cfg = model.config  # type: ignore[attr-defined]
+    d_model = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
+    max_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    return Topology.from_spec(spec, d_model=d_model, max_len=max_len)
 
 
 class HFText:
@@ -134,11 +145,7 @@ class HFAdapter(TargetAdapter):
         directory = self.source or check_local_dir(self.spec.huggingface)
         model = load_model(directory, weights=weights)
         self._tokenizer = self._load_tokenizer(directory, model)
-        spec = infer_spec(model, self.spec.topology)
-        cfg = model.config  # type: ignore[attr-defined]
-        d_model = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
-        max_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-        topo = Topology.from_spec(spec, d_model=d_model, max_len=max_len)
+        topo = hf_topology(model, infer_spec(model, self.spec.topology))
         docs = (TextDocuments(self.data, self._tokenizer.encode) if self.data is not None
                 else None)
         self._text = HFText(self._tokenizer, docs)
@@ -170,7 +177,7 @@ class HFAdapter(TargetAdapter):
     def save_native(self, state: dict[str, Tensor], out: Path) -> bool:
         """``save_pretrained`` files (config, weights) and the tokenizer: a directory that
         ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load."""
-        from spd_mcp.model.targets import load_state_strict
+        from spd_mcp.model.weights import load_state_strict
 
         directory = self.source or check_local_dir(self.spec.huggingface)
         model = load_model(directory, weights=state)

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from spd_mcp.model.config import TopologySpec
-from spd_mcp.model.targets import TargetError
+from spd_mcp.model.weights import TargetError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 KNOWN = ("gpt2", *LLAMA_FAMILY, "gpt_neox")

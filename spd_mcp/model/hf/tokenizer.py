@@ -23,17 +23,19 @@ class HFTokenizer:
     """Wraps a ``PreTrainedTokenizerBase``. ``encode`` adds what the tokenizer itself adds (a BOS
     for Llama-style tokenizers, nothing for GPT-2)."""
 
-    word_level = False
-
     def __init__(self, tok: Any) -> None:
         self.hf = tok
+        backend = getattr(tok, "backend_tokenizer", None)
+        self.word_level: bool = type(getattr(backend, "model", None)).__name__ == "WordLevel"
+        """A word-level vocabulary (e.g. `tales` wrapped): unknown words map to ``unk_id``."""
         eos = tok.eos_token_id
         self.eos_id: int = int(eos) if eos is not None else -1
         pad = tok.pad_token_id
         self.pad_id: int = int(pad) if pad is not None else max(self.eos_id, 0)
-        self.unk_id: int = -1
-        """No id means "unknown" here (byte-level vocabularies have no unknown text; the
-        tokenizer's own unk token, if any, is an ordinary vocabulary entry)."""
+        unk = tok.unk_token_id
+        self.unk_id: int = int(unk) if self.word_level and unk is not None else -1
+        """Subword tokenizers: -1 (byte-level vocabularies have no unknown text; their own unk
+        token, if any, is an ordinary entry). Word-level: the unk token's id."""
 
     @classmethod
     def load(cls, path: str | Path) -> HFTokenizer:

@@ -224,7 +224,7 @@ class TalesEntry(ZooEntry[TalesKwargs]):
                 l0[n] += ((g > 0).sum(-1).float() * mask).sum().item()
         torch.random.set_rng_state(gen_state)
         ratios = delta_ratios(cm)
-        topo = Topology.for_transformer(self.transformer_config())
+        topo = run.target.topology or Topology.for_transformer(self.transformer_config())
         layers = {
             topo.to_canonical(n): {
                 "l0": l0[n] / tokens, "alive": int(alive[n].sum()), "C": cm.Cs[n],

@@ -93,6 +93,23 @@ class Tokenizer:
             raise ValueError(f"{path}: vocabulary must be sorted and unique")
         return tokenizer
 
+    def to_hf(self):  # -> transformers.PreTrainedTokenizerFast
+        """The same tokenizer as a ``transformers`` ``PreTrainedTokenizerFast`` (word-level,
+        whitespace split, ``<bos>`` prepended, the same ids), e.g. to ship with a Hugging Face
+        model; ``save_pretrained`` writes it in the standard layout."""
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {t: i for i, t in enumerate(self._id_to_token)}
+        rust = RustTokenizer(models.WordLevel(vocab, unk_token=UNK))
+        rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        rust.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", special_tokens=[(BOS, self.bos_id)])
+        rust.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+        return PreTrainedTokenizerFast(tokenizer_object=rust, bos_token=BOS, eos_token=EOS,
+                                       unk_token=UNK, pad_token=PAD)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and self._id_to_token == other._id_to_token
 

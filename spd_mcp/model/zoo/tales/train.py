@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from spd_mcp.model.zoo.tales.corpus import (
     DEFAULT_GRAMMAR,
@@ -131,7 +132,7 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def train_tales_model(
-    model: Transformer,
+    model: nn.Module,
     tokenizer: Tokenizer,
     *,
     seed: int = 0,
@@ -144,8 +145,10 @@ def train_tales_model(
     num_threads: int | None = 1,
     progress: ProgressFn | None = None,
     grammar: Grammar = DEFAULT_GRAMMAR,
+    max_len: int | None = None,
 ) -> float:
-    """Train ``model`` in place on stories of ``TalesCorpus(seed, grammar)``; return the final loss.
+    """Train ``model`` (any ``ids -> logits`` module; ``max_len`` defaults to the zoo
+    Transformer's) in place on stories of ``TalesCorpus(seed, grammar)``; return the final loss.
 
     fp32 AdamW with linear warm-up and cosine decay; next-token loss on ``<bos> story <eos>``
     rows, padding ignored. ``num_threads`` (default 1, fastest for this small model on a
@@ -165,7 +168,7 @@ def train_tales_model(
         optimiser, lambda s: _lr_factor(s, steps, min(warmup, steps))
     )
     batches = story_batches(
-        tokenizer, seed, batch_size, max_len=model.config.max_len, grammar=grammar
+        tokenizer, seed, batch_size, max_len=max_len or model.config.max_len, grammar=grammar
     )
     tail_losses: list[float] = []
     model.to(device).train()

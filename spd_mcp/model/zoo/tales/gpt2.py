@@ -1,0 +1,138 @@
+"""`tales-gpt2`: the `tales` corpus and behaviours on a Hugging Face ``GPT2LMHeadModel`` (fused
+``c_attn``, ``Conv1D`` weights, LayerNorm, learned positions), with the `tales` tokenizer wrapped
+as a ``PreTrainedTokenizerFast``. It exercises every Hugging Face code path on a model whose
+mechanisms are known, and exports as a ``save_pretrained`` directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from spd_mcp.model.hf.adapter import RUN_SUBDIR, as_logits_model
+from spd_mcp.model.hf.tokenizer import HFTokenizer
+from spd_mcp.model.zoo.base import Progress
+from spd_mcp.model.zoo.tales.entry import TalesEntry
+from spd_mcp.model.zoo.tales.train import evaluate_behaviours, train_tales_model
+
+CONFIG_FILE = "config.json"
+
+
+class _TalesText:
+    """The tales text and behaviours, served with the wrapped (Hugging Face) tokenizer."""
+
+    def __init__(self, entry: TalesGPT2Entry) -> None:
+        self.entry = entry
+
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        return self.entry.hf_tokenizer
+
+    def dataset_text(self, index: int) -> str:
+        return self.entry.dataset_text(index)
+
+    def heldout_text(self, index: int) -> str:
+        return self.entry.heldout_text(index)
+
+    def n_documents(self, source: str) -> int | None:
+        return None
+
+    def behaviours(self) -> Any:
+        return self.entry.behaviours()
+
+
+class TalesGPT2Entry(TalesEntry):
+    name = "tales-gpt2"
+    description = ("2-layer Hugging Face GPT-2 (fused qkv, Conv1D, LayerNorm) on the tales "
+                   "corpus, with the tales behaviours")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hf_tok: HFTokenizer | None = None
+
+    def gpt2_config(self) -> Any:
+        from transformers import GPT2Config
+
+        k, tok = self.kwargs, self.tokenizer
+        return GPT2Config(
+            vocab_size=tok.vocab_size, n_positions=k.max_len, n_embd=k.d_model,
+            n_layer=k.n_layers, n_head=k.n_heads, n_inner=k.d_mlp,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        )
+
+    def build_model(self) -> nn.Module:
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(self.gpt2_config())
+        model.config._attn_implementation = "sdpa"
+        return as_logits_model(model)
+
+    def train_target(
+        self, model: nn.Module, *, steps: int, device: str, seed: int, progress: Progress | None
+    ) -> dict[str, float]:
+        t0 = time.time()
+        loss = train_tales_model(
+            model, self.tokenizer, seed=seed, steps=steps, batch_size=self.kwargs.train_batch_size,
+            device=device, lr=self.kwargs.train_lr, num_threads=None, progress=progress,
+            grammar=self.kwargs.grammar, max_len=self.kwargs.max_len,
+        )
+        model.eval()
+        scores = evaluate_behaviours(model, self.tokenizer, device=device,
+                                     grammar=self.kwargs.grammar)
+        return {"loss": loss, "seconds": time.time() - t0,
+                **{f"top1/{k}": v for k, v in scores.items()}}
+
+    # ---------------------------------------------------------------- tokenizer, files, export
+    @property
+    def hf_tokenizer(self) -> HFTokenizer:
+        """The tales tokenizer as a ``PreTrainedTokenizerFast`` (same ids, word-level)."""
+        if self._hf_tok is None:
+            self._hf_tok = HFTokenizer(self.tokenizer.to_hf())
+        return self._hf_tok
+
+    def text_target(self) -> _TalesText:
+        return _TalesText(self)
+
+    def save_extras(self, run_dir: Path) -> None:
+        """``hf/``: the model's config.json and the wrapped tokenizer (as for any Hugging Face
+        run); the tales word list is the grammar's, rebuilt on load."""
+        out = run_dir / RUN_SUBDIR
+        out.mkdir()
+        (out / CONFIG_FILE).write_text(json.dumps(self.gpt2_config().to_dict(), indent=1))
+        self.hf_tokenizer.save(out)
+
+    def load_extras(self, run_dir: Path) -> None:
+        saved = HFTokenizer.load(run_dir / RUN_SUBDIR)
+        if saved.vocab_size != self.tokenizer.vocab_size or any(
+            saved.id_to_token(i) != self.tokenizer.id_to_token(i)
+            for i in range(self.tokenizer.vocab_size)
+        ):
+            raise ValueError(f"{run_dir}: the saved tokenizer is not this grammar's")
+
+    def save_native(self, state: dict[str, Tensor], out: Path) -> bool:
+        from spd_mcp.model.weights import load_state_strict
+
+        model = self.build_model()
+        load_state_strict(model, state, source="edited weights")
+        model.config.use_cache = True  # type: ignore[attr-defined]
+        model.save_pretrained(str(out))  # type: ignore[attr-defined]
+        self.hf_tokenizer.save(out)
+        return True
+
+    def default_config(self) -> dict[str, Any]:
+        cfg = super().default_config()
+        cfg["target"] = {"zoo": self.name, "kwargs": {"grammar": self.kwargs.grammar}}
+        # canonical names: the fused qkv matrix (64 -> 192) gets the budget of q, k and v
+        cfg["modules"] = [
+            {"pattern": "*.attn.qkv", "C": 256},
+            {"pattern": "*.attn.o", "C": 128},
+            {"pattern": "*.mlp.*", "C": 128},
+        ]
+        return cfg
