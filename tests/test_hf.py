@@ -189,3 +189,38 @@ def test_evaluate_and_context_limit_on_an_hf_run(hf_runs) -> None:
     session = RunSession(run)
     with pytest.raises(AnalysisError, match=r"has \d+ tokens .*context is 64"):
         session.encode("the ball " * 45)
+
+
+def test_cli_decomposes_a_config_file_with_relative_paths(hf_runs, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    model_dir = hf_runs["llama"][0]
+    work = tmp_path / "project"
+    shutil.copytree(model_dir, work / "models" / "tiny")
+    shutil.copy(model_dir.parent / "tales.txt", work / "stories.txt")
+    cfg = hf_config("llama", Path("models/tiny"), Path("stories.txt"), steps=3)
+    cfg["target"]["huggingface"] = "models/tiny"
+    cfg["data"]["text"] = "stories.txt"
+    cfg["modules"] = [{"pattern": "*.attn.[qkv]", "C": 4}, {"pattern": "*.glu.down", "C": 4}]
+    (work / "c.yaml").write_text(yaml.safe_dump(cfg))
+    home = tmp_path / "home"
+    env = {"SPD_MCP_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    cli = [sys.executable, "-m", "spd_mcp.cli"]
+    r = subprocess.run([*cli, "decompose", str(work / "c.yaml"), "--device", "cpu"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run = load_run(home / "runs" / "tiny-llama")
+    assert list(run.model.Cs) == [f"model.layers.{b}.{m}" for b in (0, 1) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
+    assert (home / "runs" / "tiny-llama" / "hf" / "tokenizer.json").is_file()
+    # a hub name: exit 2, the message says what to do, nothing written
+    (work / "c.yaml").write_text(yaml.safe_dump(cfg | {"name": "hub", "target": {
+        "huggingface": "meta-llama/Llama-3.2-1B"}}))
+    r = subprocess.run([*cli, "decompose", str(work / "c.yaml"), "--device", "cpu"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and "save_pretrained" in r.stderr, r.stderr
+    assert not (home / "runs" / "hub").exists()

@@ -115,3 +115,28 @@ def test_every_tool_answers_on_a_gpt2_run(hf_session: RunSession, tmp_path: Path
     assert out["vectors_o"]["writes_to"] == "residual stream" and out["vectors_o"]["top_boosted"]
     assert out["get_component_vectors"]["reads_from"] == "normalised residual stream"
     assert out["get_model_info"]["layers"][0]["name"] == "0.attn.qkv"
+
+
+def test_viewer_serves_a_gpt2_run(hf_session: RunSession) -> None:
+    from starlette.testclient import TestClient
+
+    from spd_mcp.viewer.app import create_app
+    from tests.test_viewer_api import wait_job
+
+    name = hf_session.run.name
+    with TestClient(create_app(name, session=hf_session)) as client:
+        info = client.get(f"/api/runs/{name}/info").json()
+        assert info["layers"][0]["name"] == "0.attn.qkv"
+        job = wait_job(client, client.post(f"/api/runs/{name}/graphs",
+                                           json={"text": PROMPT}).json())
+        assert job["status"] == "done", job
+        gid = job["result"]["graph_id"]
+        art = client.get(f"/api/runs/{name}/graphs/{gid}?max_edges=500").json()
+        assert art["edges"] and art["layers"][0] == "embed"
+        nodes = [n["key"] for n in art["nodes"] if n["layer"] not in ("embed", "output")][:3]
+        job = wait_job(client, client.post(f"/api/runs/{name}/interventions", json={
+            "text": PROMPT, "nodes": nodes, "label_token": " the", "pgd_steps": 2}).json())
+        assert job["status"] == "done", job
+        assert client.get(f"/api/runs/{name}/components/0.attn.qkv:3").status_code == 200
+        page = client.get("/")
+        assert page.status_code == 200
