@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build. GPU users can install any torch >= 2.3 before `pip install -e .`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo demo-tms venv lint clean bench node-tools browser
+.PHONY: test demo demo-hf demo-tms venv lint clean bench node-tools browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: venv node-tools browser
 # A scripted (LLM-free) investigation of the shipped `tales` run through the MCP server.
 demo: venv
 	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp demo
+
+# The same investigation of the shipped `tales-gpt2` run (a Hugging Face GPT-2 on tales).
+demo-hf: venv
+	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp demo --run tales-gpt2
 
 # Decompose the tms-5-2 toy and evaluate it against its ground truth.
 demo-tms: venv
