@@ -243,8 +243,8 @@ def behaviour_probes(session: RunSession, n: int, seed: int = PROBE_SEED) -> dic
 
 def greedy(session: RunSession, edit: Edit | None, prompt: str, n: int) -> str:
     """The greedy continuation of ``prompt`` (target, or with ``edit``), as text."""
-    return " ".join(generate(session, session.encode(prompt), max_new_tokens=n,
-                             forward=edited_forward(session, edit)).generated)
+    return session.join_tokens(generate(session, session.encode(prompt), max_new_tokens=n,
+                                        forward=edited_forward(session, edit)).generated)
 
 
 # ------------------------------------------------------------------------------ control

@@ -114,7 +114,8 @@ def activation_examples(
     for r in page:
         toks = session.tokens(r.token_ids)
         marked = [f"[[{t}]]" if i == r.offset else t for i, t in enumerate(toks)]
-        out.append(ExampleWindow(doc=r.doc, pos=r.pos, text=" ".join(marked), tokens=toks,
+        text = session.join_tokens(marked)
+        out.append(ExampleWindow(doc=r.doc, pos=r.pos, text=text, tokens=toks,
                                  firing_index=r.offset, ci=[round(c, 4) for c in r.ci],
                                  act=round(r.act, 4)))
     fire = int(h.stats.t["fire_count"][h.stats.index(comp)])

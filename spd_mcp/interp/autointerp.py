@@ -64,11 +64,12 @@ def select_components(harvest: Any, limit: int | None = None) -> list[str]:
     return [stats.key(i) for i in order[:limit]]
 
 
-def mark_window(tokens: list[str], offset: int) -> str:
-    """Window text with the token at ``offset`` (the stored firing offset) marked «like this»."""
+def mark_window(tokens: list[str], offset: int, sep: str = " ") -> str:
+    """Window text with the token at ``offset`` (the stored firing offset) marked «like this»;
+    ``sep`` joins tokens (the session's ``token_sep``: nothing between subword pieces)."""
     if not 0 <= offset < len(tokens):
         raise ValueError(f"firing offset {offset} outside a window of {len(tokens)} tokens")
-    return " ".join(f"{MARK_OPEN}{t}{MARK_CLOSE}" if i == offset else t
+    return sep.join(f"{MARK_OPEN}{t}{MARK_CLOSE}" if i == offset else t
                     for i, t in enumerate(tokens))
 
 
@@ -91,7 +92,7 @@ def build_prompts(session: Any, harvest: Any, key: str, *, n_examples: int = N_E
     ins = top_tokens(stats, key, kind="input", by="pmi", k=N_TOKENS, min_count=2)
     outs = top_tokens(stats, key, kind="output", by="pmi", k=N_TOKENS, min_count=2)
     examples = component_examples(harvest, key, k=n_examples, order="ci")
-    lines = [f"  {j + 1}. {mark_window(session.tokens(ex.token_ids), ex.offset)}"
+    lines = [f"  {j + 1}. {mark_window(session.tokens(ex.token_ids), ex.offset, session.token_sep)}"
              f"   (CI {ex.firing_ci:.2f})" for j, ex in enumerate(examples)]
     user = prompt_text("autointerp_user.md").format(
         component=summ.key, layer=ck.layer, index=ck.c, density_pct=100 * summ.density,

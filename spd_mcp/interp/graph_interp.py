@@ -120,9 +120,9 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def mark_window(tokens: Sequence[str], marked: int) -> str:
-    """Window text with token ``marked`` in [[double brackets]]."""
-    return " ".join(f"[[{t}]]" if i == marked else t for i, t in enumerate(tokens))
+def mark_window(tokens: Sequence[str], marked: int, sep: str = " ") -> str:
+    """Window text with token ``marked`` in [[double brackets]] (``sep`` joins tokens)."""
+    return sep.join(f"[[{t}]]" if i == marked else t for i, t in enumerate(tokens))
 
 
 @dataclass
@@ -148,8 +148,9 @@ class _Evidence:
         from spd_mcp.harvest.examples import component_examples
 
         exs = component_examples(self.h, key, k=k or self.cfg.n_examples, order="ci")
+        sep = self.session.token_sep
         lines = [
-            f"{j + 1}. {mark_window(self.session.tokens(e.token_ids), e.offset)}"
+            f"{j + 1}. {mark_window(self.session.tokens(e.token_ids), e.offset, sep)}"
             f"  (CI {e.firing_ci:.2f})"
             for j, e in enumerate(exs)
         ]

@@ -203,10 +203,10 @@ def fuzzing_score(results: Sequence[tuple[Trial, Sequence[int]]]) -> tuple[float
 
 
 def trial_prompt(trial: Trial, label: str, tokens: Callable[[list[int]], list[str]],
-                 key: str) -> str:
+                 key: str, sep: str = " ") -> str:
     lines = [f"Component: {key}", f'Description: "{label}"', ""]
     for i, w in enumerate(trial.windows):
-        lines.append(f"Window {i + 1}: {mark_window(tokens(w.token_ids), w.marked)}")
+        lines.append(f"Window {i + 1}: {mark_window(tokens(w.token_ids), w.marked, sep)}")
     return "\n".join(lines)
 
 
@@ -346,8 +346,8 @@ async def score_labels(
             trials = [t for t in plans[k] if t.windows]
 
             async def ask(trial: Trial) -> tuple[Trial, list[int] | None, str | None]:
-                res = await pool.ask_json(
-                    system, trial_prompt(trial, label, session.tokens, k), schema)
+                prompt = trial_prompt(trial, label, session.tokens, k, session.token_sep)
+                res = await pool.ask_json(system, prompt, schema)
                 if res.status != "ok" or res.value is None:
                     return trial, None, res.error or res.status
                 return trial, list(res.value[field]), None

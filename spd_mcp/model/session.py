@@ -142,10 +142,15 @@ class RunSession:
             raise AnalysisError(f"{text!r} encodes to no tokens")
         return out
 
+    @property
+    def token_sep(self) -> str:
+        """What joins token strings into text: a space between words (word-level), nothing
+        between subword pieces (their readable forms carry their own spaces)."""
+        return " " if getattr(self.tokenizer, "word_level", True) else ""
+
     def join_tokens(self, tokens: list[str]) -> str:
-        """Token strings as text: spaced words (word-level), or pieces concatenated (their
-        readable forms carry their own spaces)."""
-        return " ".join(tokens) if getattr(self.tok, "word_level", True) else "".join(tokens)
+        """Token strings as text (see :attr:`token_sep`)."""
+        return self.token_sep.join(tokens)
 
     def token_str(self, token_id: int) -> str:
         if self.tokenizer is None:
