@@ -71,15 +71,23 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
+
+    def load(attn: str) -> nn.Module:
         if weights is None:
-            model = AutoModelForCausalLM.from_pretrained(
+            return AutoModelForCausalLM.from_pretrained(
                 str(directory), local_files_only=True, dtype=torch.float32,
-                attn_implementation="sdpa")
-        else:
-            cfg = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-            model = AutoModelForCausalLM.from_config(
-                cfg, dtype=torch.float32, attn_implementation="sdpa")
+                attn_implementation=attn)
+        cfg = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
+                                                attn_implementation=attn)
+
+    try:
+        try:
+            model = load("sdpa")  # graphs' fast attention strategy reads SDPA calls
+        except ValueError as e:
+            if "sdpa" not in str(e).lower():
+                raise
+            model = load("eager")  # correct, but graphs fall back to the general strategy
     except (OSError, ValueError, KeyError) as e:
         raise TargetError(f"cannot load a causal LM from {directory}: {e}") from None
     return as_logits_model(model)
