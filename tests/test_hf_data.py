@@ -82,3 +82,13 @@ def test_config_file_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert c.data is not None and c.data.text == str(tmp_path / "text.txt")
     cfg.write_text(cfg.read_text().replace("huggingface: model", "huggingface: openai/gpt2"))
     assert load_config(cfg).target.huggingface == "openai/gpt2"  # a hub name stays as given
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia"])
+def test_example_configs_are_valid(family: str) -> None:
+    root = Path(__file__).resolve().parents[1] / "examples" / "hf"
+    cfg = load_config(root / f"{family}.yaml")
+    # the model directories do not exist here, so the paths stay as written (a missing
+    # relative path reads as a possible hub name: decomposing it says to save_pretrained)
+    assert cfg.target.huggingface == f"models/{family}"
+    assert cfg.data is not None and cfg.data.context >= 128
