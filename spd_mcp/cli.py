@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     from spd_mcp.viewer.cli import add_view_parser  # light: no torch / web import
 
     add_view_parser(sub)
+    from spd_mcp.model.goodfire.cli import add_import_parser  # light: no torch import
+
+    add_import_parser(sub)
     return p
 
 
@@ -147,6 +150,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from spd_mcp.editing.cli import edit_command
 
         return edit_command(args)
+    if args.command == "import":
+        from spd_mcp.model.goodfire.cli import import_command
+
+        return import_command(args)
     if args.command == "investigate":
         from spd_mcp.launch.cli import investigate_command
 

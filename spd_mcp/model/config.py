@@ -78,11 +78,28 @@ class HFTarget(Strict):
     """A Hugging Face ``transformers`` causal LM saved with ``save_pretrained`` (model and
     tokenizer) in a local directory; nothing is ever downloaded."""
 
+    identity: list[str] = Field(
+        default_factory=list, description="module paths with an identity matrix inserted "
+        "before them (``<path>.pre_identity``; imported Goodfire runs)")
     huggingface: str = Field(description="directory written by save_pretrained")
     topology: TopologySpec | None = Field(
         None, description="required for architectures spd-mcp does not know (GPT-2, Llama "
         "family, GPT-NeoX are inferred from the model's config)"
     )
+    weights: str | None = Field(None, description="safetensors of the target weights (a run's)")
+
+
+GoodfireModel = Literal["LlamaSimple", "LlamaSimpleMLP", "GPT2Simple", "TMS", "ResidMLP"]
+
+
+class GoodfireTarget(Strict):
+    """A target architecture of Goodfire's ``spd`` repository, rebuilt by spd-mcp
+    (``spd_mcp.model.goodfire.models``) from its architecture config (imported runs)."""
+
+    goodfire: GoodfireModel
+    config: dict[str, Any] = Field(description="the architecture's config (model_config.yaml)")
+    identity: list[str] = Field(
+        default_factory=list, description="module paths with ``<path>.pre_identity`` inserted")
     weights: str | None = Field(None, description="safetensors of the target weights (a run's)")
 
 
@@ -209,7 +226,7 @@ class Revive(Strict):
 class DecomposeConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
-    target: ZooTarget | ImportTarget | HFTarget
+    target: ZooTarget | ImportTarget | HFTarget | GoodfireTarget
     data: TextData | None = Field(
         None, description="text for a Hugging Face target (required there, unused elsewhere)"
     )

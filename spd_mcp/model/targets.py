@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from spd_mcp.model.adapter import TargetAdapter
-from spd_mcp.model.config import HFTarget, ImportTarget, TextData, ZooTarget
+from spd_mcp.model.config import GoodfireTarget, HFTarget, ImportTarget, TextData, ZooTarget
 from spd_mcp.model.text_target import TextTarget
 from spd_mcp.model.topology import Topology
 from spd_mcp.model.weights import TargetError, load_state_strict
@@ -62,7 +62,7 @@ class ResolvedTarget:
 
 
 def resolve_target(
-    spec: ZooTarget | ImportTarget | HFTarget,
+    spec: ZooTarget | ImportTarget | HFTarget | GoodfireTarget,
     *,
     weights: Path | None = None,
     run_dir: Path | None = None,
@@ -76,6 +76,8 @@ def resolve_target(
     weights = weights or (Path(spec.weights) if spec.weights else None)
     if isinstance(spec, HFTarget):
         return _resolve_hf(spec, weights, run_dir, data)
+    if isinstance(spec, GoodfireTarget):
+        return _resolve_goodfire(spec, weights, run_dir, data)
     entry: TargetAdapter | None
     if isinstance(spec, ZooTarget):
         entry = get_entry(spec.zoo, **spec.kwargs)
@@ -116,10 +118,33 @@ def _resolve_hf(
             raise TargetError(f"target weights not found: {weights}")
         state = load_file(str(weights))
     model, topology = adapter.build(state)
+    if spec.identity:
+        from spd_mcp.model.identity import insert_identities, with_identities
+
+        insert_identities(model, list(spec.identity))
+        topology = with_identities(topology, list(spec.identity))
     if state is not None:
         load_state_strict(model, state, source=str(weights))
     model.eval()
     return ResolvedTarget(model, adapter.sample_batch, "kl", adapter, topology,
+                          adapter.text_target())
+
+
+def _resolve_goodfire(
+    spec: GoodfireTarget, weights: Path | None, run_dir: Path | None, data: TextData | None
+) -> ResolvedTarget:
+    from spd_mcp.model.goodfire.adapter import GoodfireAdapter
+
+    adapter = GoodfireAdapter(spec, data)
+    if run_dir is not None:
+        adapter.load_extras(run_dir)
+    model, topology = adapter.build()
+    if weights is not None:
+        if not weights.is_file():
+            raise TargetError(f"target weights not found: {weights}")
+        load_state_strict(model, load_file(str(weights)), source=str(weights))
+    model.eval()
+    return ResolvedTarget(model, adapter.sample_batch, adapter.output_loss, adapter, topology,
                           adapter.text_target())
 
 
