@@ -224,3 +224,34 @@ def test_cli_decomposes_a_config_file_with_relative_paths(hf_runs, tmp_path: Pat
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 2 and "save_pretrained" in r.stderr, r.stderr
     assert not (home / "runs" / "hub").exists()
+
+
+@pytest.mark.parametrize("name", ["tales-llama", "tales-gpt2"])
+def test_tales_on_hf_architectures_build_reload_and_export(name: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spd_mcp.editing.bake import export_baked
+    from spd_mcp.editing.edit import Edit
+    from spd_mcp.model.session import RunSession
+    from spd_mcp.model.zoo import get_entry
+
+    kw = {"d_model": 16, "n_heads": 2}
+    cfg = get_entry(name, **kw).default_config()
+    cfg["target"]["kwargs"] |= kw
+    cfg.update(steps=2, eval_every=2, batch_size=4, eval_batch_size=4)
+    run_dir = decompose(parse_config(cfg), out=tmp_path / "run", target_steps=2)
+    assert (run_dir / "hf" / "tokenizer.json").is_file()
+    session = RunSession.load(str(run_dir))
+    assert session.tok.word_level and session.token_str(1) == "<bos>"
+    assert session.behaviours()["pronoun"].probes(seed=1, n=1)
+    text = "mia found a ball in the park ."
+    ids = session.encode(text)
+    assert session.tokens(ids)[:3] == ["<bos>", "mia", "found"]
+    out = export_baked(session, Edit(), tmp_path / "export")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok(text)["input_ids"] == ids
+    with torch.no_grad():
+        want = session.run.target.model(session.ids_tensor(ids))
+        got = hf(session.ids_tensor(ids)).logits
+    assert (got - want).abs().max().item() < 1e-5

@@ -19,7 +19,8 @@ _REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "resid-mlp-3": ("spd_mcp.model.zoo.resid_mlp:ResidMLP3Entry", {}),
     "induction": ("spd_mcp.model.zoo.induction:InductionEntry", {}),
     "tales": ("spd_mcp.model.zoo.tales.entry:TalesEntry", {}),
-    "tales-gpt2": ("spd_mcp.model.zoo.tales.gpt2:TalesGPT2Entry", {}),
+    "tales-llama": ("spd_mcp.model.zoo.tales.hf:TalesLlamaEntry", {}),
+    "tales-gpt2": ("spd_mcp.model.zoo.tales.hf:TalesGPT2Entry", {}),
 }
 
 

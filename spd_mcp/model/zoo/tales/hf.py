@@ -1,7 +1,12 @@
-"""`tales-gpt2`: the `tales` corpus and behaviours on a Hugging Face ``GPT2LMHeadModel`` (fused
-``c_attn``, ``Conv1D`` weights, LayerNorm, learned positions), with the `tales` tokenizer wrapped
-as a ``PreTrainedTokenizerFast``. It exercises every Hugging Face code path on a model whose
-mechanisms are known, and exports as a ``save_pretrained`` directory."""
+"""The `tales` corpus and behaviours on Hugging Face ``transformers`` architectures, with the
+`tales` tokenizer wrapped as a ``PreTrainedTokenizerFast``:
+
+- `tales-llama`: ``LlamaForCausalLM`` (RoPE, grouped-query attention, SwiGLU, RMSNorm);
+- `tales-gpt2`: ``GPT2LMHeadModel`` (fused ``c_attn``, ``Conv1D`` weights, LayerNorm, learned
+  positions).
+
+They run every Hugging Face code path on models whose mechanisms are known, and export as
+``save_pretrained`` directories."""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ CONFIG_FILE = "config.json"
 class _TalesText:
     """The tales text and behaviours, served with the wrapped (Hugging Face) tokenizer."""
 
-    def __init__(self, entry: TalesGPT2Entry) -> None:
+    def __init__(self, entry: TalesHFEntry) -> None:
         self.entry = entry
 
     @property
@@ -44,34 +49,26 @@ class _TalesText:
         return self.entry.behaviours()
 
 
-class TalesGPT2Entry(TalesEntry):
-    name = "tales-gpt2"
-    description = ("2-layer Hugging Face GPT-2 (fused qkv, Conv1D, LayerNorm) on the tales "
-                   "corpus, with the tales behaviours")
+class TalesHFEntry(TalesEntry):
+    """Base of the tales targets on ``transformers`` architectures."""
+
+    name = "tales-hf"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._hf_tok: HFTokenizer | None = None
 
-    def gpt2_config(self) -> Any:
-        from transformers import GPT2Config
-
-        k, tok = self.kwargs, self.tokenizer
-        return GPT2Config(
-            vocab_size=tok.vocab_size, n_positions=k.max_len, n_embd=k.d_model,
-            n_layer=k.n_layers, n_head=k.n_heads, n_inner=k.d_mlp,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-        )
+    def hf_config(self) -> Any:
+        raise NotImplementedError
 
     def build_model(self) -> nn.Module:
         import torch
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = GPT2LMHeadModel(self.gpt2_config())
-        model.config._attn_implementation = "sdpa"
+            model = AutoModelForCausalLM.from_config(self.hf_config(),
+                                                     attn_implementation="sdpa")
         return as_logits_model(model)
 
     def train_target(
@@ -97,7 +94,7 @@ class TalesGPT2Entry(TalesEntry):
             self._hf_tok = HFTokenizer(self.tokenizer.to_hf())
         return self._hf_tok
 
-    def text_target(self) -> _TalesText:
+    def text_target(self) -> _TalesText:  # type: ignore[override]
         return _TalesText(self)
 
     def save_extras(self, run_dir: Path) -> None:
@@ -105,7 +102,7 @@ class TalesGPT2Entry(TalesEntry):
         run); the tales word list is the grammar's, rebuilt on load."""
         out = run_dir / RUN_SUBDIR
         out.mkdir()
-        (out / CONFIG_FILE).write_text(json.dumps(self.gpt2_config().to_dict(), indent=1))
+        (out / CONFIG_FILE).write_text(json.dumps(self.hf_config().to_dict(), indent=1))
         self.hf_tokenizer.save(out)
 
     def load_extras(self, run_dir: Path) -> None:
@@ -129,6 +126,50 @@ class TalesGPT2Entry(TalesEntry):
     def default_config(self) -> dict[str, Any]:
         cfg = super().default_config()
         cfg["target"] = {"zoo": self.name, "kwargs": {"grammar": self.kwargs.grammar}}
+        return cfg
+
+
+class TalesLlamaEntry(TalesHFEntry):
+    name = "tales-llama"
+    description = ("2-layer Hugging Face Llama (RoPE, grouped-query attention, SwiGLU) on the "
+                   "tales corpus, with the tales behaviours")
+
+    def hf_config(self) -> Any:
+        from transformers import LlamaConfig
+
+        k, tok = self.kwargs, self.tokenizer
+        return LlamaConfig(
+            vocab_size=tok.vocab_size, hidden_size=k.d_model, num_hidden_layers=k.n_layers,
+            num_attention_heads=k.n_heads, num_key_value_heads=max(1, k.n_heads // 2),
+            intermediate_size=k.d_mlp or 3 * k.d_model, max_position_embeddings=k.max_len,
+            rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        )
+
+    def default_config(self) -> dict[str, Any]:
+        cfg = super().default_config()
+        cfg["modules"] = [{"pattern": "*.attn.*", "C": 128}, {"pattern": "*.glu.*", "C": 128}]
+        return cfg
+
+
+class TalesGPT2Entry(TalesHFEntry):
+    name = "tales-gpt2"
+    description = ("2-layer Hugging Face GPT-2 (fused qkv, Conv1D, LayerNorm) on the tales "
+                   "corpus, with the tales behaviours")
+
+    def hf_config(self) -> Any:
+        from transformers import GPT2Config
+
+        k, tok = self.kwargs, self.tokenizer
+        return GPT2Config(
+            vocab_size=tok.vocab_size, n_positions=k.max_len, n_embd=k.d_model,
+            n_layer=k.n_layers, n_head=k.n_heads, n_inner=k.d_mlp,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        )
+
+    def default_config(self) -> dict[str, Any]:
+        cfg = super().default_config()
         # canonical names: the fused qkv matrix (64 -> 192) gets the budget of q, k and v
         cfg["modules"] = [
             {"pattern": "*.attn.qkv", "C": 256},
