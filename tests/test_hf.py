@@ -146,7 +146,8 @@ def test_huggingface_target_needs_data(tmp_path: Path) -> None:
     cfg = _config(tmp_path, tmp_path / "t.txt")
     del cfg["data"]
     with pytest.raises(InputError, match=r"needs `data: \{text: FILE\}`"):
-        parse_config(cfg)
+        decompose(parse_config(cfg), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -271,8 +271,6 @@ class DecomposeConfig(Strict):
         dup = sorted({k for k in kinds if kinds.count(k) > 1 and k in _SINGLETON})
         if dup:
             raise ValueError(f"loss types {dup} may appear only once")
-        if isinstance(self.target, HFTarget) and self.data is None:
-            raise ValueError("a huggingface target needs `data: {text: FILE}` to train on")
         screen = self.restarts.steps if self.restarts is not None else None
         if screen is not None and screen > self.steps:
             raise ValueError(

@@ -22,8 +22,11 @@ from spd_mcp.model.ci_functions import PerComponentMLP
 from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.config import (
     CIMaskedRecon,
+    ConfigError,
     DecomposeConfig,
     Faithfulness,
+    GoodfireTarget,
+    HFTarget,
     ImportanceMinimality,
     PGDRecon,
     Schedule,
@@ -481,6 +484,9 @@ def decompose(
 ) -> Path:
     """Resolve (and if needed train) the target, decompose it, and save the run at ``out``."""
     device = resolve_device(device)
+    if isinstance(config.target, HFTarget | GoodfireTarget) and config.data is None:
+        kind = "huggingface" if isinstance(config.target, HFTarget) else "goodfire"
+        raise ConfigError(f"a {kind} target needs `data: {{text: FILE}}` to train on")
     seed_everything(config.seed)
     t0 = time.time()
     target = resolve_target(config.target, data=config.data)

@@ -91,7 +91,7 @@ class GoodfireAdapter(TargetAdapter):
                                       max_len=int(c.get("n_ctx", c.get("block_size", 1024))))
         else:
             names = [n for n, m in model.named_modules()
-                     if n and isinstance(m, nn.Linear)]
+                     if n and isinstance(m, nn.Linear) and not n.endswith(".pre_identity")]
             topo = Topology.identity(names)
         topo = with_identities(topo, list(self.spec.identity))
         if self.is_lm and self.tokenizer is not None:

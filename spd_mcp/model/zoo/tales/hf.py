@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from spd_mcp.model.components import is_conv1d
 from spd_mcp.model.hf.adapter import RUN_SUBDIR, as_logits_model
 from spd_mcp.model.hf.tokenizer import HFTokenizer
 from spd_mcp.model.zoo.base import Progress
@@ -24,6 +26,27 @@ from spd_mcp.model.zoo.tales.entry import TalesEntry
 from spd_mcp.model.zoo.tales.train import evaluate_behaviours, train_tales_model
 
 CONFIG_FILE = "config.json"
+
+
+_RESIDUAL_WRITERS = ("o_proj", "down_proj", "c_proj")
+
+
+@torch.no_grad()
+def _init_like_tales(model: nn.Module, n_layers: int) -> None:
+    """The `tales` transformer's initialisation (N(0, 1/d_in) weights, N(0, 1) embeddings,
+    residual-writing projections shrunk by (2 L)^-1/2): Hugging Face's N(0, 0.02) default
+    learns the induction behaviour far more slowly at this size."""
+    scale = (2 * n_layers) ** -0.5
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            nn.init.normal_(mod.weight, std=1.0)
+        elif isinstance(mod, nn.Linear) or is_conv1d(mod):
+            d_in = mod.in_features if isinstance(mod, nn.Linear) else mod.weight.shape[0]
+            nn.init.normal_(mod.weight, std=d_in**-0.5)
+            if name.rsplit(".", 1)[-1] in _RESIDUAL_WRITERS:
+                mod.weight.mul_(scale)
+            if getattr(mod, "bias", None) is not None:
+                nn.init.zeros_(mod.bias)
 
 
 class _TalesText:
@@ -62,13 +85,13 @@ class TalesHFEntry(TalesEntry):
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
-        import torch
         from transformers import AutoModelForCausalLM
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(self.hf_config(),
                                                      attn_implementation="sdpa")
+            _init_like_tales(model, self.kwargs.n_layers)
         return as_logits_model(model)
 
     def train_target(
@@ -140,7 +163,7 @@ class TalesLlamaEntry(TalesHFEntry):
         k, tok = self.kwargs, self.tokenizer
         return LlamaConfig(
             vocab_size=tok.vocab_size, hidden_size=k.d_model, num_hidden_layers=k.n_layers,
-            num_attention_heads=k.n_heads, num_key_value_heads=max(1, k.n_heads // 2),
+            num_attention_heads=k.n_heads, num_key_value_heads=k.n_heads,
             intermediate_size=k.d_mlp or 3 * k.d_model, max_position_embeddings=k.max_len,
             rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
             bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
