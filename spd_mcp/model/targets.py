@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -75,9 +76,11 @@ def resolve_target(
     """
     weights = weights or (Path(spec.weights) if spec.weights else None)
     if isinstance(spec, HFTarget):
-        return _resolve_hf(spec, weights, run_dir, data)
+        return resolve_hf(spec, data, state=_read_weights(weights), run_dir=run_dir,
+                          source=str(weights))
     if isinstance(spec, GoodfireTarget):
-        return _resolve_goodfire(spec, weights, run_dir, data)
+        return resolve_goodfire(spec, data, state=_read_weights(weights), run_dir=run_dir,
+                                source=str(weights))
     entry: TargetAdapter | None
     if isinstance(spec, ZooTarget):
         entry = get_entry(spec.zoo, **spec.kwargs)
@@ -104,45 +107,67 @@ def resolve_target(
     return ResolvedTarget(model, sampler, output_loss, entry, infer_topology(model), text)
 
 
-def _resolve_hf(
-    spec: HFTarget, weights: Path | None, run_dir: Path | None, data: TextData | None
+def _read_weights(weights: Path | None) -> dict[str, Tensor] | None:
+    if weights is None:
+        return None
+    if not weights.is_file():
+        raise TargetError(f"target weights not found: {weights}")
+    return load_file(str(weights))
+
+
+def _with_identity_weights(model: nn.Module, state: dict[str, Tensor],
+                           identity: list[str]) -> dict[str, Tensor]:
+    """``state`` plus the identity matrices of inserted ``pre_identity`` layers it lacks (a
+    checkpoint that never held them)."""
+    out = dict(state)
+    for p in identity:
+        key = f"{p}.pre_identity.weight"
+        if key not in out:
+            out[key] = torch.eye(model.get_submodule(p).pre_identity.weight.shape[0])
+    return out
+
+
+def resolve_hf(
+    spec: HFTarget, data: TextData | None, *, state: dict[str, Tensor] | None = None,
+    run_dir: Path | None = None, tokenizer: Path | None = None, source: str = "weights",
 ) -> ResolvedTarget:
+    """A Hugging Face target: its architecture from the model directory (or a run's ``hf/``),
+    weights from ``state`` (else the directory's own), identities inserted first."""
     from spd_mcp.model.hf.adapter import HFAdapter
 
-    adapter = HFAdapter(spec, data)
+    adapter = HFAdapter(spec, data, tokenizer=tokenizer)
     if run_dir is not None:
         adapter.load_extras(run_dir)
-    state = None
-    if weights is not None:
-        if not weights.is_file():
-            raise TargetError(f"target weights not found: {weights}")
-        state = load_file(str(weights))
-    model, topology = adapter.build(state)
+    base = None if state is None else {
+        k: v for k, v in state.items() if ".pre_identity." not in k}
+    model, topology = adapter.build(base)
     if spec.identity:
         from spd_mcp.model.identity import insert_identities, with_identities
 
         insert_identities(model, list(spec.identity))
         topology = with_identities(topology, list(spec.identity))
     if state is not None:
-        load_state_strict(model, state, source=str(weights))
+        load_state_strict(model, _with_identity_weights(model, state, list(spec.identity)),
+                          source=source)
     model.eval()
     return ResolvedTarget(model, adapter.sample_batch, "kl", adapter, topology,
                           adapter.text_target())
 
 
-def _resolve_goodfire(
-    spec: GoodfireTarget, weights: Path | None, run_dir: Path | None, data: TextData | None
+def resolve_goodfire(
+    spec: GoodfireTarget, data: TextData | None, *, state: dict[str, Tensor] | None = None,
+    run_dir: Path | None = None, tokenizer: Path | None = None, source: str = "weights",
 ) -> ResolvedTarget:
+    """A Goodfire architecture rebuilt here, with weights from ``state``."""
     from spd_mcp.model.goodfire.adapter import GoodfireAdapter
 
-    adapter = GoodfireAdapter(spec, data)
+    adapter = GoodfireAdapter(spec, data, tokenizer=tokenizer)
     if run_dir is not None:
         adapter.load_extras(run_dir)
     model, topology = adapter.build()
-    if weights is not None:
-        if not weights.is_file():
-            raise TargetError(f"target weights not found: {weights}")
-        load_state_strict(model, load_file(str(weights)), source=str(weights))
+    if state is not None:
+        load_state_strict(model, _with_identity_weights(model, state, list(spec.identity)),
+                          source=source)
     model.eval()
     return ResolvedTarget(model, adapter.sample_batch, adapter.output_loss, adapter, topology,
                           adapter.text_target())

@@ -64,12 +64,14 @@ def lm_topology_spec(kind: str, config: Mapping[str, Any]) -> TopologySpec:
 class GoodfireAdapter(TargetAdapter):
     """Target adapter of a ``target: {goodfire: …}`` config (an imported run)."""
 
-    def __init__(self, spec: GoodfireTarget, data: TextData | None) -> None:
+    def __init__(self, spec: GoodfireTarget, data: TextData | None, *,
+                 tokenizer: Path | None = None) -> None:
         self.spec = spec
         self.data = data
         self.is_lm = spec.goodfire in LMS
         self._text: HFText | None = None
-        self.tokenizer: HFTokenizer | None = None
+        self.tokenizer: HFTokenizer | None = (
+            HFTokenizer.load(tokenizer) if tokenizer is not None else None)
 
     def load_extras(self, run_dir: Path) -> None:
         tok_dir = run_dir / RUN_SUBDIR

@@ -37,7 +37,6 @@ from spd_mcp.model.goodfire.fmt import (
     read_checkpoint,
     read_config,
 )
-from spd_mcp.model.weights import load_state_strict
 
 PROVENANCE_FILE = "goodfire.json"
 CLASS_KINDS = {
@@ -288,7 +287,6 @@ def import_goodfire(
 ) -> ImportReport:
     """Import the run at ``path`` (directory or ``.pth``) as an spd-mcp run at ``out``."""
     from spd_mcp.model.run_io import save_run
-    from spd_mcp.model.targets import resolve_target
 
     files = locate(path)
     cfg = read_config(files.config)
@@ -346,7 +344,6 @@ def import_goodfire(
              summary={"imported_from": {k: provenance[k] for k in (
                  "source", "checkpoint", "step", "pretrained_model_class")}, "notes": notes},
              extras=extras, overwrite=overwrite)
-    _ = resolve_target  # (imported for the type checker's benefit of save/load symmetry)
     return ImportReport(out, str(files.checkpoint), files.step, cls, dict(cm.Cs), identity,
                         f"{ci_fn.type} {ci_fn.hidden}", notes)
 
@@ -372,52 +369,18 @@ def _identity_paths(cfg: GoodfireConfig, spec: Any, ckpt: Checkpoint) -> list[st
 
 def _resolve(config: DecomposeConfig, tokenizer: Path | None, ckpt: Checkpoint) -> Any:
     """The target with the checkpoint's weights (identities inserted first)."""
-    from spd_mcp.model.targets import ResolvedTarget
+    from spd_mcp.model.targets import resolve_goodfire, resolve_hf
 
     spec = config.target
     if isinstance(spec, HFTarget):
-        from spd_mcp.model.hf.adapter import HFAdapter, hf_topology, load_model
-        from spd_mcp.model.hf.families import infer_spec
-        from spd_mcp.model.hf.tokenizer import HFTokenizer
-        from spd_mcp.model.identity import insert_identities, with_identities
-
-        adapter = HFAdapter(spec, config.data)
+        # buffers older transformers versions saved (causal masks) are not parameters today
         state = {k: v for k, v in ckpt.target.items()
                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        model = load_model(Path(spec.huggingface), weights=state)
-        insert_identities(model, list(spec.identity))
-        state |= {f"{p}.pre_identity.weight": torch.eye(
-            model.get_submodule(p).pre_identity.weight.shape[0]) for p in spec.identity}
-        load_state_strict(model, state, source="checkpoint target_model.*")
-        topo = with_identities(hf_topology(model, infer_spec(model, None)), list(spec.identity))
-        if tokenizer is not None:
-            adapter._tokenizer = HFTokenizer.load(tokenizer)
-        adapter.source = Path(spec.huggingface)
-        text = None
-        if adapter._tokenizer is not None:
-            from spd_mcp.model.hf.adapter import HFText
-            from spd_mcp.model.hf.data import TextDocuments
-
-            docs = (TextDocuments(config.data, adapter._tokenizer.encode)
-                    if config.data is not None else None)
-            text = HFText(adapter._tokenizer, docs)
-        return ResolvedTarget(model.eval(), lambda b, d: torch.zeros(0), "kl", adapter, topo,
-                              text)
-    from spd_mcp.model.goodfire.adapter import GoodfireAdapter
-    from spd_mcp.model.hf.tokenizer import HFTokenizer
-
+        return resolve_hf(spec, config.data, state=state, tokenizer=tokenizer,
+                          source="checkpoint target_model.*")
     assert isinstance(spec, GoodfireTarget)
-    adapter = GoodfireAdapter(spec, config.data)
-    if tokenizer is not None:
-        adapter.tokenizer = HFTokenizer.load(tokenizer)
-    model, topo = adapter.build()
-    state = dict(ckpt.target)
-    for p in spec.identity:
-        d = model.get_submodule(p).pre_identity.weight.shape[0]
-        state[f"{p}.pre_identity.weight"] = torch.eye(d)
-    load_state_strict(model, state, source="checkpoint target_model.*")
-    return ResolvedTarget(model.eval(), adapter.sample_batch, adapter.output_loss, adapter,
-                          topo, adapter.text_target())
+    return resolve_goodfire(spec, config.data, state=ckpt.target, tokenizer=tokenizer,
+                            source="checkpoint target_model.*")
 
 
 @torch.no_grad()

@@ -138,9 +138,12 @@ class HFAdapter(TargetAdapter):
 
     output_loss: ClassVar[Literal["mse", "kl"]] = "kl"
 
-    def __init__(self, spec: HFTarget, data: TextData | None) -> None:
+    def __init__(self, spec: HFTarget, data: TextData | None, *,
+                 tokenizer: Path | None = None) -> None:
         self.spec = spec
         self.data = data
+        self.tokenizer_path = tokenizer
+        """A tokenizer elsewhere than the model directory (imports)."""
         self.source: Path | None = None
         self._tokenizer: HFTokenizer | None = None
         self._text: HFText | None = None
@@ -152,7 +155,7 @@ class HFAdapter(TargetAdapter):
     def build(self, weights: dict[str, Tensor] | None) -> tuple[nn.Module, Topology]:
         directory = self.source or check_local_dir(self.spec.huggingface)
         model = load_model(directory, weights=weights)
-        self._tokenizer = self._load_tokenizer(directory, model)
+        self._tokenizer = self._load_tokenizer(self.tokenizer_path or directory, model)
         topo = hf_topology(model, infer_spec(model, self.spec.topology))
         docs = (TextDocuments(self.data, self._tokenizer.encode) if self.data is not None
                 else None)
