@@ -36,9 +36,9 @@ test: venv node-tools browser
 demo: venv
 	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp demo
 
-# The same investigation of the shipped `tales-gpt2` run (a Hugging Face GPT-2 on tales).
+# The same investigation of the shipped `tales-llama` run (a Hugging Face Llama on tales).
 demo-hf: venv
-	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp demo --run tales-gpt2
+	SPD_MCP_HOME=$${SPD_MCP_HOME:-$(CURDIR)/out/home} $(VENV)/bin/spd-mcp demo --run tales-llama
 
 # Decompose the tms-5-2 toy and evaluate it against its ground truth.
 demo-tms: venv
