@@ -32,39 +32,41 @@ def hf_session(tmp_path_factory) -> RunSession:
     return RunSession.load(str(run))
 
 
-def test_every_tool_answers_on_a_gpt2_run(hf_session: RunSession, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def every_tool(s: RunSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, prompt: str,
+               comp: str, token: str, down: str, up: str) -> dict[str, Any]:
+    """Call every MCP tool once through the SDK client (harvest, attributions and a label from
+    the local fake Messages API included); assert none errs; return each tool's result."""
     from spd_mcp.attributions import AttributionConfig, compute_attributions
     from spd_mcp.harvest import HarvestConfig, harvest
 
-    s = hf_session
     harvest(s, HarvestConfig(n_tokens=2000, batch_size=8))
     compute_attributions(s, AttributionConfig(n_tokens=600, batch_size=8))
-    comp, node = "0.attn.qkv:3", "0.attn.qkv:2:3"
+    layer, c = comp.rsplit(":", 1)
+    node = f"{layer}:2:{c}"
     calls: list[tuple[str, dict[str, Any]]] = [
         ("ping", {}),
         ("get_model_info", {}),
-        ("tokenize", {"text": PROMPT}),
-        ("create_prompt", {"text": PROMPT}),
-        ("search_dataset", {"query": "ball", "limit": 3}),
-        ("generate", {"text": PROMPT, "max_new_tokens": 3}),
-        ("get_ci", {"text": PROMPT}),
-        ("probe_component", {"text": PROMPT, "component": comp}),
-        ("get_component_vectors", {"component": "0.attn.o:1"}),
-        ("get_component_vectors", {"component": "0.attn.qkv:1"}),
-        ("find_components_by_examples", {"examples": [{"text": PROMPT}]}),
-        ("compute_graph", {"text": PROMPT}),
-        ("optimize_graph", {"text": PROMPT, "label_token": " the", "steps": 5}),
+        ("tokenize", {"text": prompt}),
+        ("create_prompt", {"text": prompt}),
+        ("search_dataset", {"query": prompt.split()[1], "limit": 3}),
+        ("generate", {"text": prompt, "max_new_tokens": 3}),
+        ("get_ci", {"text": prompt}),
+        ("probe_component", {"text": prompt, "component": comp}),
+        ("get_component_vectors", {"component": f"{down}:1"}),
+        ("get_component_vectors", {"component": f"{layer}:1"}),
+        ("find_components_by_examples", {"examples": [{"text": prompt}]}),
+        ("compute_graph", {"text": prompt}),
+        ("optimize_graph", {"text": prompt, "label_token": token, "steps": 5}),
         ("get_graph", {"graph_id": "$graph", "top_k": 5}),
-        ("run_intervention", {"text": PROMPT, "nodes": [node]}),
-        ("run_ablation", {"text": PROMPT, "components": [comp]}),
+        ("run_intervention", {"text": prompt, "nodes": [node]}),
+        ("run_ablation", {"text": prompt, "components": [comp]}),
         ("get_component_info", {"component": comp}),
         ("get_component_activation_examples", {"component": comp, "limit": 3}),
-        ("search_components", {"output_token": " the", "rank_by": "pmi", "limit": 3}),
-        ("get_component_attributions", {"key": "1.mlp.down:1", "top_k": 3}),
-        ("get_attribution_strength", {"source": "0.mlp.down:1", "target": "1.mlp.up:2"}),
+        ("search_components", {"output_token": token, "rank_by": "pmi", "limit": 3}),
+        ("get_component_attributions", {"key": f"{down}:1", "top_k": 3}),
+        ("get_attribution_strength", {"source": f"{down}:1", "target": f"{up}:2"}),
         ("label_component", {"component": comp}),
-        ("update_research_log", {"entry": "looked at the qkv matrix"}),
+        ("update_research_log", {"entry": "looked at one component"}),
         ("save_explanation", {"behaviour": "b", "components": [{"key": comp, "role": "r"}],
                               "evidence": EVIDENCE, "confidence": 0.3}),
         ("set_investigation_summary", {"title": "t", "summary": "s", "status": "inconclusive"}),
@@ -72,10 +74,10 @@ def test_every_tool_answers_on_a_gpt2_run(hf_session: RunSession, tmp_path: Path
         ("submit_suggestion", {"text": "more", "category": "tool"}),
         ("get_investigation", {}),
         ("edit_components", {"components": [{"component": comp, "scale": 0}]}),
-        ("train_component_edit", {"components": ["1.mlp.down:1"], "steps": 3, "n_kl_texts": 2,
-                                  "targets": [{"prompt": PROMPT, "token": " the"}]}),
+        ("train_component_edit", {"components": [f"{down}:1"], "steps": 3, "n_kl_texts": 2,
+                                  "targets": [{"prompt": prompt, "token": token}]}),
         ("measure_edit", {"edit_id": "$edit", "n_texts": 4,
-                          "probes": [{"prompt": PROMPT, "expected": " the"}]}),
+                          "probes": [{"prompt": prompt, "expected": token}]}),
         ("list_edits", {}),
         ("export_edit", {"edit_id": "$edit"}),
     ]
@@ -108,11 +110,19 @@ def test_every_tool_answers_on_a_gpt2_run(hf_session: RunSession, tmp_path: Path
               if r.is_error}
     assert not failed, "\n".join(f"{k}: {v}" for k, v in failed.items())
     out = {n: r.structured_content for (n, _), r in zip(calls, results, strict=True)}
-    out["vectors_o"] = results[[n for n, _ in calls].index("get_component_vectors")
-                               ].structured_content
+    out["vectors_down"] = results[[n for n, _ in calls].index("get_component_vectors")
+                                  ].structured_content
+    return out
+
+
+def test_every_tool_answers_on_a_gpt2_run(hf_session: RunSession, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = every_tool(hf_session, tmp_path, monkeypatch, prompt=PROMPT, comp="0.attn.qkv:3",
+                     token=" the", down="0.mlp.down", up="1.mlp.up")
     tok = out["tokenize"]
     assert tok["unknown_words"] == [] and "".join(t["token"] for t in tok["tokens"]) == PROMPT
-    assert out["vectors_o"]["writes_to"] == "residual stream" and out["vectors_o"]["top_boosted"]
+    assert out["vectors_down"]["writes_to"] == "residual stream"
+    assert out["vectors_down"]["top_boosted"]
     assert out["get_component_vectors"]["reads_from"] == "normalised residual stream"
     assert out["get_model_info"]["layers"][0]["name"] == "0.attn.qkv"
 
