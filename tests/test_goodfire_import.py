@@ -222,9 +222,9 @@ def export_in_goodfire_layout(run_dir: Path, out: Path, target_class: str) -> No
                 state[f"_components.{mangled}.{leaf}"] = comps[f"components.{safe}.{leaf}"]
         i = 0
         while f"ci_fns.fns.{safe}.layers.{i}.weight" in comps:
-            state[f"_ci_fns.{mangled}.layers.{2 * i}.W"] = comps[
-                f"ci_fns.fns.{safe}.layers.{i}.weight"].T.contiguous()
-            state[f"_ci_fns.{mangled}.layers.{2 * i}.b"] = comps[f"ci_fns.fns.{safe}.layers.{i}.bias"]
+            ours = f"ci_fns.fns.{safe}.layers.{i}"
+            state[f"_ci_fns.{mangled}.layers.{2 * i}.W"] = comps[f"{ours}.weight"].T.contiguous()
+            state[f"_ci_fns.{mangled}.layers.{2 * i}.b"] = comps[f"{ours}.bias"]
             i += 1
     out.mkdir(parents=True)
     torch.save(state, out / f"model_{cfg['steps']}.pth")
