@@ -199,6 +199,9 @@ def test_every_mcp_tool_answers_on_an_imported_llama_simple_run(
     out = every_tool(session, tmp_path, monkeypatch, prompt="t1 t5 t7 t2 t9 t3",
                      comp="0.attn.q:1", token="t5", down="0.mlp.down", up="1.mlp.up")
     assert out["get_model_info"]["layers"][0]["name"] == "0.attn.q"
+    arch = out["get_model_info"]["architecture"]
+    assert arch["type"] == "LlamaSimpleMLP" and arch["n_key_value_heads"] == 1
+    assert arch["imported_from"]["pretrained_model_class"].endswith("LlamaSimpleMLP")
     assert out["vectors_down"]["writes_to"] == "residual stream"
 
 

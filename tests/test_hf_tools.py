@@ -125,6 +125,9 @@ def test_every_tool_answers_on_a_gpt2_run(hf_session: RunSession, tmp_path: Path
     assert out["vectors_down"]["top_boosted"]
     assert out["get_component_vectors"]["reads_from"] == "normalised residual stream"
     assert out["get_model_info"]["layers"][0]["name"] == "0.attn.qkv"
+    arch = out["get_model_info"]["architecture"]
+    assert arch["type"] == "GPT2LMHeadModel" and arch["model_type"] == "gpt2"
+    assert arch["n_layer"] == 2
 
 
 def test_viewer_serves_a_gpt2_run(hf_session: RunSession) -> None:

@@ -89,7 +89,18 @@ def architecture(st: AppState) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if isinstance(config, BaseModel):
         arch |= config.model_dump()
+    elif hasattr(config, "to_dict"):  # a transformers config: the fields that describe its size
+        full = config.to_dict()
+        arch |= {k: full[k] for k in _HF_FIELDS if full.get(k) is not None}
+    imported = st.session.run.meta.get("summary", {}).get("imported_from")
+    if imported:
+        arch["imported_from"] = imported
     return arch
+
+
+_HF_FIELDS = ("model_type", "num_hidden_layers", "n_layer", "hidden_size", "n_embd",
+              "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size",
+              "n_inner", "vocab_size", "max_position_embeddings", "n_positions")
 
 
 async def validity(st: AppState) -> Validity:

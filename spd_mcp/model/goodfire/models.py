@@ -189,6 +189,13 @@ class LlamaSimple(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+class LlamaSimpleMLP(LlamaSimple):
+    """Goodfire's LlamaSimpleMLP: LlamaSimple with a GELU-tanh MLP (``c_fc``, ``down_proj``)."""
+
+    def __init__(self, c: LlamaSimpleConfig) -> None:
+        super().__init__(c, gated=False)
+
+
 class GPT2Attention(nn.Module):
     def __init__(self, c: GPT2SimpleConfig) -> None:
         super().__init__()
@@ -282,7 +289,7 @@ def build_lm(model_type: str, config: dict[str, Any]) -> nn.Module:
     if model_type == "LlamaSimple":
         return LlamaSimple(LlamaSimpleConfig.model_validate(config), gated=True)
     if model_type == "LlamaSimpleMLP":
-        return LlamaSimple(LlamaSimpleMLPConfig.model_validate(config), gated=False)
+        return LlamaSimpleMLP(LlamaSimpleMLPConfig.model_validate(config))
     if model_type == "GPT2Simple":
         return GPT2Simple(GPT2SimpleConfig.model_validate(config))
     raise ValueError(f"unknown Goodfire model type {model_type!r}")
