@@ -256,3 +256,42 @@ def test_tales_on_hf_architectures_build_reload_and_export(name: str, tmp_path: 
         want = session.run.target.model(session.ids_tensor(ids))
         got = hf(session.ids_tensor(ids)).logits
     assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_fused_qkv_parts_are_where_the_model_reads_them(hf_runs, family: str) -> None:
+    """Topology.qkv_parts names, per head, the slices of the fused output the model's own code
+    sends to attention as q, k and v (found here by differentiating the recorded SDPA inputs)."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    run = load_run(hf_runs[family][1])
+    topo, model = run.target.topology, run.target.model
+    mod = model.get_submodule(topo.to_module("0.attn.qkv"))
+    leaf: list[torch.Tensor] = []
+    calls: list[tuple] = []
+
+    def hook(_m, _a, out):
+        out = out.detach().requires_grad_(True)
+        leaf.append(out)
+        return out
+
+    class Rec(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                calls.append(args[:3])
+            return func(*args, **(kwargs or {}))
+
+    h = mod.register_forward_hook(hook)
+    try:
+        with torch.enable_grad(), Rec():
+            model(torch.tensor([[1, 5, 7]]))
+    finally:
+        h.remove()
+    parts = topo.qkv_parts(leaf[0].shape[-1])
+    assert parts is not None
+    for p, t in zip("qkv", calls[0], strict=True):
+        for head, sl in enumerate(parts[p]):
+            (g,) = torch.autograd.grad(t[0, head, 0].sum(), leaf[0], retain_graph=True)
+            nz = g[0, 0].nonzero().flatten().tolist()
+            assert nz == list(range(sl.start, sl.stop)), (p, head, nz[:4], sl)

@@ -123,7 +123,11 @@ def test_every_tool_answers_on_a_gpt2_run(hf_session: RunSession, tmp_path: Path
     assert tok["unknown_words"] == [] and "".join(t["token"] for t in tok["tokens"]) == PROMPT
     assert out["vectors_down"]["writes_to"] == "residual stream"
     assert out["vectors_down"]["top_boosted"]
-    assert out["get_component_vectors"]["reads_from"] == "normalised residual stream"
+    qkv = out["get_component_vectors"]  # 0.attn.qkv:1 — its write vector split into q, k, v
+    assert qkv["reads_from"] == "normalised residual stream"
+    assert set(qkv["write_parts"]) == {"q", "k", "v"} and len(qkv["write_heads"]["q"]) == 4
+    assert sum(v * v for v in qkv["write_parts"].values()) == pytest.approx(
+        qkv["write_norm"] ** 2, rel=1e-3)
     assert out["get_model_info"]["layers"][0]["name"] == "0.attn.qkv"
     arch = out["get_model_info"]["architecture"]
     assert arch["type"] == "GPT2LMHeadModel" and arch["model_type"] == "gpt2"

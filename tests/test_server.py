@@ -76,6 +76,7 @@ def test_cheap_tools_and_caching(session: RunSession, tmp_path: Path) -> None:
         p1 = (await c.call_tool("create_prompt", {"text": PROMPT})).structured_content
         p2 = (await c.call_tool("create_prompt", {"text": PROMPT})).structured_content
         assert p1["prompt_id"] == p2["prompt_id"] and p1["tokens"][0] == "<bos>"
+        assert p1["next_tokens"][0]["token"] == "red" and p1["next_tokens_edited"] is None
         found = (await c.call_tool("search_dataset", {"query": "friend called", "limit": 3})
                  ).structured_content
         assert found["total_matches"] > 100 and len(found["matches"]) == 3

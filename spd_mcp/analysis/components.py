@@ -122,6 +122,11 @@ class ComponentVectors(BaseModel):
     top_reading: list[TokenScore] | None = Field(
         None, description="tokens whose embeddings most excite the read vector (direct path)"
     )
+    write_parts: dict[str, float] | None = Field(
+        None, description="fused qkv matrix: norm of the write vector's query, key and value "
+        "parts (a component may write to all three)")
+    write_heads: dict[str, list[float]] | None = Field(
+        None, description="fused qkv matrix: those norms per attention head")
     read_vector: list[float] | None = None
     write_vector: list[float] | None = None
 
@@ -159,6 +164,12 @@ def component_vectors(
             else:  # RMSNorm of each token embedding
                 emb = F.normalize(emb, dim=-1) * d**0.5 * nmod.weight
             out.top_reading = _token_scores(session, emb @ V, top_k)
+    parts = topo.qkv_parts(U.shape[0]) if role is not None and role.matrix == "qkv" else None
+    if parts is not None:
+        out.writes_to = "attention queries, keys and values (fused qkv)"
+        heads = {p: [round(float(U[s].norm()), 4) for s in sl] for p, sl in parts.items()}
+        out.write_heads = heads
+        out.write_parts = {p: round(sum(v * v for v in h) ** 0.5, 4) for p, h in heads.items()}
     if include_vectors:
         out.read_vector = [round(v, 5) for v in V.tolist()]
         out.write_vector = [round(v, 5) for v in U.tolist()]

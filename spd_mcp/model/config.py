@@ -57,6 +57,10 @@ class TopologySpec(Strict):
     mlp: dict[Literal["up", "down", "gate"], str] = Field(
         default_factory=dict, description="MLP matrices per block: up/down, or gate/up/down"
     )
+    n_heads: int | None = Field(None, gt=0, description="attention heads (query heads)")
+    qkv_layout: Literal["blocks", "heads"] = Field(
+        "blocks", description="a fused qkv output: [q | k | v] (GPT-2) or per head "
+        "[h0: q k v | h1: q k v | …] (GPT-NeoX)")
     attn_norm: str | None = Field(None, description="norm read by attention, per block")
     mlp_norm: str | None = Field(None, description="norm read by the MLP, per block")
 

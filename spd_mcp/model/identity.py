@@ -5,6 +5,8 @@ input; its output replaces that input, so with its components decomposed the lay
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -63,6 +65,5 @@ def with_identities(topo: Topology, identity: list[str]) -> Topology:
         norm = topo.input_norm(layers[idx + 1][0])
         if norm is not None:
             norms.append((name, norm))
-    return Topology(tuple(layers), tuple(decomp), n_blocks=topo.n_blocks, d_model=topo.d_model,
-                    max_len=topo.max_len, final_norm=topo.final_norm, input_norms=tuple(norms),
-                    norm=topo.norm)
+    return dataclasses.replace(topo, layers=tuple(layers), decomposable_names=tuple(decomp),
+                               input_norms=tuple(norms))

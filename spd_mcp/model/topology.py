@@ -43,6 +43,10 @@ class Topology:
     """(canonical layer, module path of the norm whose output the layer reads)."""
     norm: Literal["rms", "layer"] = "rms"
     """Kind of every norm: RMSNorm (gain) or LayerNorm (centre, scale, gain, bias)."""
+    n_heads: int | None = None
+    """Attention (query) heads, where known."""
+    qkv_layout: Literal["blocks", "heads"] = "blocks"
+    """How a fused qkv matrix's output is laid out: [q | k | v], or per head [q k v] × heads."""
 
     def __post_init__(self) -> None:
         canonical = [c for c, _ in self.layers]
@@ -72,7 +76,7 @@ class Topology:
         layers.append((OUTPUT, "unembed"))
         return cls(tuple(layers), tuple(decomposable), n_blocks=config.n_layers,
                    d_model=config.d_model, max_len=config.max_len, final_norm="final_norm",
-                   input_norms=tuple(norms))
+                   input_norms=tuple(norms), n_heads=config.n_heads)
 
     @classmethod
     def from_spec(cls, spec: TopologySpec, *, d_model: int, max_len: int | None) -> Topology:
@@ -98,7 +102,20 @@ class Topology:
         layers.append((OUTPUT, spec.unembed))
         return cls(tuple(layers), tuple(decomposable), n_blocks=spec.n_blocks, d_model=d_model,
                    max_len=max_len, final_norm=spec.final_norm, input_norms=tuple(norms),
-                   norm=spec.norm)
+                   norm=spec.norm, n_heads=spec.n_heads, qkv_layout=spec.qkv_layout)
+
+    def qkv_parts(self, d_out: int) -> dict[str, list[slice]] | None:
+        """Where a fused qkv matrix's output keeps q, k and v: one slice per head each (None
+        when the head count is unknown or does not fit ``d_out``)."""
+        H = self.n_heads
+        if H is None or d_out % (3 * H):
+            return None
+        hd = d_out // (3 * H)
+        if self.qkv_layout == "blocks":
+            return {p: [slice(i * H * hd + h * hd, i * H * hd + (h + 1) * hd) for h in range(H)]
+                    for i, p in enumerate("qkv")}
+        return {p: [slice(h * 3 * hd + i * hd, h * 3 * hd + (i + 1) * hd) for h in range(H)]
+                for i, p in enumerate("qkv")}
 
     def qkv_layers(self, block: int) -> tuple[str, str, str] | None:
         """Canonical names feeding attention's query, key and value in ``block`` (the same name

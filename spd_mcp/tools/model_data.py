@@ -70,7 +70,7 @@ class PromptCreated(BaseModel):
     tokens: list[str]
     edit_id: int | None = None
     next_tokens: list[NextToken] | None = Field(
-        None, description="with edit: the target's top-5 next tokens after the prompt")
+        None, description="the target's top-5 next tokens after the prompt")
     next_tokens_edited: list[NextToken] | None = Field(
         None, description="with edit: the edited model's top-5 next tokens")
 
@@ -84,28 +84,28 @@ async def create_prompt(
     text: Annotated[str, Field(description="prompt text, e.g. 'mia found a ball . the ball was'")],
     edit: EditArg = None,
 ) -> PromptCreated:
-    """Store a prompt and return its id (the same text always gets the same id); other tools
-    accept prompt_id instead of text. With edit=ID, also compares the next-token predictions of
-    the target and the edited model."""
+    """Store a prompt and return its id (the same text always gets the same id) with the
+    target's top-5 next tokens; other tools accept prompt_id instead of text. With edit=ID, also
+    the edited model's top-5."""
     st = state(ctx)
     ids, pid = await resolve_prompt(st, text, None)
     out = PromptCreated(prompt_id=pid, n_tokens=len(ids), tokens=st.session.tokens(ids))
     e = await get_edit(st, edit)
-    if e is None:
-        return out
     s = st.session
 
-    def top5() -> tuple[list[NextToken], list[NextToken]]:
+    def top5() -> list[list[NextToken]]:
         x = s.ids_tensor(ids)
         with torch.no_grad():
-            rows = [torch.softmax(lg[0, -1].float(), -1)
-                    for lg in (s.cm.target(x), edited_logits(s, e, x))]
-        return tuple(  # type: ignore[return-value]
-            [NextToken(token=s.token_str(i), prob=round(v, 6))
-             for v, i in zip(*(t.tolist() for t in p.topk(5)), strict=True)] for p in rows)
+            logits = [s.cm.target(x)] + ([edited_logits(s, e, x)] if e is not None else [])
+            rows = [torch.softmax(lg[0, -1].float(), -1) for lg in logits]
+        return [[NextToken(token=s.token_str(i), prob=round(v, 6))
+                 for v, i in zip(*(t.tolist() for t in p.topk(5)), strict=True)] for p in rows]
 
-    out.edit_id = edit
-    out.next_tokens, out.next_tokens_edited = await compute(st, "create_prompt", top5)
+    tops = await compute(st, "create_prompt", top5)
+    out.next_tokens = tops[0]
+    if e is not None:
+        out.edit_id = edit
+        out.next_tokens_edited = tops[1]
     return out
 
 

@@ -57,6 +57,7 @@ def lm_topology_spec(kind: str, config: Mapping[str, Any]) -> TopologySpec:
     return TopologySpec(
         n_blocks=int(config.get("n_layer", 12)), embed="wte", unembed="lm_head",
         final_norm="ln_f", norm="rms" if rms else "layer", attn=attn, mlp=mlp,
+        n_heads=int(config.get("n_head", 12)),
         attn_norm=f"{h}.rms_1" if rms else f"{h}.ln_1",
         mlp_norm=f"{h}.rms_2" if rms else f"{h}.ln_2")
 

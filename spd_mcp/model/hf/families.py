@@ -27,7 +27,7 @@ def _gpt2(cfg: Any, model: nn.Module) -> TopologySpec:
         n_blocks=cfg.n_layer, embed="transformer.wte", unembed="lm_head",
         final_norm="transformer.ln_f", norm="layer",
         attn={"qkv": f"{h}.attn.c_attn", "o": f"{h}.attn.c_proj"},
-        mlp={"up": f"{h}.mlp.c_fc", "down": f"{h}.mlp.c_proj"},
+        mlp={"up": f"{h}.mlp.c_fc", "down": f"{h}.mlp.c_proj"}, n_heads=cfg.n_head,
         attn_norm=f"{h}.ln_1", mlp_norm=f"{h}.ln_2",
     )
 
@@ -39,6 +39,7 @@ def _llama(cfg: Any, model: nn.Module) -> TopologySpec:
         final_norm="model.norm", norm="rms",
         attn={m: f"{h}.self_attn.{m}_proj" for m in ("q", "k", "v", "o")},
         mlp={m: f"{h}.mlp.{m}_proj" for m in ("gate", "up", "down")},
+        n_heads=cfg.num_attention_heads,
         attn_norm=f"{h}.input_layernorm", mlp_norm=f"{h}.post_attention_layernorm",
     )
 
@@ -52,6 +53,7 @@ def _neox(cfg: Any, model: nn.Module) -> TopologySpec:
         final_norm="gpt_neox.final_layer_norm", norm="layer",
         attn={"qkv": f"{h}.attention.query_key_value", "o": f"{h}.attention.dense"},
         mlp={"up": f"{h}.mlp.dense_h_to_4h", "down": f"{h}.mlp.dense_4h_to_h"},
+        n_heads=cfg.num_attention_heads, qkv_layout="heads",
         attn_norm=f"{h}.input_layernorm", mlp_norm=f"{h}.post_attention_layernorm",
     )
 
