@@ -133,11 +133,17 @@ def test_shipped_run_checksums_are_verified(tmp_path):
     from spd_mcp.model.run_io import ship_run
 
     src = decompose(parse_config({**BYO, "steps": 1}), out=tmp_path / "src")
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("sub-directories ship too (e.g. hf/)")
     dst = ship_run(src, tmp_path / "shipped")
     manifest = json.loads((dst / "manifest.json").read_text())["sha256"]
     assert set(manifest) == {"components.safetensors", "metrics.jsonl", "run.json",
-                             "target.safetensors"}
+                             "target.safetensors", "extra/notes.txt"}
     load_run(dst)  # verifies
+    (dst / "extra" / "notes.txt").write_text("tampered")
+    with pytest.raises(RunError, match=r"checksum mismatch .*extra/notes.txt"):
+        load_run(dst)
+    (dst / "extra" / "notes.txt").write_text("sub-directories ship too (e.g. hf/)")
     with open(dst / "target.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")

@@ -136,11 +136,14 @@ def verify_manifest(run_dir: Path) -> None:
 
 
 def ship_run(src: Path, dst: Path) -> Path:
-    """Copy a finished run to ``dst`` (e.g. inside the package) with a sha256 manifest."""
+    """Copy a finished run (sub-directories such as ``hf/`` included) to ``dst`` (e.g. inside
+    the package) with a sha256 manifest of every file."""
     src = resolve_run(src)
-    files = sorted(p.name for p in src.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*")
+                   if p.is_file() and p.name != MANIFEST_FILE and "__pycache__" not in p.parts)
     with publish_dir(dst) as tmp:
         for name in files:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / name, tmp / name)
         manifest = {"sha256": {n: _sha256(tmp / n) for n in files if n != DONE_FILE}}
         fsync_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
