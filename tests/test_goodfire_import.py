@@ -191,7 +191,9 @@ def test_every_mcp_tool_answers_on_an_imported_llama_simple_run(
     text.write_text("".join(" ".join(f"t{rng.randrange(3, 40)}" for _ in range(20)) + "\n"
                             for _ in range(80)))
     src = DATA / "llama-simple-mlp"
-    import_goodfire(src, tmp_path / "run", name="imported", tokenizer=word_tokenizer(tmp_path),
+    # --tokenizer may name a bare tokenizer.json
+    tok_json = word_tokenizer(tmp_path) / "tokenizer.json"
+    import_goodfire(src, tmp_path / "run", name="imported", tokenizer=tok_json,
                     target_config=src / "pretrain" / "model_config.yaml",
                     data=TextData(text=str(text), context=16))
     session = RunSession.load(str(tmp_path / "run"))
