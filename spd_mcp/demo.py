@@ -48,6 +48,8 @@ class Findings:
     regime_probs: dict[str, float] = field(default_factory=dict)
     control: list[str] = field(default_factory=list)
     control_probs: dict[str, float] = field(default_factory=dict)
+    component_probs: dict[str, float] = field(default_factory=dict)
+    """P(label) with the circuit's components (what the explanation claims) ablated everywhere."""
     top: list[dict[str, Any]] = field(default_factory=list)
     searched: list[str] = field(default_factory=list)
     search_probs: dict[str, float] = field(default_factory=dict)
@@ -178,6 +180,17 @@ async def investigate(inv: Investigator, run: str) -> Findings:
         f"({', '.join(f'`{k}`' for k in f.control)}) gives P({f.label}) "
         f"{f.control_probs['ablated']:.3f} (target {f.control_probs['target']:.3f})."))
 
+    comps = list(dict.fromkeys(_component(n) for n in f.circuit))
+    a = await inv.call("run_ablation", {"text": f.prompt, "components": comps,
+                                        "label_token": f.label})
+    f.component_probs = {k: float(v) for k, v in a["label_prob"].items()}
+    inv.say(f"ablating the circuit's {len(comps)} components at every position: P({f.label}) "
+            f"{_fmt_probs(f.component_probs)}")
+    await inv.log("The explanation's components, ablated everywhere", (
+        f"The explanation claims components, not positions: ablating "
+        f"{', '.join(f'`{k}`' for k in comps)} at every position gives P({f.label}) "
+        f"{_fmt_probs(f.component_probs)}."))
+
     await _components(inv, f, natural)
     await _conclude(inv, f)
     return f
@@ -227,6 +240,7 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
     drop = 1 - p["ablated"] / p["target"]
     control_drop = 1 - f.control_probs["ablated"] / f.control_probs["target"]
     search_drop = 1 - f.search_probs["ablated"] / f.search_probs["target"]
+    comp_drop = 1 - f.component_probs["ablated"] / f.component_probs["target"]
     roles = []
     for n in f.circuit:
         key = _component(n)
@@ -249,6 +263,10 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
          "description": f"ablating the circuit lowers P({f.label}) from {p['target']:.3f} to "
                         f"{p['ablated']:.3f} ({drop:.0%}); a random same-size control: "
                         f"{control_drop:.0%}"},
+        {"type": "ablation", "value": comp_drop,
+         "description": f"ablating the circuit's components at every position lowers "
+                        f"P({f.label}) from {f.component_probs['target']:.3f} to "
+                        f"{f.component_probs['ablated']:.3f} ({comp_drop:.0%})"},
         {"type": "ablation", "value": search_drop,
          "description": f"ablating the {len(f.searched)} components found by output token "
                         f"lowers P({f.label}) by {search_drop:.0%}"},
@@ -256,7 +274,8 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
          "description": "; ".join(f"{t['key']} fires on {', '.join(t['inputs'][:3])}"
                                   for t in f.top) or "no harvest statistics"},
     ]
-    confidence = 0.8 if p["ci"] >= 0.5 and drop >= 0.5 and control_drop < 0.2 else 0.5
+    necessary = max(drop, comp_drop) >= 0.5
+    confidence = 0.8 if p["ci"] >= 0.5 and necessary and control_drop < 0.2 else 0.5
     await inv.call("save_explanation", {
         "behaviour": f"predicting the pronoun '{f.label}' after '{f.prompt.split()[-1]}' (pronoun "
                      "agreement with the most recently named character)",
@@ -269,9 +288,12 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
     await inv.call("set_investigation_summary", {
         "title": f"Pronoun '{f.label}' circuit in tales",
         "summary": (f"A {len(f.circuit)}-node circuit (of {f.n_alive} alive) predicts "
-                    f"'{f.label}' alone (P {p['ci']:.3f}) and is necessary (ablated "
-                    f"{p['ablated']:.3f} vs target {p['target']:.3f}; random control "
-                    f"{f.control_probs['ablated']:.3f}). See [[artifact:{f.artifact_id}]]."),
+                    f"'{f.label}' alone (P {p['ci']:.3f}). Ablating its nodes gives "
+                    f"{p['ablated']:.3f}, its components at every position "
+                    f"{f.component_probs['ablated']:.3f} (target {p['target']:.3f}; random "
+                    f"control {f.control_probs['ablated']:.3f}): "
+                    f"{'necessary' if necessary else 'not necessary: the model has other routes'}"
+                    f". See [[artifact:{f.artifact_id}]]."),
         "status": status})
     inv.say(f"explanation saved (confidence {confidence}); summary status {status}")
 
@@ -293,6 +315,9 @@ def _report(console: Console, f: Findings, task_path: Path, elapsed: float) -> N
         t.add_row(reg, f"{f.regime_probs.get(reg, float('nan')):.3f}",
                   "" if ctrl is None else f"{ctrl:.3f}")
     console.print(t)
+    cp = f.component_probs
+    console.print(f"[bold]Explanation's components ablated everywhere:[/bold] P({f.label}) "
+                  f"{cp.get('target', float('nan')):.3f} → {cp.get('ablated', float('nan')):.3f}")
     ct = Table("component", "natural CI", "density", "top input tokens", "top output tokens",
                title="strongest circuit components")
     for row in f.top:
