@@ -62,12 +62,12 @@ class DatasetIndex:
     ) -> DatasetSearchResult:
         if not query.split():
             raise AnalysisError("query is empty; give one or more words")
-        found = [self._find(q) for q in session.phrase_ids(query)]
+        phrases = session.phrase_ids(query)
+        found = [self._find(q) for q in phrases]
         starts = np.concatenate([f[0] for f in found])
         doc_of = np.concatenate([f[1] for f in found])
         length = np.concatenate([np.full(len(f[0]), n) for f, n in
-                                 zip(found, [len(q) for q in session.phrase_ids(query)],
-                                     strict=True)])
+                                 zip(found, [len(q) for q in phrases], strict=True)])
         order = np.argsort(starts, kind="stable")
         starts, doc_of, length = starts[order], doc_of[order], length[order]
         total = len(starts)

@@ -101,6 +101,18 @@ def hf_topology(model: nn.Module, spec: TopologySpec) -> Topology:
     return Topology.from_spec(spec, d_model=d_model, max_len=max_len)
 
 
+def save_pretrained_dir(model: nn.Module, state: dict[str, Tensor], tokenizer: HFTokenizer,
+                        out: Path) -> None:
+    """``model`` with weights ``state`` and its tokenizer as a directory that
+    ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load."""
+    from spd_mcp.model.weights import load_state_strict
+
+    load_state_strict(model, state, source="edited weights")
+    model.config.use_cache = True  # type: ignore[attr-defined]
+    model.save_pretrained(str(out))  # type: ignore[attr-defined]
+    tokenizer.save(out)
+
+
 class HFText:
     """The :class:`~spd_mcp.model.text_target.TextTarget` of a Hugging Face target."""
 
@@ -188,15 +200,9 @@ class HFAdapter(TargetAdapter):
     def save_native(self, state: dict[str, Tensor], out: Path) -> bool:
         """``save_pretrained`` files (config, weights) and the tokenizer: a directory that
         ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load."""
-        from spd_mcp.model.weights import load_state_strict
-
         directory = self.source or check_local_dir(self.spec.huggingface)
-        model = load_model(directory, weights=state)
-        load_state_strict(model, state, source="edited weights")
-        model.config.use_cache = True  # type: ignore[attr-defined]
-        model.save_pretrained(str(out))  # type: ignore[attr-defined]
         assert self._tokenizer is not None, "build() first"
-        self._tokenizer.save(out)
+        save_pretrained_dir(load_model(directory, weights=state), state, self._tokenizer, out)
         return True
 
     # ----------------------------------------------------------------------------------- data

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from spd_mcp.model.components import is_conv1d
-from spd_mcp.model.hf.adapter import RUN_SUBDIR, as_logits_model
+from spd_mcp.model.hf.adapter import RUN_SUBDIR, as_logits_model, save_pretrained_dir
 from spd_mcp.model.hf.tokenizer import HFTokenizer
 from spd_mcp.model.zoo.base import Progress
 from spd_mcp.model.zoo.tales.entry import TalesEntry
@@ -137,13 +137,7 @@ class TalesHFEntry(TalesEntry):
             raise ValueError(f"{run_dir}: the saved tokenizer is not this grammar's")
 
     def save_native(self, state: dict[str, Tensor], out: Path) -> bool:
-        from spd_mcp.model.weights import load_state_strict
-
-        model = self.build_model()
-        load_state_strict(model, state, source="edited weights")
-        model.config.use_cache = True  # type: ignore[attr-defined]
-        model.save_pretrained(str(out))  # type: ignore[attr-defined]
-        self.hf_tokenizer.save(out)
+        save_pretrained_dir(self.build_model(), state, self.hf_tokenizer, out)
         return True
 
     def default_config(self) -> dict[str, Any]:
