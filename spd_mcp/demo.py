@@ -1,7 +1,8 @@
 """``spd-mcp demo``: a built-in, LLM-free scripted investigator driving the MCP server over stdio.
 
 It answers a planted-behaviour question on ``tales`` the way an agent would (circuit, interventions
-under four regimes, a random control, component knowledge, an output-token search and ablation),
+under four regimes, a random control, a greedy necessity sweep, component knowledge, an
+output-token search and the explanation's ablation),
 writes the research log, a graph artifact, an explanation and a summary into a task directory, and
 prints a report.
 """
@@ -30,6 +31,9 @@ QUESTION = ("How does the model know which pronoun (he/she) to use after a conne
             "(', and then', ', so', 'because')?")
 REGIMES = ("ci", "stochastic", "adversarial", "ablated")
 N_TOP = 3
+GREEDY_STEPS = 24
+STOP_PROB = 0.001
+N_CONTROLS = 10
 
 
 class DemoError(OperationError):
@@ -49,7 +53,14 @@ class Findings:
     control: list[str] = field(default_factory=list)
     control_probs: dict[str, float] = field(default_factory=dict)
     component_probs: dict[str, float] = field(default_factory=dict)
-    """P(label) with the circuit's components (what the explanation claims) ablated everywhere."""
+    """P(label) with the circuit's components ablated everywhere."""
+    necessary: list[str] = field(default_factory=list)
+    """The greedy necessary set from sweep_ablation."""
+    necessary_probs: dict[str, float] = field(default_factory=dict)
+    """target / greedy set ablated / random same-size sets (mean) P(label)."""
+    explanation: list[str] = field(default_factory=list)
+    explanation_probs: dict[str, float] = field(default_factory=dict)
+    """P(label) with the explanation's components ablated everywhere (what a grader checks)."""
     top: list[dict[str, Any]] = field(default_factory=list)
     searched: list[str] = field(default_factory=list)
     search_probs: dict[str, float] = field(default_factory=dict)
@@ -186,14 +197,60 @@ async def investigate(inv: Investigator, run: str) -> Findings:
     f.component_probs = {k: float(v) for k, v in a["label_prob"].items()}
     inv.say(f"ablating the circuit's {len(comps)} components at every position: P({f.label}) "
             f"{_fmt_probs(f.component_probs)}")
-    await inv.log("The explanation's components, ablated everywhere", (
-        f"The explanation claims components, not positions: ablating "
+    await inv.log("The circuit's components, ablated everywhere", (
+        f"A circuit names components at positions; ablating its components "
         f"{', '.join(f'`{k}`' for k in comps)} at every position gives P({f.label}) "
         f"{_fmt_probs(f.component_probs)}."))
 
+    await _necessity(inv, f)
     await _components(inv, f, natural)
+    await _explanation_ablation(inv, f)
     await _conclude(inv, f)
     return f
+
+
+async def _necessity(inv: Investigator, f: Findings) -> None:
+    """Grow the smallest set of components whose ablation removes the label (sweep_ablation)."""
+    other = {"he": "she", "she": "he"}.get(f.label)
+    inv.say("sweeping one-at-a-time ablations of every alive component; growing a necessary set")
+    args: dict[str, Any] = {"text": f.prompt, "label_token": f.label, "greedy_steps": GREEDY_STEPS,
+                            "stop_prob": STOP_PROB, "random_controls": N_CONTROLS, "top": 10}
+    if other:
+        args["contrast_token"] = other
+    r = await inv.call("sweep_ablation", args)
+    f.necessary = list(r["necessary_set"])
+    ctrl = r["control"] or {}
+    final = r["greedy"][-1]["ablated"] if r["greedy"] else r["target"]
+    f.necessary_probs = {"target": float(r["target"]["prob"]), "ablated": float(final["prob"]),
+                         "control": float(ctrl.get("prob_mean", float("nan")))}
+    inv.say(f"necessary set: {len(f.necessary)} components; P({f.label}) "
+            f"{f.necessary_probs['target']:.3f} → {f.necessary_probs['ablated']:.4f} "
+            f"(random same-size sets: {f.necessary_probs['control']:.3f})")
+    steps = "\n".join(f"{i}. `{g['added']}` → P({f.label}) {g['ablated']['prob']:.4f}"
+                      + (f", logit diff vs {other} {g['ablated']['logit_diff']:.2f}"
+                         if other else "")
+                      for i, g in enumerate(r["greedy"], start=1))
+    await inv.log("Necessity: a greedy ablation set", (
+        f"`sweep_ablation` ablated each of {r['n_candidates']} alive components everywhere, one "
+        f"at a time, then grew a set greedily until P({f.label}) fell to "
+        f"{STOP_PROB} × target ({'reached' if r['reached'] else 'not reached'}):\n\n{steps}\n\n"
+        f"{N_CONTROLS} random alive sets of the same size per layer: mean P({f.label}) "
+        f"{f.necessary_probs['control']:.3f} (min {ctrl.get('prob_min', float('nan')):.3f})."))
+
+
+async def _explanation_ablation(inv: Investigator, f: Findings) -> None:
+    """The explanation names the necessary set and the strongest circuit components; ablate them
+    together at every position, as a grader would."""
+    f.explanation = list(dict.fromkeys([*f.necessary, *(t["key"] for t in f.top)]))
+    a = await inv.call("run_ablation", {"text": f.prompt, "components": f.explanation,
+                                        "label_token": f.label})
+    f.explanation_probs = {k: float(v) for k, v in a["label_prob"].items()}
+    inv.say(f"ablating the explanation's {len(f.explanation)} components everywhere: "
+            f"P({f.label}) {_fmt_probs(f.explanation_probs)}")
+    await inv.log("The explanation's components, ablated everywhere", (
+        f"The explanation names {', '.join(f'`{k}`' for k in f.explanation)} (the necessary set "
+        f"and the strongest circuit components). Ablating them at every position gives "
+        f"P({f.label}) {_fmt_probs(f.explanation_probs)}."))
 
 
 async def _components(inv: Investigator, f: Findings,
@@ -241,17 +298,25 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
     control_drop = 1 - f.control_probs["ablated"] / f.control_probs["target"]
     search_drop = 1 - f.search_probs["ablated"] / f.search_probs["target"]
     comp_drop = 1 - f.component_probs["ablated"] / f.component_probs["target"]
+    nec = f.necessary_probs
+    nec_drop = 1 - nec["ablated"] / nec["target"]
+    nec_control_drop = 1 - nec["control"] / nec["target"]
+    exp_drop = 1 - f.explanation_probs["ablated"] / f.explanation_probs["target"]
+    circuit_comps = {_component(n) for n in f.circuit}
     roles = []
-    for n in f.circuit:
-        key = _component(n)
+    for key in f.explanation:
         top = next((t for t in f.top if t["key"] == key), None)
-        role = (f"strong circuit component at the pronoun position; predicts "
-                f"{', '.join(top['outputs'][:3]) or 'no clear token'}" if top
-                else f"member of the sparse circuit for '{f.label}' at the pronoun position")
+        parts = []
+        if key in f.necessary:
+            parts.append(f"in the greedy necessary set (step {f.necessary.index(key) + 1})")
+        if top:
+            parts.append(f"strong circuit component at the pronoun position; predicts "
+                         f"{', '.join(top['outputs'][:3]) or 'no clear token'}")
+        elif key in circuit_comps:
+            parts.append(f"member of the sparse circuit for '{f.label}'")
         if key in f.searched:
-            role += f"; also ranked by search_components(output_token='{f.label}')"
-        roles.append({"key": key, "role": role})
-    roles = list({r["key"]: r for r in roles}.values())
+            parts.append(f"ranked by search_components(output_token='{f.label}')")
+        roles.append({"key": key, "role": "; ".join(parts)})
     evidence = [
         {"type": "graph", "value": len(f.circuit), "artifact_id": f.artifact_id,
          "description": f"optimize_graph keeps {len(f.circuit)} of {f.n_alive} alive nodes with "
@@ -260,13 +325,22 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
          "description": f"circuit alone (CI regime) gives P({f.label}) {p['ci']:.3f}; "
                         f"stochastic {p['stochastic']:.3f}, adversarial {p['adversarial']:.3f}"},
         {"type": "intervention", "value": drop,
-         "description": f"ablating the circuit lowers P({f.label}) from {p['target']:.3f} to "
-                        f"{p['ablated']:.3f} ({drop:.0%}); a random same-size control: "
-                        f"{control_drop:.0%}"},
+         "description": f"ablating the circuit's nodes lowers P({f.label}) from "
+                        f"{p['target']:.3f} to {p['ablated']:.3f} ({drop:.0%}); a random "
+                        f"same-size control: {control_drop:.0%}"},
         {"type": "ablation", "value": comp_drop,
          "description": f"ablating the circuit's components at every position lowers "
                         f"P({f.label}) from {f.component_probs['target']:.3f} to "
                         f"{f.component_probs['ablated']:.3f} ({comp_drop:.0%})"},
+        {"type": "ablation", "value": nec_drop,
+         "description": f"sweep_ablation's greedy set of {len(f.necessary)} components lowers "
+                        f"P({f.label}) from {nec['target']:.3f} to {nec['ablated']:.4f}; "
+                        f"{N_CONTROLS} random same-size alive sets: {nec_control_drop:.1%}"},
+        {"type": "ablation", "value": exp_drop,
+         "description": f"ablating this explanation's {len(f.explanation)} components at every "
+                        f"position lowers P({f.label}) from "
+                        f"{f.explanation_probs['target']:.3f} to "
+                        f"{f.explanation_probs['ablated']:.4f}"},
         {"type": "ablation", "value": search_drop,
          "description": f"ablating the {len(f.searched)} components found by output token "
                         f"lowers P({f.label}) by {search_drop:.0%}"},
@@ -274,24 +348,29 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
          "description": "; ".join(f"{t['key']} fires on {', '.join(t['inputs'][:3])}"
                                   for t in f.top) or "no harvest statistics"},
     ]
-    necessary = max(drop, comp_drop) >= 0.5
-    confidence = 0.8 if p["ci"] >= 0.5 and necessary and control_drop < 0.2 else 0.5
+    necessary = exp_drop >= 0.5
+    confidence = (0.8 if p["ci"] >= 0.5 and necessary and nec_control_drop < 0.2
+                  and control_drop < 0.2 else 0.5)
     await inv.call("save_explanation", {
         "behaviour": f"predicting the pronoun '{f.label}' after '{f.prompt.split()[-1]}' (pronoun "
                      "agreement with the most recently named character)",
         "components": roles, "evidence": evidence, "confidence": confidence,
         "alternatives": ["the gender could be carried by earlier-position components that the "
                          "single-prediction circuit does not separate"],
-        "limitations": ["one probe; the circuit is optimised for a single prediction",
+        "limitations": ["one probe; the circuit and the necessary set are found on one prompt",
+                        "necessity is shown; specificity to this behaviour is not tested",
                         "scripted investigator: roles are summarised from statistics"]})
     status = "completed"
     await inv.call("set_investigation_summary", {
-        "title": f"Pronoun '{f.label}' circuit in tales",
+        "title": f"Pronoun '{f.label}' circuit",
         "summary": (f"A {len(f.circuit)}-node circuit (of {f.n_alive} alive) predicts "
-                    f"'{f.label}' alone (P {p['ci']:.3f}). Ablating its nodes gives "
-                    f"{p['ablated']:.3f}, its components at every position "
-                    f"{f.component_probs['ablated']:.3f} (target {p['target']:.3f}; random "
-                    f"control {f.control_probs['ablated']:.3f}): "
+                    f"'{f.label}' alone (P {p['ci']:.3f}); ablating its nodes gives "
+                    f"{p['ablated']:.3f} (target {p['target']:.3f}; random control "
+                    f"{f.control_probs['ablated']:.3f}). A greedy ablation sweep finds "
+                    f"{len(f.necessary)} components whose ablation gives {nec['ablated']:.4f} "
+                    f"(random same-size sets {nec['control']:.3f}). The explanation's "
+                    f"{len(f.explanation)} components ablated everywhere: "
+                    f"{f.explanation_probs['ablated']:.4f}: "
                     f"{'necessary' if necessary else 'not necessary: the model has other routes'}"
                     f". See [[artifact:{f.artifact_id}]]."),
         "status": status})
@@ -315,9 +394,17 @@ def _report(console: Console, f: Findings, task_path: Path, elapsed: float) -> N
         t.add_row(reg, f"{f.regime_probs.get(reg, float('nan')):.3f}",
                   "" if ctrl is None else f"{ctrl:.3f}")
     console.print(t)
-    cp = f.component_probs
-    console.print(f"[bold]Explanation's components ablated everywhere:[/bold] P({f.label}) "
-                  f"{cp.get('target', float('nan')):.3f} → {cp.get('ablated', float('nan')):.3f}")
+    cp, nec, ep = f.component_probs, f.necessary_probs, f.explanation_probs
+    nan = float("nan")
+    console.print(f"[bold]Circuit's components ablated everywhere:[/bold] P({f.label}) "
+                  f"{cp.get('target', nan):.3f} → {cp.get('ablated', nan):.3f}")
+    console.print(f"[bold]Necessary set[/bold] ({len(f.necessary)} components, greedy "
+                  f"sweep_ablation): P({f.label}) {nec.get('target', nan):.3f} → "
+                  f"{nec.get('ablated', nan):.4f}; random same-size sets "
+                  f"{nec.get('control', nan):.3f}")
+    console.print(f"[bold]Explanation's {len(f.explanation)} components ablated everywhere:"
+                  f"[/bold] P({f.label}) {ep.get('target', nan):.3f} → "
+                  f"{ep.get('ablated', nan):.4f}")
     ct = Table("component", "natural CI", "density", "top input tokens", "top output tokens",
                title="strongest circuit components")
     for row in f.top:

@@ -26,6 +26,7 @@ from spd_mcp.paths import package_version
 from spd_mcp.service.executor import ComputeExecutor
 from spd_mcp.service.state import AppState, open_state
 from spd_mcp.tools import (
+    attention,
     attributions,
     components,
     editing,
@@ -33,6 +34,7 @@ from spd_mcp.tools import (
     interventions,
     knowledge,
     model_data,
+    patching,
 )
 from spd_mcp.tools import investigation as investigation_tools
 
@@ -90,7 +92,8 @@ def build_server(
 
     tools = [*model_data.tools(), *components.tools(), *knowledge.tools(),
              *attributions.tools(), *graphs.tools(), *interventions.tools(),
-             *editing.tools(), *investigation_tools.tools(inv)]
+             *attention.tools(), *patching.tools(), *editing.tools(),
+             *investigation_tools.tools(inv)]
     server = MCPServer("spd", instructions=INSTRUCTIONS, lifespan=lifespan, tools=tools,
                        version=package_version())
     investigation_tools.register(server, inv)

@@ -60,6 +60,8 @@ def every_tool(s: RunSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *
         ("get_graph", {"graph_id": "$graph", "top_k": 5}),
         ("run_intervention", {"text": prompt, "nodes": [node]}),
         ("run_ablation", {"text": prompt, "components": [comp]}),
+        ("sweep_ablation", {"text": prompt, "label_token": token, "greedy_steps": 2,
+                            "random_controls": 2}),
         ("get_component_info", {"component": comp}),
         ("get_component_activation_examples", {"component": comp, "limit": 3}),
         ("search_components", {"output_token": token, "rank_by": "pmi", "limit": 3}),

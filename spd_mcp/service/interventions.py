@@ -1,5 +1,5 @@
 """Interventions on a prompt, stored get-or-create: a node set under the ci / stochastic /
-adversarial / ablated regimes, and ablations of whole components."""
+adversarial / ablated regimes, ablations of whole components, and ablation sweeps."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from spd_mcp.analysis.intervene import REGIMES, InterventionResult, Regime, run_intervention
+from spd_mcp.analysis.sweep import AblationSweep, ablation_sweep
 from spd_mcp.errors import InputError
 from spd_mcp.keys import NodeKey
 
@@ -86,3 +87,48 @@ async def ablation(
                       loss="kl", label_token=label,
                       label_position=T - 1 if label is not None else None,
                       positions=show, top_k=top_k)
+
+
+class StoredSweep(AblationSweep):
+    run_id: int
+    cached: bool
+    validity_note: str | None = Field(
+        None, description="a caution when the decomposition fails its validity checks")
+
+
+async def sweep(
+    st: AppState, *, text: str | None, prompt_id: int | None, label_token: str,
+    contrast_token: str | None = None, label_position: int | None = None,
+    candidates: Sequence[str] | None = None, base: Sequence[str] = (), top: int = 20,
+    greedy_steps: int = 0, stop_prob: float = 0.01, random_controls: int = 0, seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> StoredSweep:
+    """One-at-a-time ablation sweep with an optional greedy necessary set (stored
+    get-or-create)."""
+    s = st.session
+    ids, pid = await resolve_prompt(st, text, prompt_id)
+    T = len(ids)
+    label = s.token_id(label_token)
+    contrast = label_id(st, contrast_token)
+    if contrast is not None and contrast == label:
+        raise InputError("contrast_token equals label_token; give a different token")
+    lpos = check_position(label_position, T, "label_position")
+    cands = s.keys.components(list(candidates)) if candidates is not None else None
+    if cands is not None and not cands:
+        raise InputError("candidates is empty; omit it to sweep every alive component")
+    base_keys = s.keys.components(list(base))
+    key = {"prompt_id": pid, "label": label, "contrast": contrast, "label_position": lpos,
+           "candidates": sorted(candidates) if candidates is not None else None,
+           "base": sorted(base), "top": top, "greedy_steps": greedy_steps,
+           "stop_prob": stop_prob, "random_controls": random_controls, "seed": seed}
+    layers = {c.layer for c in (cands or [])} | {c.layer for c in base_keys}
+    note = await validity_note(st, layers)
+    found = await st.store.find_result("ablation_sweep", key)
+    if found is not None:
+        return StoredSweep(**found[1], run_id=found[0], cached=True, validity_note=note)
+    res = await compute(st, "ablation_sweep", lambda: ablation_sweep(
+        s, ids, label, label_position=lpos, contrast=contrast, candidates=cands,
+        base=base_keys, top=top, greedy_steps=greedy_steps, stop_prob=stop_prob,
+        random_controls=random_controls, seed=seed, progress=progress))
+    rid = await st.store.put_result("ablation_sweep", key, res.model_dump(), None, pid)
+    return StoredSweep(**res.model_dump(), run_id=rid, cached=False, validity_note=note)

@@ -1,4 +1,5 @@
-"""Intervention tools: run_intervention (ci / stochastic / adversarial / ablated), run_ablation."""
+"""Intervention tools: run_intervention (ci / stochastic / adversarial / ablated), run_ablation,
+sweep_ablation (one-at-a-time effects and a greedy necessary set)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools.base import Tool
 from pydantic import Field
 
-from spd_mcp.service.interventions import StoredIntervention, ablation, intervention
+from spd_mcp.service.interventions import (
+    StoredIntervention,
+    StoredSweep,
+    ablation,
+    intervention,
+    sweep,
+)
 
 from .common import STORES, Progress, PromptIdArg, TextArg, state, strict_tool
 
@@ -76,8 +83,48 @@ async def run_ablation(
                           progress=Progress(ctx, "ablation"))
 
 
+async def sweep_ablation(
+    ctx: Context,
+    label_token: Annotated[str, Field(description="token whose probability the sweep lowers")],
+    text: TextArg = None,
+    prompt_id: PromptIdArg = None,
+    contrast_token: Annotated[str | None, Field(
+        description="also report logit(label) - logit(contrast)")] = None,
+    label_position: Annotated[int | None, Field(description="label position; default last")
+                              ] = None,
+    candidates: Annotated[list[str] | None, Field(
+        max_length=MAX_NODES, description="component keys 'LAYER:C' to try; default every "
+        "component alive on the prompt")] = None,
+    base: Annotated[list[str], Field(
+        max_length=512, description="components ablated in every row (sweep on top of them)")
+    ] = [],  # noqa: B006 (pydantic copies defaults)
+    top: Annotated[int, Field(ge=1, le=200, description="ranked entries to return")] = 20,
+    greedy_steps: Annotated[int, Field(
+        ge=0, le=64, description="grow a necessary set: re-sweep and add the strongest "
+        "component, up to this many times")] = 0,
+    stop_prob: Annotated[float, Field(
+        gt=0, lt=1, description="stop the greedy set once P(label) <= stop_prob x target")
+    ] = 0.01,
+    random_controls: Annotated[int, Field(
+        ge=0, le=100, description="random same-size alive sets (per layer) to ablate against "
+        "the greedy set")] = 0,
+    seed: int = 0,
+) -> StoredSweep:
+    """Necessity: ablate each candidate component everywhere, one at a time (batched), and rank
+    them by how much they lower P(label_token); with greedy_steps, grow the smallest set found
+    whose ablation removes the behaviour, checked against random same-size controls.
+    Example: sweep_ablation(text="...", label_token="she", contrast_token="he", greedy_steps=16,
+    random_controls=10)."""
+    return await sweep(
+        state(ctx), text=text, prompt_id=prompt_id, label_token=label_token,
+        contrast_token=contrast_token, label_position=label_position, candidates=candidates,
+        base=base, top=top, greedy_steps=greedy_steps, stop_prob=stop_prob,
+        random_controls=random_controls, seed=seed, progress=Progress(ctx, "ablation sweep"))
+
+
 def tools() -> list[Tool]:
     return [
         strict_tool(run_intervention_tool, STORES, "Run an intervention"),
         strict_tool(run_ablation, STORES, "Ablate components"),
+        strict_tool(sweep_ablation, STORES, "Sweep ablations for necessity"),
     ]
