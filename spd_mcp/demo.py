@@ -31,8 +31,8 @@ QUESTION = ("How does the model know which pronoun (he/she) to use after a conne
             "(', and then', ', so', 'because')?")
 REGIMES = ("ci", "stochastic", "adversarial", "ablated")
 N_TOP = 3
-GREEDY_STEPS = 24
-STOP_PROB = 0.001
+GREEDY_STEPS = 32
+STOP_PROB = 1e-4
 N_CONTROLS = 10
 
 
