@@ -5,6 +5,11 @@
 - component: ``"{layer}:{c}"`` (``0.mlp.up:17``);
 - node (a component at a position): ``"{layer}:{pos}:{c}"``; ``embed:{pos}:0``;
   ``output:{pos}:{token_id}``.
+- node-set patterns, where a tool takes a list: ``*`` for any part (``1.attn.v:17:*``,
+  ``*:17:*``, ``1.mlp.up:*:5``; ``LAYER:*`` is every node of a layer), an ``@alive`` suffix keeping
+  only nodes with natural CI > 0 on the prompt, and ``alive`` alone for every alive node;
+  component patterns ``LAYER:*``, ``*:*`` and ``alive`` (alive at some position). Expansions are
+  capped; the error says by how much a pattern overflows.
 
 Errors name the key, say what is wrong and list what is valid.
 """
@@ -16,6 +21,9 @@ from dataclasses import dataclass
 
 from spd_mcp.errors import InputError
 
+WILD = "*"
+ALIVE = "alive"
+ALIVE_SUFFIX = "@alive"
 EMBED = "embed"
 OUTPUT = "output"
 SPECIAL_LAYERS = (EMBED, OUTPUT)
@@ -135,7 +143,132 @@ def _int(part: str, what: str, key: str) -> int:
     return value
 
 
-class KeySpace:
+def _alive_split(key: str) -> tuple[str, bool]:
+    """(pattern without ``@alive``, whether alive-only); ``alive`` alone is every alive key."""
+    if key == ALIVE:
+        return WILD, True
+    if key.endswith(ALIVE_SUFFIX):
+        return key[: -len(ALIVE_SUFFIX)], True
+    return key, False
+
+
+def is_pattern(key: str) -> bool:
+    """Whether a node or component key is a pattern (wildcard or alive filter)."""
+    return isinstance(key, str) and (WILD in key or _alive_split(key)[1])
+
+
+def needs_alive(keys: Sequence[str]) -> bool:
+    """Whether expanding ``keys`` needs the prompt's alive set."""
+    return any(isinstance(k, str) and _alive_split(k)[1] for k in keys)
+
+
+class PatternKeys:
+    """Expansion of node and component patterns over a :class:`KeySpace` (mixed in)."""
+
+    Cs: dict[str, int]
+
+    def _layers_of(self, part: str, key: str) -> list[str]:
+        if part == WILD:
+            return list(self.Cs)
+        self.layer_checked(part, key)  # type: ignore[attr-defined]
+        return [part]
+
+    def _range(self, part: str, n: int, what: str, key: str) -> list[int]:
+        if part == WILD:
+            return list(range(n))
+        v = _int(part, what, key)
+        if v >= n:
+            raise BadKeyError(f"{key!r}: {what} {v} out of range (0..{n - 1})")
+        return [v]
+
+    def expand_nodes(
+        self, keys: Sequence[str], n_pos: int, *,
+        alive: Mapping[str, Sequence[tuple[int, int]]] | None = None, cap: int = 4096,
+        allow_special: bool = False,
+    ) -> tuple[list[NodeKey], dict[str, int]]:
+        """Nodes of ``keys`` (patterns expanded, order kept, duplicates dropped) and the count
+        each pattern expanded to. ``alive``: layer → (pos, c) pairs alive on the prompt."""
+        out: dict[NodeKey, None] = {}
+        counts: dict[str, int] = {}
+        for key in keys:
+            if not is_pattern(key):
+                out[self.node(key, n_pos, allow_special=allow_special)] = None  # type: ignore[attr-defined]
+                continue
+            pat, alive_only = _alive_split(key)
+            parts = pat.split(":")
+            if pat == WILD:
+                parts = [WILD, WILD, WILD]
+            elif len(parts) == 2 and parts[1] == WILD:
+                parts = [parts[0], WILD, WILD]
+            if len(parts) != 3:
+                raise BadKeyError(
+                    f"node pattern {key!r} must look like 'LAYER:POS:C' with '*' for any part "
+                    f"(e.g. '{next(iter(self.Cs), 'layer')}:3:*', '*:3:*'), 'LAYER:*', "
+                    "optionally ending '@alive', or 'alive'")
+            layers = self._layers_of(parts[0], key)
+            positions = self._range(parts[1], n_pos, "position", key)
+            found: list[NodeKey] = []
+            if alive_only:
+                assert alive is not None, "the caller supplies the alive set for '@alive'"
+                pos_ok = set(positions)
+                for layer in layers:
+                    cs = None if parts[2] == WILD else set(self._range(parts[2], self.Cs[layer],
+                                                                       "index", key))
+                    found += [NodeKey(layer, p, c) for p, c in alive.get(layer, ())
+                              if p in pos_ok and (cs is None or c in cs)]
+            else:
+                total = sum(len(positions) * (self.Cs[la] if parts[2] == WILD else 1)
+                            for la in layers)
+                if total > cap:
+                    raise BadKeyError(
+                        f"{key!r} expands to {total} nodes; at most {cap} per call: narrow it or "
+                        "add '@alive' to keep only nodes alive on the prompt")
+                for layer in layers:
+                    cs = self._range(parts[2], self.Cs[layer], "index", key)
+                    found += [NodeKey(layer, p, c) for p in positions for c in cs]
+            counts[key] = len(found)
+            out.update(dict.fromkeys(found))
+            if len(out) > cap:
+                raise BadKeyError(f"the node list expands to more than {cap} nodes (at "
+                                  f"{key!r}); narrow the patterns or add '@alive'")
+        return list(out), counts
+
+    def expand_components(
+        self, keys: Sequence[str], *, alive: Mapping[str, Sequence[int]] | None = None,
+        cap: int = 4096,
+    ) -> tuple[list[ComponentKey], dict[str, int]]:
+        """Components of ``keys`` (``LAYER:*``, ``*:*``, ``@alive`` / ``alive`` expanded) and
+        the count each pattern expanded to. ``alive``: layer → components alive on the prompt."""
+        out: dict[ComponentKey, None] = {}
+        counts: dict[str, int] = {}
+        for key in keys:
+            if not is_pattern(key):
+                out[self.component(key)] = None  # type: ignore[attr-defined]
+                continue
+            pat, alive_only = _alive_split(key)
+            parts = [WILD, WILD] if pat == WILD else pat.split(":")
+            if len(parts) != 2:
+                raise BadKeyError(
+                    f"component pattern {key!r} must look like 'LAYER:*', '*:*' or 'LAYER:C', "
+                    "optionally ending '@alive', or 'alive'")
+            found: list[ComponentKey] = []
+            for layer in self._layers_of(parts[0], key):
+                cs = self._range(parts[1], self.Cs[layer], "component index", key)
+                if alive_only:
+                    assert alive is not None, "the caller supplies the alive set for '@alive'"
+                    ok = set(alive.get(layer, ()))
+                    cs = [c for c in cs if c in ok]
+                found += [ComponentKey(layer, c) for c in cs]
+            counts[key] = len(found)
+            out.update(dict.fromkeys(found))
+            if len(out) > cap:
+                raise BadKeyError(f"the component list expands to {len(out)} components (at "
+                                  f"{key!r}); at most {cap}: narrow the patterns or add "
+                                  "'@alive'")
+        return list(out), counts
+
+
+class KeySpace(PatternKeys):
     """The keys valid for one run: decomposed layers (canonical name → C), vocabulary size."""
 
     def __init__(self, layers: Mapping[str, int], vocab_size: int | None = None) -> None:
@@ -217,3 +350,4 @@ class KeySpace:
         self, keys: Sequence[str], n_pos: int, *, allow_special: bool = True
     ) -> list[NodeKey]:
         return [self.node(k, n_pos, allow_special=allow_special) for k in keys]
+

@@ -43,6 +43,7 @@ def every_tool(s: RunSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *
     compute_attributions(s, AttributionConfig(n_tokens=600, batch_size=8))
     layer, c = comp.rsplit(":", 1)
     node = f"{layer}:2:{c}"
+    w = prompt.split()  # two words swapped: the same token count
     calls: list[tuple[str, dict[str, Any]]] = [
         ("ping", {}),
         ("get_model_info", {}),
@@ -62,6 +63,11 @@ def every_tool(s: RunSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *
         ("run_ablation", {"text": prompt, "components": [comp]}),
         ("sweep_ablation", {"text": prompt, "label_token": token, "greedy_steps": 2,
                             "random_controls": 2}),
+        ("get_attention", {"text": prompt, "split": {"layer": 1, "head": 0, "key_position": 2}}),
+        ("run_patching", {"clean": prompt, "corrupt": " ".join([w[0], w[2], w[1], *w[3:]]),
+                          "label_token": token, "nodes": [node],
+                          "layers_at_positions": [{"layer": layer, "positions": [-1]}],
+                          "sweep": "layers", "top": 5}),
         ("get_component_info", {"component": comp}),
         ("get_component_activation_examples", {"component": comp, "limit": 3}),
         ("search_components", {"output_token": token, "rank_by": "pmi", "limit": 3}),

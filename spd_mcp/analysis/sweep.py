@@ -23,6 +23,8 @@ from spd_mcp.errors import AnalysisError
 from spd_mcp.keys import ComponentKey
 from spd_mcp.model.session import RunSession
 
+from .progress import Ticker
+
 BATCH = 64
 """Ablated copies of the prompt per forward pass."""
 
@@ -135,7 +137,7 @@ def alive_components(session: RunSession, ci: dict[str, Tensor]) -> dict[Compone
     return out
 
 
-def _random_sets(chosen: Sequence[ComponentKey], alive: Sequence[ComponentKey], k: int,
+def random_component_sets(chosen: Sequence[ComponentKey], alive: Sequence[ComponentKey], k: int,
                  gen: torch.Generator) -> list[list[ComponentKey]]:
     """``k`` random sets, as many per layer as ``chosen`` has, from alive components not in it."""
     by_layer: dict[str, list[ComponentKey]] = {}
@@ -186,14 +188,8 @@ def ablation_sweep(
         raise AnalysisError("no candidate components to sweep (all are in the base set, or none "
                             "is alive on this prompt)")
     ab = _Ablator(session, ids, pos)
-    total = len(cands) + 1 + sum(len(cands) - i for i in range(greedy_steps)) + random_controls
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(min(done, total), total)
+    n_rows = len(cands) + 1 + sum(len(cands) - i for i in range(greedy_steps)) + random_controls
+    tick = Ticker(n_rows, progress)
 
     target_lp = F.log_softmax(nat.logits[pos].float(), -1)[None]
     target = _metrics(target_lp, nat.logits[pos].float()[None], label, contrast)[0]
@@ -242,7 +238,7 @@ def ablation_sweep(
             notes.append("random_controls need a greedy set (greedy_steps > 0); none drawn")
         else:
             gen = torch.Generator().manual_seed(seed)
-            sets = _random_sets(claim, list(alive), random_controls, gen)
+            sets = random_component_sets(claim, list(alive), random_controls, gen)
             lp, lg = ab.run([[*base, *s] for s in sets], tick)
             rows = _metrics(lp, lg, label, contrast)
             probs = [r.prob for r in rows]
@@ -251,8 +247,7 @@ def ablation_sweep(
                 prob_min=min(probs), prob_max=max(probs),
                 logprob_mean=round(sum(r.logprob for r in rows) / len(rows), 5),
                 sets=[[str(c) for c in s] for s in sets[:5]])
-    if progress is not None:
-        progress(total, total)
+    tick.finish()
     return AblationSweep(
         tokens=session.tokens(ids), label_token=session.token_str(label),
         contrast_token=session.token_str(contrast) if contrast is not None else None,

@@ -6,14 +6,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
-from spd_mcp.analysis.intervene import REGIMES, InterventionResult, Regime, run_intervention
-from spd_mcp.analysis.sweep import AblationSweep, ablation_sweep
+from spd_mcp.analysis.intervene import (
+    REGIMES,
+    InterventionResult,
+    Regime,
+    random_node_sets,
+    run_intervention,
+)
+from spd_mcp.analysis.sweep import AblationSweep, ablation_sweep, random_component_sets
 from spd_mcp.errors import InputError
-from spd_mcp.keys import NodeKey
+from spd_mcp.keys import ComponentKey, NodeKey
 
 from .model_info import validity_note
+from .nodesets import alive_pairs, expand_components, expand_nodes
 from .prompts import check_position, label_id, resolve_prompt
 from .state import AppState, ProgressFn, compute
 
@@ -23,20 +31,25 @@ class StoredIntervention(InterventionResult):
     cached: bool
     validity_note: str | None = Field(
         None, description="a caution when the decomposition fails its validity checks")
+    expanded: dict[str, int] | None = Field(
+        None, description="each pattern given (e.g. '1.attn.v:5:*') → how many keys it became")
 
 
 async def _run(st: AppState, kind: str, ids: list[int], pid: int, nodes: list[NodeKey],
-               params: dict[str, Any], progress: ProgressFn | None, **kw: Any
-               ) -> StoredIntervention:
+               params: dict[str, Any], progress: ProgressFn | None,
+               expanded: dict[str, int] | None = None, notes: list[str] | None = None,
+               **kw: Any) -> StoredIntervention:
     key = {"prompt_id": pid, "nodes": sorted(str(n) for n in nodes), **params}
     note = await validity_note(st, {n.layer for n in nodes})
+    extra = {"validity_note": note, "expanded": expanded or None}
     found = await st.store.find_result(kind, key)
     if found is not None:
-        return StoredIntervention(**found[1], run_id=found[0], cached=True, validity_note=note)
+        return StoredIntervention(**found[1], run_id=found[0], cached=True, **extra)
     res = await compute(st, kind, lambda: run_intervention(
         st.session, ids, nodes, progress=progress, **kw))
+    res.notes += notes or []
     rid = await st.store.put_result(kind, key, res.model_dump(), None, pid)
-    return StoredIntervention(**res.model_dump(), run_id=rid, cached=False, validity_note=note)
+    return StoredIntervention(**res.model_dump(), run_id=rid, cached=False, **extra)
 
 
 async def intervention(
@@ -45,48 +58,89 @@ async def intervention(
     label_token: str | None = None, label_position: int | None = None,
     positions: Sequence[int] | None = None, top_k: int = 5, n_samples: int = 8,
     pgd_steps: int = 20, pgd_step_size: float = 0.1, seed: int = 0,
+    contrast_token: str | None = None, random_controls: int = 0,
     progress: ProgressFn | None = None,
 ) -> StoredIntervention:
     """``nodes`` under the chosen regimes, compared with the target (stored get-or-create)."""
-    s = st.session
     ids, pid = await resolve_prompt(st, text, prompt_id)
     T = len(ids)
-    keys = s.keys.nodes(list(nodes), T, allow_special=False)
+    keys, expanded = await expand_nodes(st, nodes, ids)
     label = label_id(st, label_token)
     if loss == "label" and label is None:
         raise InputError("loss='label' needs label_token")
+    contrast = _contrast(st, contrast_token, label)
+    controls: list[list[NodeKey]] = []
+    notes: list[str] = []
+    if random_controls:
+        if not keys:
+            raise InputError("random_controls needs a non-empty nodes list")
+        pairs = await compute(st, "alive set", lambda: alive_pairs(st, ids))
+        alive = [NodeKey(la, p, c) for la, pc in pairs.items() for p, c in pc]
+        controls, full = random_node_sets(keys, alive, st.session.keys.Cs, random_controls,
+                                          torch.Generator().manual_seed(seed))
+        if not full:
+            notes.append("too few alive nodes outside the set at some (layer, position): the "
+                         "random controls are completed with dead components there")
     lpos = check_position(label_position, T, "label_position") if label is not None else None
     show = ([check_position(p, T, "positions[]") for p in positions] if positions is not None
             else [lpos if lpos is not None else T - 1])
     regs: list[Regime] = list(dict.fromkeys(regimes))
     params = {"regimes": regs, "loss": loss, "label": label, "label_position": lpos,
               "positions": show, "top_k": top_k, "n_samples": n_samples, "pgd_steps": pgd_steps,
-              "pgd_step_size": pgd_step_size, "seed": seed}
-    return await _run(st, "intervention", ids, pid, keys, params, progress, regimes=regs,
-                      loss=loss, label_token=label, label_position=lpos, positions=show,
-                      top_k=top_k, n_samples=n_samples, pgd_steps=pgd_steps,
-                      pgd_step_size=pgd_step_size, seed=seed)
+              "pgd_step_size": pgd_step_size, "seed": seed, "contrast": contrast,
+              "controls": random_controls}
+    return await _run(st, "intervention", ids, pid, keys, params, progress, expanded, notes,
+                      regimes=regs, loss=loss, label_token=label, label_position=lpos,
+                      positions=show, top_k=top_k, n_samples=n_samples, pgd_steps=pgd_steps,
+                      pgd_step_size=pgd_step_size, seed=seed, contrast_token=contrast,
+                      controls=controls)
+
+
+def _contrast(st: AppState, token: str | None, label: int | None) -> int | None:
+    contrast = label_id(st, token)
+    if contrast is not None and label is None:
+        raise InputError("contrast_token needs label_token")
+    if contrast is not None and contrast == label:
+        raise InputError("contrast_token equals label_token; give a different token")
+    return contrast
 
 
 async def ablation(
     st: AppState, *, components: Sequence[str], text: str | None, prompt_id: int | None,
     label_token: str | None = None, positions: Sequence[int] | None = None, top_k: int = 5,
+    contrast_token: str | None = None, random_controls: int = 0, seed: int = 0,
     progress: ProgressFn | None = None,
 ) -> StoredIntervention:
     """Components switched off at every position of the full model (stored get-or-create)."""
-    s = st.session
     ids, pid = await resolve_prompt(st, text, prompt_id)
     T = len(ids)
-    comps = s.keys.components(list(components))
+    comps, expanded = await expand_components(st, components, ids)
+    if not comps:
+        raise InputError("components matched nothing (a pattern with '@alive' found no alive "
+                         "component); give at least one component")
     keys = [NodeKey(c.layer, p, c.c) for c in comps for p in range(T)]
     label = label_id(st, label_token)
+    contrast = _contrast(st, contrast_token, label)
     show = ([check_position(p, T, "positions[]") for p in positions] if positions is not None
             else [T - 1])
-    params = {"components": sorted(components), "label": label, "positions": show, "top_k": top_k}
-    return await _run(st, "ablation", ids, pid, keys, params, progress, regimes=["ablated"],
-                      loss="kl", label_token=label,
+    controls: list[list[NodeKey]] = []
+    notes: list[str] = []
+    if random_controls:
+        pairs = await compute(st, "alive set", lambda: alive_pairs(st, ids))
+        alive = [ComponentKey(la, c) for la, pc in pairs.items()
+                 for c in sorted({c for _, c in pc})]
+        gen = torch.Generator().manual_seed(seed)
+        sets = random_component_sets(comps, alive, random_controls, gen)
+        if any(len(x) < len(comps) for x in sets):
+            notes.append("some layers have fewer alive components outside the set than the set "
+                         "has there: control sets are smaller")
+        controls = [[NodeKey(c.layer, p, c.c) for c in x for p in range(T)] for x in sets]
+    params = {"components": sorted(map(str, comps)), "label": label, "positions": show,
+              "top_k": top_k, "contrast": contrast, "controls": random_controls, "seed": seed}
+    return await _run(st, "ablation", ids, pid, keys, params, progress, expanded, notes,
+                      regimes=["ablated"], loss="kl", label_token=label,
                       label_position=T - 1 if label is not None else None,
-                      positions=show, top_k=top_k)
+                      contrast_token=contrast, positions=show, top_k=top_k, controls=controls)
 
 
 class StoredSweep(AblationSweep):
@@ -94,6 +148,8 @@ class StoredSweep(AblationSweep):
     cached: bool
     validity_note: str | None = Field(
         None, description="a caution when the decomposition fails its validity checks")
+    expanded: dict[str, int] | None = Field(
+        None, description="each pattern given (e.g. '1.attn.v:*') → how many keys it became")
 
 
 async def sweep(
@@ -109,26 +165,30 @@ async def sweep(
     ids, pid = await resolve_prompt(st, text, prompt_id)
     T = len(ids)
     label = s.token_id(label_token)
-    contrast = label_id(st, contrast_token)
-    if contrast is not None and contrast == label:
-        raise InputError("contrast_token equals label_token; give a different token")
+    contrast = _contrast(st, contrast_token, label)
     lpos = check_position(label_position, T, "label_position")
-    cands = s.keys.components(list(candidates)) if candidates is not None else None
-    if cands is not None and not cands:
-        raise InputError("candidates is empty; omit it to sweep every alive component")
-    base_keys = s.keys.components(list(base))
+    expanded: dict[str, int] = {}
+    cands = None
+    if candidates is not None:
+        cands, expanded = await expand_components(st, candidates, ids)
+        if not cands:
+            raise InputError("candidates is empty (or its patterns matched nothing); omit it to "
+                             "sweep every alive component")
+    base_keys, more = await expand_components(st, base, ids)
+    expanded |= more
     key = {"prompt_id": pid, "label": label, "contrast": contrast, "label_position": lpos,
-           "candidates": sorted(candidates) if candidates is not None else None,
-           "base": sorted(base), "top": top, "greedy_steps": greedy_steps,
+           "candidates": sorted(map(str, cands)) if cands is not None else None,
+           "base": sorted(map(str, base_keys)), "top": top, "greedy_steps": greedy_steps,
            "stop_prob": stop_prob, "random_controls": random_controls, "seed": seed}
     layers = {c.layer for c in (cands or [])} | {c.layer for c in base_keys}
     note = await validity_note(st, layers)
+    extra = {"validity_note": note, "expanded": expanded or None}
     found = await st.store.find_result("ablation_sweep", key)
     if found is not None:
-        return StoredSweep(**found[1], run_id=found[0], cached=True, validity_note=note)
+        return StoredSweep(**found[1], run_id=found[0], cached=True, **extra)
     res = await compute(st, "ablation_sweep", lambda: ablation_sweep(
         s, ids, label, label_position=lpos, contrast=contrast, candidates=cands,
         base=base_keys, top=top, greedy_steps=greedy_steps, stop_prob=stop_prob,
         random_controls=random_controls, seed=seed, progress=progress))
     rid = await st.store.put_result("ablation_sweep", key, res.model_dump(), None, pid)
-    return StoredSweep(**res.model_dump(), run_id=rid, cached=False, validity_note=note)
+    return StoredSweep(**res.model_dump(), run_id=rid, cached=False, **extra)

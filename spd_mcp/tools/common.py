@@ -21,6 +21,17 @@ from spd_mcp.service.state import AppState
 
 TextArg = Annotated[str | None, Field(description="prompt text (or give prompt_id)")]
 PromptIdArg = Annotated[int | None, Field(description="a stored prompt's id (or give text)")]
+NodesArg = Annotated[list[str], Field(max_length=4096, description=(
+    "node keys 'LAYER:POS:C' or patterns: '*' for any part ('1.attn.v:5:*', '*:5:*', "
+    "'LAYER:*'), an '@alive' suffix (natural CI > 0 here), or 'alive'"))]
+ComponentsArg = Annotated[list[str], Field(min_length=1, max_length=4096, description=(
+    "component keys 'LAYER:C' or patterns 'LAYER:*', '*:*' (optionally '@alive'), 'alive'"))]
+LabelArg = Annotated[str | None, Field(description="token whose probability to report")]
+ContrastArg = Annotated[str | None, Field(
+    description="second token: also report logit(label) - logit(contrast)")]
+ControlsArg = Annotated[int, Field(
+    ge=0, le=50, description="random same-size alive sets (per layer and position) run the "
+    "same way; their spread is reported")]
 
 EXPECTED_ERRORS = (InputError, Busy)
 """Errors the model reads and can act on (bad input; a full compute queue)."""

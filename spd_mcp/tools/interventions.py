@@ -17,15 +17,26 @@ from spd_mcp.service.interventions import (
     sweep,
 )
 
-from .common import STORES, Progress, PromptIdArg, TextArg, state, strict_tool
+from .common import (
+    STORES,
+    ComponentsArg,
+    ContrastArg,
+    ControlsArg,
+    LabelArg,
+    NodesArg,
+    Progress,
+    PromptIdArg,
+    TextArg,
+    state,
+    strict_tool,
+)
 
 MAX_NODES = 4096
 
 
 async def run_intervention_tool(
     ctx: Context,
-    nodes: Annotated[list[str], Field(
-        max_length=MAX_NODES, description="node keys 'LAYER:POS:C', e.g. ['1.attn.o:12:5']")],
+    nodes: NodesArg,
     text: TextArg = None,
     prompt_id: PromptIdArg = None,
     regimes: Annotated[tuple[Literal["ci", "stochastic", "adversarial", "ablated"], ...], Field(
@@ -38,6 +49,8 @@ async def run_intervention_tool(
                            ] = None,
     label_position: Annotated[int | None, Field(description="label position; default last")
                               ] = None,
+    contrast_token: ContrastArg = None,
+    random_controls: ControlsArg = 0,
     positions: Annotated[list[int] | None, Field(
         description="positions to show predictions for; default the label position or last")
     ] = None,
@@ -56,7 +69,7 @@ async def run_intervention_tool(
         state(ctx), nodes=nodes, text=text, prompt_id=prompt_id, regimes=regimes, loss=loss,
         label_token=label_token, label_position=label_position, positions=positions, top_k=top_k,
         n_samples=n_samples, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, seed=seed,
-        progress=progress)
+        contrast_token=contrast_token, random_controls=random_controls, progress=progress)
 
 
 run_intervention_tool.__name__ = "run_intervention"
@@ -64,23 +77,24 @@ run_intervention_tool.__name__ = "run_intervention"
 
 async def run_ablation(
     ctx: Context,
-    components: Annotated[list[str], Field(
-        min_length=1, max_length=512,
-        description="component keys 'LAYER:C' to switch off at every position")],
+    components: ComponentsArg,
     text: TextArg = None,
     prompt_id: PromptIdArg = None,
-    label_token: Annotated[str | None, Field(description="token whose probability to report")
-                           ] = None,
+    label_token: LabelArg = None,
+    contrast_token: ContrastArg = None,
+    random_controls: ControlsArg = 0,
     positions: Annotated[list[int] | None, Field(description="positions to show; default last")
                          ] = None,
     top_k: Annotated[int, Field(ge=1, le=20)] = 5,
+    seed: int = 0,
 ) -> StoredIntervention:
     """Ablate components everywhere in the full model (weight delta kept) and compare with the
     target: KL per token and predictions. Example: run_ablation(components=["1.attn.o:5"],
     text="...", label_token="she")."""
     return await ablation(state(ctx), components=components, text=text, prompt_id=prompt_id,
                           label_token=label_token, positions=positions, top_k=top_k,
-                          progress=Progress(ctx, "ablation"))
+                          contrast_token=contrast_token, random_controls=random_controls,
+                          seed=seed, progress=Progress(ctx, "ablation"))
 
 
 async def sweep_ablation(
@@ -88,15 +102,14 @@ async def sweep_ablation(
     label_token: Annotated[str, Field(description="token whose probability the sweep lowers")],
     text: TextArg = None,
     prompt_id: PromptIdArg = None,
-    contrast_token: Annotated[str | None, Field(
-        description="also report logit(label) - logit(contrast)")] = None,
+    contrast_token: ContrastArg = None,
     label_position: Annotated[int | None, Field(description="label position; default last")
                               ] = None,
     candidates: Annotated[list[str] | None, Field(
-        max_length=MAX_NODES, description="component keys 'LAYER:C' to try; default every "
+        max_length=MAX_NODES, description="components (keys or patterns) to try; default every "
         "component alive on the prompt")] = None,
     base: Annotated[list[str], Field(
-        max_length=512, description="components ablated in every row (sweep on top of them)")
+        max_length=MAX_NODES, description="components ablated in every row (sweep on top)")
     ] = [],  # noqa: B006 (pydantic copies defaults)
     top: Annotated[int, Field(ge=1, le=200, description="ranked entries to return")] = 20,
     greedy_steps: Annotated[int, Field(
