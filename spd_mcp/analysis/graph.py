@@ -28,6 +28,13 @@ Two implementations with the same signature and the same result:
   * ``general``: anything else (undecomposed attention, unknown sequence models): one backward
     row per target node over all positions.
 - :func:`compute_graph_reference` runs one backward per target node w.r.t. the leaves.
+
+Remainders: a node's value is not the sum of its edges. Its direct function (everything else
+frozen) reads every source layer's output ``alive writes + dead writes + x Δᵀ + b``; the
+gradient · input of each part is exact, so value = in_sum + pruned + dead + delta + bias +
+unexplained, where unexplained = value − gradient · (all of it): the nonlinearity (a norm's
+rescaling — RMSNorm is scale invariant, so gradient · input over the whole residual is ≈ 0 —,
+attention's softmax, GELU) and constants outside decomposed layers. See :func:`remainders`.
 """
 
 from __future__ import annotations
@@ -45,11 +52,24 @@ from spd_mcp.keys import BlockLayer, node_key
 from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.topology import Topology
 
+PARTS = ("pruned", "dead", "delta", "bias")
+"""Columns of ``AttributionGraph.node_parts``."""
+REMAINDER = ("in_sum", *PARTS, "unexplained")
+"""Columns of :func:`remainders`."""
+REMAINDER_NOTE = (
+    "act = in_sum + pruned (edges cut by threshold / cap) + dead (CI ≤ threshold, not nodes) + "
+    "delta (weight delta) + bias + unexplained. Edges are gradient × activation with other "
+    "layers frozen: exact marginal direct effects, not shares of act. A norm is scale "
+    "invariant, so for nodes read through one (logits, q/k/v/up) in_sum + pruned + dead + "
+    "delta + bias ≈ 0 and unexplained ≈ act; elsewhere unexplained is softmax / GELU "
+    "nonlinearity and constants outside decomposed layers."
+)
 Progress = Callable[[int, int], None]
 """progress(done, total) — target nodes processed so far."""
 
 Mode = Literal["local", "attn", "general"]
 _CHUNK = 64
+_PARTS_BUDGET = 1 << 26  # gradient elements held at once while computing remainder parts
 _IDX = torch.int32  # node indices while edges are generated (int64 in the result)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -62,6 +82,8 @@ class AttributionGraph:
     ``node_act`` is the component activation, the logit (output), or the embedding's L2 norm.
     ``output_prob`` is the target probability for output nodes and NaN elsewhere.
     ``tokens`` is empty for a positionless (float vector) input.
+    ``node_parts`` (n, 4): a node's remainder parts (:data:`PARTS`, gradient · input of what the
+    graph does not show), NaN where not computed (embed nodes, nodes past the cap).
     """
 
     tokens: list[int]
@@ -76,6 +98,7 @@ class AttributionGraph:
     edge_tgt: Tensor
     edge_val: Tensor
     edge_val_abs: Tensor
+    node_parts: Tensor | None = None
 
     @property
     def n_nodes(self) -> int:
@@ -371,8 +394,9 @@ class _Edges:
         self.done.append(tuple(c[order] for c in cols))
         self.open = []
 
-    def result(self, max_edges: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(src, tgt) as int64, values, abs-target values; the ``max_edges`` largest |values|."""
+    def result(self, max_edges: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(src, tgt) as int64, values, abs-target values; the ``max_edges`` largest |values|;
+        per node, the sum of its incoming edges that ``max_edges`` dropped."""
         self.close()
         dev = self.sign.device
         empty = torch.zeros(0, dtype=_IDX, device=dev)
@@ -384,17 +408,24 @@ class _Edges:
         torch.cat([p[1] for p in parts], out=tgt)
         val, val_abs = (torch.cat([p[i] for p in parts]) for i in (2, 3))
         self.done = []
+        dropped = self.sign.new_zeros(self.n_nodes)
         if max_edges is not None and n > max_edges:
             keep = val.abs().topk(max_edges).indices.sort().values
+            dropped.index_add_(0, tgt, val).index_add_(0, tgt[keep], -val[keep])
             src, tgt, val, val_abs = src[keep], tgt[keep], val[keep], val_abs[keep]
-        return src, tgt, val, val_abs
+        return src, tgt, val, val_abs, dropped
 
 
 def _finish(
     fwd: _Forward, groups: list[_Group], edges: _Edges, max_edges: int | None
 ) -> AttributionGraph:
     node_act = torch.cat([g.act for g in groups])
-    src, tgt, val, val_abs = edges.result(max_edges)
+    src, tgt, val, val_abs, dropped = edges.result(max_edges)
+    parts = node_act.new_full((node_act.numel(), len(PARTS)), float("nan"))
+    if edges.threshold <= 0:  # only the cap dropped nonzero edges: pruned is known everywhere
+        for g in groups:  # not for sources only (embeddings): no incoming edges
+            if g.is_target:
+                parts[g.offset : g.offset + g.n, 0] = dropped[g.offset : g.offset + g.n]
     out = groups[-1]
     prob = torch.full_like(node_act, float("nan"))
     if out.n:
@@ -417,7 +448,83 @@ def _finish(
         edge_tgt=tgt,
         edge_val=val,
         edge_val_abs=val_abs,
+        node_parts=parts,
     )
+
+
+# --------------------------------------------------------------------------------- remainders
+def remainders(g: AttributionGraph) -> Tensor:
+    """(n, 6) per node, columns :data:`REMAINDER`: in_sum (kept incoming edges), the parts and
+    unexplained = value − in_sum − parts, where value is ``node_act`` (logit, activation). Rows
+    without computed parts are NaN past in_sum."""
+    in_sum = g.node_act.new_zeros(g.n_nodes).index_add_(0, g.edge_tgt, g.edge_val)
+    parts = g.node_parts
+    if parts is None:
+        parts = g.node_act.new_full((g.n_nodes, len(PARTS)), float("nan"))
+    rest = g.node_act - in_sum - parts.sum(1)
+    return torch.cat([in_sum[:, None], parts, rest[:, None]], dim=1)
+
+
+def _split_out(cm: ComponentModel, fwd: _Forward, g: _Group) -> Tensor:
+    """A source's output split (4, T, d_out): alive writes, dead writes, x Δᵀ, bias."""
+    assert g.out is not None and g.dirs is not None
+    T = fwd.T
+    alive = g.dirs.new_zeros(T, g.dirs.shape[-1]).index_add_(0, g.pos, g.dirs)
+    if g.module is None:  # the embedding output / input vector: one alive node per position
+        zero = torch.zeros_like(alive)
+        return torch.stack([alive, zero, zero, zero])
+    comp, rec = cm.component(g.module), fwd.recs[g.module]
+    full = rec.leaf.detach().reshape(T, -1) @ comp.U.detach()
+    bias = torch.zeros_like(full) if comp.bias is None else comp.bias.expand_as(full)
+    delta = rec.out.detach().reshape(T, -1) - full - bias
+    return torch.stack([alive, full - alive, delta, bias])
+
+
+def _parts(cm: ComponentModel, fwd: _Forward, groups: list[_Group], want: Tensor) -> Tensor:
+    """(len(want), 4) per target node: gradient · (alive writes, dead writes, x Δᵀ, bias) summed
+    over every source layer's output at every position (one backward row per node)."""
+    T = fwd.T
+    splits = [None if g.out is None else _split_out(cm, fwd, g) for g in groups]
+    res = torch.zeros(want.numel(), len(PARTS), dtype=groups[-1].act.dtype, device=want.device)
+    for k, tgt in enumerate(groups):
+        sel = ((want >= tgt.offset) & (want < tgt.offset + tgt.n)).nonzero().flatten()
+        if not (tgt.is_target and sel.numel()):
+            continue
+        assert tgt.root is not None and tgt.read is not None
+        src = [(s.out, w) for s, w in zip(groups[:k], splits[:k], strict=True) if w is not None]
+        width = T * sum(w.shape[-1] for _, w in src)  # gradient elements per row
+        chunk = max(1, min(_CHUNK, _PARTS_BUDGET // max(width, 1)))
+        for i0 in range(0, int(sel.numel()), chunk):
+            rows = sel[i0 : i0 + chunk]
+            local = want[rows] - tgt.offset
+            G = tgt.read.new_zeros(rows.numel(), T, tgt.read.shape[-1])
+            G[torch.arange(rows.numel(), device=G.device), tgt.pos[local]] = tgt.read[local]
+            grads = _batched_grad(tgt.root, [o for o, _ in src], G) if src else ()
+            for grad, (_, w) in zip(grads, src, strict=True):
+                if grad is not None:
+                    res[rows] += torch.einsum("rtd,ktd->rk", grad.reshape(rows.numel(), T, -1), w)
+    return res
+
+
+def _add_parts(
+    cm: ComponentModel, fwd: _Forward, groups: list[_Group], g: AttributionGraph, n_top: int
+) -> None:
+    """Fill ``g.node_parts`` for the output nodes and the ``n_top`` component nodes with the
+    largest total |edge|; pruned = alive writes − in_sum where the threshold dropped edges."""
+    assert g.node_parts is not None
+    mass = g.node_act.new_zeros(g.n_nodes)
+    mass.index_add_(0, g.edge_tgt, g.edge_val.abs()).index_add_(0, g.edge_src, g.edge_val.abs())
+    out, comp = groups[-1], [grp for grp in groups[:-1] if grp.is_target]
+    cand = torch.cat([grp.nodes().long() for grp in comp]) if comp else out.nodes().long()[:0]
+    top = cand[mass[cand].argsort(descending=True)[:n_top]]
+    want = torch.cat([top.sort().values, out.nodes().long()])
+    if not want.numel():
+        return
+    vals = _parts(cm, fwd, groups, want)
+    in_sum = g.node_act.new_zeros(g.n_nodes).index_add_(0, g.edge_tgt, g.edge_val)[want]
+    pruned = g.node_parts[want, 0]
+    vals[:, 0] = torch.where(pruned.isnan(), vals[:, 0] - in_sum, pruned)
+    g.node_parts[want] = vals
 
 
 # ---------------------------------------------------------------------------- fast strategies
@@ -798,6 +905,7 @@ def compute_graph(
     edge_threshold: float = 0.0,
     max_edges: int | None = None,
     progress: Progress | None = None,
+    remainder_nodes: int = 256,
 ) -> AttributionGraph:
     """Attribution graph of one prompt with batched backward passes (see module docstring).
 
@@ -808,6 +916,8 @@ def compute_graph(
         where the cumulative probability reaches ``cum_prob``, plus ``label_token``.
     Edges with value 0 or |value| < edge_threshold are dropped; then the ``max_edges`` largest
     |value| are kept. ``progress(done, total)`` counts target nodes.
+    ``node_parts`` (remainders) are computed for the output nodes and the ``remainder_nodes``
+    component nodes with the largest total |edge| (one extra backward row per node).
     """
     fwd, groups = _build(
         cm, topology, ids, ci, ci_threshold, output_positions, top_k_outputs, cum_prob, label_token
@@ -841,7 +951,9 @@ def compute_graph(
                     _per_node(tgt, sources, tables, T, edges, tick, cache)
         if tgt.out is not None:
             tables.append(_src_table(tgt, T))
-    return _finish(fwd, groups, edges, max_edges)
+    g = _finish(fwd, groups, edges, max_edges)
+    _add_parts(cm, fwd, groups, g, remainder_nodes)
+    return g
 
 
 # ---------------------------------------------------------------------------------- reference

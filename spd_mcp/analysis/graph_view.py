@@ -12,10 +12,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from spd_mcp.errors import AnalysisError
-from spd_mcp.keys import OUTPUT, is_special_layer
+from spd_mcp.keys import EMBED, OUTPUT, is_special_layer
 from spd_mcp.model.session import RunSession
 
-from .graph import AttributionGraph
+from .graph import REMAINDER_NOTE, AttributionGraph, remainders
 
 EdgeKind = Literal["signed", "abs"]
 _TENSORS = ("node_pos", "node_idx", "node_act", "node_ci", "output_prob", "edge_src", "edge_tgt",
@@ -24,6 +24,8 @@ _TENSORS = ("node_pos", "node_idx", "node_act", "node_ci", "output_prob", "edge_
 
 def graph_to_bytes(g: AttributionGraph) -> bytes:
     tensors = {k: getattr(g, k).detach().cpu().contiguous() for k in _TENSORS}
+    if g.node_parts is not None:
+        tensors["node_parts"] = g.node_parts.detach().cpu().contiguous()
     meta = {"tokens": json.dumps(g.tokens), "node_keys": json.dumps(g.node_keys),
             "node_layer": json.dumps(g.node_layer)}
     return st_save(tensors, metadata=meta)
@@ -36,16 +38,31 @@ def graph_from_bytes(blob: bytes) -> AttributionGraph:
     return AttributionGraph(
         tokens=json.loads(meta["tokens"]), node_keys=json.loads(meta["node_keys"]),
         node_layer=json.loads(meta["node_layer"]), **{k: tensors[k] for k in _TENSORS},
+        node_parts=tensors.get("node_parts"),  # absent in graphs stored before remainders
     )
+
+
+class Remainder(BaseModel):
+    """act − in_sum, split: parts computed exactly (gradient · input) and the rest."""
+
+    pruned: float = Field(description="incoming edges dropped by the edge threshold / cap")
+    dead: float = Field(description="components with CI ≤ the threshold (not graph nodes)")
+    delta: float = Field(description="weight-delta term (target weight − components)")
+    bias: float = Field(description="biases of decomposed layers")
+    unexplained: float = Field(description="nonlinearity (norm, softmax, GELU), other constants")
 
 
 class GraphNode(BaseModel):
     key: str
     token: str | None = Field(None, description="input token at the node's position")
-    act: float = Field(description="component activation, logit (output) or embedding norm")
+    act: float = Field(description="the node's value: component activation, logit (output) or "
+                       "embedding norm")
     ci: float
     prob: float | None = Field(None, description="target probability (output nodes)")
     output_token: str | None = None
+    in_sum: float | None = Field(None, description="sum of the node's incoming edges")
+    remainder: Remainder | None = Field(
+        None, description="act − in_sum split (output and most-connected nodes); see note")
 
 
 class GraphEdge(BaseModel):
@@ -66,12 +83,14 @@ class GraphView(BaseModel):
     edges: list[GraphEdge] = Field(description="largest |value| first")
     next_offset: int | None = Field(None, description="pass as offset for the next page of edges")
     notice: str | None = None
+    remainder_note: str | None = Field(None, description="why act ≠ in_sum (node remainders)")
 
 
 def summarize_nodes(session: RunSession, g: AttributionGraph, idx: list[int]) -> list[GraphNode]:
     out = []
     pos = g.node_pos.tolist()
-    for i in idx:
+    rem = remainders(g)[idx].tolist() if idx else []
+    for i, r in zip(idx, rem, strict=True):
         key = g.node_keys[i]
         layer = g.node_layer[i]
         p = pos[i]
@@ -84,6 +103,11 @@ def summarize_nodes(session: RunSession, g: AttributionGraph, idx: list[int]) ->
         )
         if layer == OUTPUT:
             node.output_token = session.token_str(int(g.node_idx[i]))
+        if layer != EMBED:
+            node.in_sum = round(r[0], 4)
+        if not math.isnan(r[-1]):
+            node.remainder = Remainder(**{k: round(x, 4) for k, x in zip(
+                Remainder.model_fields, r[1:], strict=True)})
         out.append(node)
     return out
 
@@ -127,12 +151,13 @@ def view_graph(
     if nxt is not None:
         notice = (f"showing edges {offset}..{offset + len(page) - 1} of {n_match} matching; "
                   f"call get_graph with offset={nxt} for more, or filter by node / ci_threshold")
+    nodes = summarize_nodes(session, g, touched)
     return GraphView(
         graph_id=graph_id, tokens=session.tokens(g.tokens) if g.tokens else [],
         edge_kind=edge_kind, ci_threshold=ci_threshold, n_nodes_total=g.n_nodes,
-        n_edges_total=g.n_edges, n_edges_matching=n_match,
-        nodes=summarize_nodes(session, g, touched),
+        n_edges_total=g.n_edges, n_edges_matching=n_match, nodes=nodes,
         edges=[GraphEdge(src=g.node_keys[s], tgt=g.node_keys[t], value=round(x, 6))
                for s, t, x in zip(src, tgt, v, strict=True)],
         next_offset=nxt, notice=notice,
+        remainder_note=REMAINDER_NOTE if any(n.remainder for n in nodes) else None,
     )

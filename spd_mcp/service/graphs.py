@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field
+import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from spd_mcp.analysis.graph import AttributionGraph, compute_graph
 from spd_mcp.analysis.graph_view import (
@@ -17,7 +18,15 @@ from spd_mcp.analysis.graph_view import (
     summarize_nodes,
     view_graph,
 )
-from spd_mcp.analysis.optimize import OptimizeMetrics, OptimizeSettings, optimize_ci
+from spd_mcp.analysis.intervene import random_node_sets, run_intervention
+from spd_mcp.analysis.optimize import (
+    OptimizedCI,
+    OptimizeMetrics,
+    OptimizeSettings,
+    Task,
+    circuit_nodes,
+    optimize_ci,
+)
 from spd_mcp.errors import InputError
 from spd_mcp.keys import OUTPUT, NodeKey, is_special_layer
 from spd_mcp.model.session import RunSession
@@ -42,11 +51,41 @@ class GraphSummary(BaseModel):
     hint: str = "use get_graph(graph_id=…) to filter edges by node, CI threshold, sign, or page"
     validity_note: str | None = Field(
         None, description="a caution when the decomposition fails its validity checks")
+    remainder_note: str | None = Field(None, description="why a node's act ≠ its in_sum")
+
+
+class NecessityCheck(BaseModel):
+    """The circuit's nodes ablated in the full model (delta kept), against random same-size
+    sets of alive nodes at the same layers and positions."""
+
+    prompt: int = Field(description="index of the prompt (0: the graph's prompt)")
+    n_nodes: int
+    target_prob: float
+    ablated_prob: float
+    random_prob_mean: float
+    random_prob_min: float
+    n_random: int
 
 
 class OptimizedGraph(GraphSummary):
     metrics: OptimizeMetrics
+    claim: str = Field(description="what this circuit shows, and what it does not")
+    necessity: list[NecessityCheck] = Field(
+        description="label probability with the circuit ablated vs random same-size sets")
+    components: list[str] = Field(description="the circuit's components (shared across prompts)")
+    per_prompt: list[OptimizeMetrics] | None = Field(
+        None, description="metrics for every prompt (multi-prompt circuits)")
     circuit: list[GraphNode] = Field(description="component nodes kept by the optimisation")
+
+
+class PromptTask(BaseModel):
+    """One prediction a multi-prompt circuit must keep."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    label_token: str
+    contrast_token: str | None = None
+    position: int = -1
 
 
 G = TypeVar("G", bound=GraphSummary)
@@ -56,7 +95,8 @@ def _summary(session: RunSession, gid: int, g: AttributionGraph, cached: bool) -
     view = view_graph(session, gid, g, top_k=PREVIEW_EDGES)
     outputs = [n for n in view.nodes if NodeKey.parse(n.key).layer == OUTPUT]
     return GraphSummary(graph_id=gid, cached=cached, tokens=view.tokens, n_nodes=g.n_nodes,
-                        n_edges=g.n_edges, outputs=outputs, top_edges=view.edges)
+                        n_edges=g.n_edges, outputs=outputs, top_edges=view.edges,
+                        remainder_note=view.remainder_note)
 
 
 async def _store_graph(
@@ -105,36 +145,123 @@ async def natural_graph(
     return await _noted(st, _summary(s, gid, g, False), g)
 
 
+N_RANDOM = 8
+"""Random same-size node sets in an optimised circuit's necessity check."""
+
+
+def _claim(m: OptimizeMetrics, nec: NecessityCheck, n_prompts: int) -> str:
+    lp = m.label_prob or {}
+    what = (f"kept '{m.label_token}'" + (f" over '{m.contrast_token}'" if m.contrast_token
+                                         else ""))
+    multi = f" shared by {n_prompts} prompts" if n_prompts > 1 else ""
+    verdict = ("necessary" if nec.ablated_prob < 0.5 * nec.target_prob
+               and nec.random_prob_mean >= 0.8 * nec.target_prob else
+               "NOT shown necessary" if nec.ablated_prob >= 0.5 * nec.target_prob
+               else "not specific (random sets hurt too)")
+    return (f"Sufficient{multi}: with only these nodes on, the model {what} "
+            f"(P {lp.get('ci', 0):.3f} under CI masks, {lp.get('adversarial', 0):.3f} under "
+            "adversarial masks). The masks "
+            "are computed from this input, so the circuit may carry the answer from this prompt "
+            "itself: it shows what suffices here, not what generalises; test it on other "
+            f"prompts. Necessity: ablating its {nec.n_nodes} nodes in the full model gives P "
+            f"{nec.ablated_prob:.3f} (target {nec.target_prob:.3f}; {nec.n_random} random "
+            f"same-size sets: mean {nec.random_prob_mean:.3f}) — {verdict}.")
+
+
+def _necessity(s: RunSession, opt: OptimizedCI, tasks: list[Task]) -> list[NecessityCheck]:
+    out = []
+    for i, t in enumerate(tasks):
+        nodes = circuit_nodes(opt, i)
+        if t.label is None or not nodes:
+            continue
+        nat = s.natural_ci(t.ids)
+        alive = [NodeKey(la, int(p), int(c)) for la, g in nat.ci.items()
+                 for p, c in torch.nonzero(g > 0).tolist()]
+        controls, _ = random_node_sets(nodes, alive, s.keys.Cs, N_RANDOM,
+                                       torch.Generator().manual_seed(i))
+        r = run_intervention(s, t.ids, nodes, regimes=["ablated"], loss="label",
+                             label_token=t.label, label_position=t.position, controls=controls)
+        assert r.label_prob is not None and r.controls is not None and r.controls.label
+        spread = r.controls.label["ablated"]
+        out.append(NecessityCheck(
+            prompt=i, n_nodes=len(nodes), target_prob=r.label_prob["target"],
+            ablated_prob=r.label_prob["ablated"], random_prob_mean=spread.prob_mean,
+            random_prob_min=spread.prob_min, n_random=N_RANDOM))
+    return out
+
+
 async def optimized_graph(
     st: AppState, *, text: str | None, prompt_id: int | None, label_token: str | None,
-    position: int = -1, settings: OptimizeSettings, progress: ProgressFn | None = None,
+    position: int = -1, settings: OptimizeSettings, contrast_token: str | None = None,
+    prompts: list[PromptTask] | None = None, progress: ProgressFn | None = None,
 ) -> OptimizedGraph:
-    """A sparse circuit for one prediction and its graph (stored get-or-create)."""
+    """A sparse circuit for one prediction (or one shared by several prompts) and its graph,
+    with its necessity check (stored get-or-create)."""
     s = st.session
-    ids, pid = await resolve_prompt(st, text, prompt_id)
-    pos = check_position(position, len(ids))
-    label = label_id(st, label_token)
+    if prompts:
+        if text is not None or prompt_id is not None or label_token is not None:
+            raise InputError("give either prompts (a list of {text, label_token, ...}) or "
+                             "text / prompt_id with label_token, not both")
+        tasks, pids = [], []
+        for i, pt in enumerate(prompts):
+            try:
+                ids, pid = await resolve_prompt(st, pt.text, None)
+            except InputError as e:
+                raise InputError(f"prompts[{i}].{e}") from None
+            try:
+                lab = s.token_id(pt.label_token)
+                con = label_id(st, pt.contrast_token)
+            except InputError as e:
+                raise InputError(f"prompts[{i}]: {e}") from None
+            tasks.append(Task(ids, check_position(pt.position, len(ids),
+                                                  f"prompts[{i}].position"), lab, con))
+            pids.append(pid)
+    else:
+        ids, pid = await resolve_prompt(st, text, prompt_id)
+        lab = label_id(st, label_token)
+        con = label_id(st, contrast_token)
+        if con is not None and lab is None:
+            raise InputError("contrast_token needs label_token")
+        tasks, pids = [Task(ids, check_position(position, len(ids)), lab, con)], [pid]
+    for i, t in enumerate(tasks):
+        if t.contrast is not None and t.contrast == t.label:
+            where = f"prompts[{i}]." if prompts else ""
+            raise InputError(f"{where}contrast_token equals "
+                             "label_token; give a different token")
     loss = settings.loss
-    if loss in ("ce", "logit") and label is None:
+    if loss in ("ce", "logit", "logit_diff") and any(t.label is None for t in tasks):
         raise InputError(f"loss={loss!r} needs label_token (a vocabulary word); or use loss='kl'")
-    params = {"prompt_id": pid, "position": pos, "label_token": label, **settings.model_dump()}
+    if loss == "logit_diff" and any(t.contrast is None for t in tasks):
+        raise InputError("loss='logit_diff' needs contrast_token")
+    t0 = tasks[0]
+    params = {"prompt_id": pids[0], "position": t0.position, "label_token": t0.label,
+              **settings.model_dump()}
+    if t0.contrast is not None or len(tasks) > 1:
+        params["tasks"] = [[p, t.position, t.label, t.contrast] for p, t in zip(pids, tasks,
+                                                                                 strict=True)]
     hit = await _load_graph(st, "optimized_graph", params)
     if hit is not None:
         gid, g, summary = hit
-        return await _noted(st, _optimized(
-            s, gid, g, True, OptimizeMetrics.model_validate(summary["metrics"])), g)
+        return await _noted(st, _optimized(s, gid, g, True, summary), g)
 
-    def work() -> tuple[AttributionGraph, OptimizeMetrics]:
-        opt = optimize_ci(s, ids, position=pos, label_token=label, settings=settings,
-                          progress=progress)
-        g = compute_graph(s.cm, s.topology, ids, s.to_module_dict(opt.ci), ci_threshold=0.0,
-                          output_positions=[pos], label_token=label, max_edges=MAX_STORED_EDGES)
-        return g, opt.metrics
+    def work() -> tuple[AttributionGraph, dict[str, Any]]:
+        opt = optimize_ci(s, tasks=tasks, settings=settings, progress=progress)
+        g = compute_graph(s.cm, s.topology, t0.ids, s.to_module_dict(opt.ci), ci_threshold=0.0,
+                          output_positions=[t0.position], label_token=t0.label,
+                          max_edges=MAX_STORED_EDGES)
+        nec = _necessity(s, opt, tasks)
+        claim = _claim(opt.metrics, nec[0], len(tasks)) if nec else (
+            "Sufficient under masks computed from this input (a KL circuit: no label, so no "
+            "necessity check was run).")
+        return g, {"kind": "optimized", "metrics": opt.metrics.model_dump(),
+                   "per_prompt": ([m.model_dump() for m in opt.per_prompt] if len(tasks) > 1
+                                  else None),
+                   "components": opt.components, "claim": claim,
+                   "necessity": [n.model_dump() for n in nec]}
 
-    g, metrics = await compute(st, "optimize_graph", work)
-    gid = await _store_graph(st, "optimized_graph", params, pid, g,
-                             {"kind": "optimized", "metrics": metrics.model_dump()})
-    return await _noted(st, _optimized(s, gid, g, False, metrics), g)
+    g, extra = await compute(st, "optimize_graph", work)
+    gid = await _store_graph(st, "optimized_graph", params, pids[0], g, extra)
+    return await _noted(st, _optimized(s, gid, g, False, extra), g)
 
 
 async def _noted(st: AppState, out: G, g: AttributionGraph) -> G:
@@ -145,12 +272,15 @@ async def _noted(st: AppState, out: G, g: AttributionGraph) -> G:
 
 
 def _optimized(s: RunSession, gid: int, g: AttributionGraph, cached: bool,
-               metrics: OptimizeMetrics) -> OptimizedGraph:
+               summary: dict[str, Any]) -> OptimizedGraph:
     base = _summary(s, gid, g, cached)
     comp = [i for i, lay in enumerate(g.node_layer) if not is_special_layer(lay)]
     comp.sort(key=lambda i: -float(g.node_ci[i]))
-    return OptimizedGraph(**base.model_dump(), metrics=metrics,
-                          circuit=summarize_nodes(s, g, comp[:200]))
+    return OptimizedGraph(
+        **base.model_dump(), metrics=OptimizeMetrics.model_validate(summary["metrics"]),
+        claim=summary.get("claim", ""), necessity=summary.get("necessity", []),
+        components=summary.get("components", []), per_prompt=summary.get("per_prompt"),
+        circuit=summarize_nodes(s, g, comp[:200]))
 
 
 async def stored_graph_row(st: AppState, graph_id: int
