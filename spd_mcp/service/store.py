@@ -1,5 +1,8 @@
 """The live app database (SQLite in WAL mode through aiosqlite): prompts, graphs, interventions.
 
+Result ids are numbered per kind (graphs natural and optimised together), so edit 3 follows
+edit 2 whatever else was stored in between.
+
 Rows are get-or-create by parameters: a canonical JSON of the parameters is hashed, and a repeated
 call with the same parameters returns the stored result instead of recomputing. Each write is one
 transaction, so a crash never leaves a half-written row.
@@ -25,6 +28,8 @@ CREATE TABLE IF NOT EXISTS prompts (
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
+    family TEXT,
+    seq INTEGER,
     params_hash TEXT NOT NULL,
     params TEXT NOT NULL,
     prompt_id INTEGER REFERENCES prompts(id),
@@ -34,6 +39,16 @@ CREATE TABLE IF NOT EXISTS results (
     UNIQUE(kind, params_hash)
 );
 """
+INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS results_seq ON results (family, seq)"
+
+FAMILIES = {"graph": "graph", "optimized_graph": "graph"}
+"""Result kinds that share one id sequence (a graph id names natural and optimised graphs).
+Every other kind numbers its own results 1, 2, 3, … so an id never jumps because another kind
+of result was stored in between."""
+
+
+def family(kind: str) -> str:
+    return FAMILIES.get(kind, kind)
 
 
 def params_hash(kind: str, params: dict[str, Any]) -> str:
@@ -55,6 +70,16 @@ class AppStore:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(SCHEMA)
+        async with db.execute("PRAGMA table_info(results)") as cur:
+            cols = {str(r[1]) for r in await cur.fetchall()}
+        if "seq" not in cols:  # a database from before per-kind ids: old ids stay valid
+            await db.execute("ALTER TABLE results ADD COLUMN family TEXT")
+            await db.execute("ALTER TABLE results ADD COLUMN seq INTEGER")
+        async with db.execute("SELECT DISTINCT kind FROM results WHERE seq IS NULL") as cur:
+            for (kind,) in await cur.fetchall():
+                await db.execute("UPDATE results SET family = ?, seq = id WHERE kind = ? AND seq "
+                                 "IS NULL", (family(str(kind)), kind))
+        await db.execute(INDEX)
         await db.commit()
         return cls(db, path)
 
@@ -95,7 +120,8 @@ class AppStore:
     ) -> tuple[int, dict[str, Any], bytes | None] | None:
         h = params_hash(kind, params)
         async with self.db.execute(
-            "SELECT id, summary, payload FROM results WHERE kind = ? AND params_hash = ?", (kind, h)
+            "SELECT seq, summary, payload FROM results WHERE kind = ? AND params_hash = ?",
+            (kind, h)
         ) as cur:
             row = await cur.fetchone()
         return (int(row[0]), json.loads(row[1]), row[2]) if row else None
@@ -108,13 +134,16 @@ class AppStore:
         payload: bytes | None = None,
         prompt_id: int | None = None,
     ) -> int:
-        """Store a result; if the same parameters were stored meanwhile, keep the first."""
+        """Store a result (its id: the next number in its kind's sequence); if the same
+        parameters were stored meanwhile, keep the first."""
         h = params_hash(kind, params)
+        fam = family(kind)
         await self.db.execute(
-            "INSERT OR IGNORE INTO results (kind, params_hash, params, prompt_id, summary, payload,"
-            " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (kind, h, json.dumps(params, sort_keys=True), prompt_id, json.dumps(summary), payload,
-             time.time()),
+            "INSERT OR IGNORE INTO results (kind, family, seq, params_hash, params, prompt_id, "
+            "summary, payload, created) SELECT ?, ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ?, ? "
+            "FROM results WHERE family = ?",
+            (kind, fam, h, json.dumps(params, sort_keys=True), prompt_id, json.dumps(summary),
+             payload, time.time(), fam),
         )
         await self.db.commit()
         found = await self.find_result(kind, params)
@@ -126,7 +155,7 @@ class AppStore:
     ) -> tuple[dict[str, Any], dict[str, Any], bytes | None, int | None] | None:
         """(params, summary, payload, prompt_id) of a stored result."""
         async with self.db.execute(
-            "SELECT params, summary, payload, prompt_id FROM results WHERE kind = ? AND id = ?",
+            "SELECT params, summary, payload, prompt_id FROM results WHERE kind = ? AND seq = ?",
             (kind, result_id),
         ) as cur:
             row = await cur.fetchone()
@@ -136,7 +165,8 @@ class AppStore:
 
     async def list_results(self, kind: str, limit: int = 50) -> list[tuple[int, dict[str, Any]]]:
         async with self.db.execute(
-            "SELECT id, summary FROM results WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, limit)
+            "SELECT seq, summary FROM results WHERE kind = ? ORDER BY seq DESC LIMIT ?",
+            (kind, limit)
         ) as cur:
             rows = await cur.fetchall()
         return [(int(r[0]), json.loads(r[1])) for r in rows]
