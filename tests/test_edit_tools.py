@@ -113,6 +113,10 @@ def test_edit_measure_generate_export(session: RunSession, ranked: list[str], tm
     assert out["gen"]["generated"][0] == p["next_tokens_edited"][0]["token"]
     m = out["m"]
     assert m["probes"]["drop_pct"] > 50
+    [failed] = m["probes"]["failing"]  # the edit broke the one probe: it says how
+    assert failed["expected"] == failed["target_got"] == "red" != failed["got"]
+    assert failed["prompt_tail"].endswith(". laura had a ball , and the ball was")
+    assert failed["prompt_tail"].startswith("… ") and failed["prob"] < 0.5
     assert m["token_groups"][0]["shift"] < 0
     assert m["generations"][0]["target"].startswith("red")
     ctl = m["control"]["components"]

@@ -16,6 +16,7 @@ from spd_mcp.harvest import (
     HarvestStats,
     ShardSpec,
     component_examples,
+    component_summary,
     components_for_token,
     config_hash,
     correlated,
@@ -223,6 +224,58 @@ def test_token_and_cofiring_statistics_match_hand_computation():
     assert [(c.key, c.recall) for c in comps] == [("b:0", 1.0), ("a:1", 0.5)]
     with pytest.raises(HarvestError, match="by must be"):
         top_tokens(st, 0, by="bogus")  # type: ignore[arg-type]
+
+
+def test_smoothed_pmi_matches_hand_computation_and_breaks_recall_ties():
+    st = _hand_stats()
+    a = 10.0  # PMI_PRIOR
+    # tokens of b:0 (fire 5 of 10): joint [2, 1, 2], token counts [5, 3, 2]; token 2 has recall 1
+    toks = {t.token_id: t for t in top_tokens(st, "b:0", by="smoothed_pmi")}
+    for v, (j, n_v) in enumerate([(2, 5), (1, 3), (2, 2)]):
+        assert toks[v].smoothed_pmi == pytest.approx(math.log((j + a * 0.5) / (n_v + a) / 0.5))
+    # components of token 2 (P = 2/10): joint [0, 1, 2], fire counts [4, 2, 5]
+    comps = {c.key: c for c in components_for_token(st, 2, by="smoothed_pmi")}
+    assert comps["b:0"].smoothed_pmi == pytest.approx(math.log((2 + a * 0.2) / (5 + a) / 0.2))
+    assert comps["a:1"].smoothed_pmi == pytest.approx(math.log((1 + a * 0.2) / (2 + a) / 0.2))
+    # tokens 0 and 1 always fire the component (recall 1): raw PMI ties, smoothed PMI does not
+    one = HarvestStats.zeros(["a"], [1], 3)
+    one.n_tokens = 100
+    one.t["fire_count"][:] = torch.tensor([20])
+    one.t["token_count"][:] = torch.tensor([5, 2, 50])
+    one.t["fire_token"][:] = torch.tensor([[5, 2, 10]])
+    ranked = top_tokens(one, "a:0", by="smoothed_pmi")
+    assert [t.token_id for t in ranked] == [0, 1, 2]
+    assert ranked[0].pmi == pytest.approx(ranked[1].pmi) == pytest.approx(math.log(100 / 20))
+    assert ranked[0].smoothed_pmi == pytest.approx(math.log((5 + 2) / 15 / 0.2))
+    assert ranked[1].smoothed_pmi == pytest.approx(math.log((2 + 2) / 12 / 0.2))
+    assert ranked[2].smoothed_pmi == pytest.approx(0.0)  # 10 of 50: the base rate exactly
+
+
+def test_positive_firing_fraction_and_older_harvests(session, tmp_path, monkeypatch):
+    _home(monkeypatch, tmp_path, "pos")
+    harvest(session, HarvestConfig(n_tokens=400, batch_size=4))
+    h = load_harvest(session)
+    pos, fire = h.stats.t["pos_fire_count"], h.stats.t["fire_count"]
+    assert bool((pos <= fire).all()) and 0 < int(pos.sum()) < int(fire.sum())
+    # recount by hand: firing (CI > threshold) tokens with activation > 0, one document at a time
+    thr = h.manifest.config.fire_threshold
+    want = torch.zeros_like(pos)
+    for d in range(h.manifest.n_docs):
+        nat = session.natural_ci(acc_mod.encode_doc(session, d))
+        ci = torch.cat([nat.ci[n] for n in session.layers], -1)
+        act = torch.cat([nat.acts[n] for n in session.layers], -1)
+        want += ((ci > thr) & (act > 0)).sum(0)
+    assert int((want - pos).abs().sum()) <= 2  # batched vs single forwards may differ at the edge
+    i = int(fire.argmax())
+    summary = component_summary(h.stats, i)
+    assert summary.frac_positive_when_firing == pytest.approx(int(pos[i]) / int(fire[i]))
+    # a harvest stored before the field existed still loads; the fraction is then unknown
+    t = {k: v for k, v in h.stats.tensors().items() if k != "pos_fire_count"}
+    old = HarvestStats.from_tensors(t, h.stats.layers, h.stats.offsets, h.stats.vocab_size)
+    assert "pos_fire_count" not in old.t
+    assert component_summary(old, i).frac_positive_when_firing is None
+    merged = old + h.stats
+    assert merged.n_tokens == 2 * h.stats.n_tokens and "pos_fire_count" not in merged.t
 
 
 # ----------------------------------------------------------------------------------- (d)

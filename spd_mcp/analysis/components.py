@@ -4,6 +4,7 @@ examples. (Generation lives in :mod:`spd_mcp.model.text`.)"""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,39 @@ class TokenScore(BaseModel):
     score: float
 
 
+class KeyScore(BaseModel):
+    key: str
+    score: float
+
+
+class SignStats(BaseModel):
+    """How a component's activation is signed where it fires."""
+
+    source: str = Field(description="where these numbers come from")
+    n_firing: int
+    mean_act: float = Field(description="mean activation x·V[:, c] where it fires")
+    frac_positive: float | None = Field(description="fraction of firings with activation > 0")
+
+
+class TypicalActivation(SignStats):
+    sign: Literal["positive", "negative", "mixed", "never fires"]
+    effect: str = Field(description="what the component does with its typical activation")
+
+
+class FlippedWrite(BaseModel):
+    boosts: list[str] = Field(description="= top_suppressed: raised when the activation is < 0")
+    suppresses: list[str] = Field(description="= top_boosted: lowered when the activation is < 0")
+
+
+EFFECT_RULE = (
+    "the component adds activation × U[c] to its layer's output, where activation = x·V[:, c] "
+    "can be positive or negative (CI only gates it): top_boosted / top_suppressed are for a "
+    "POSITIVE activation; a negative activation swaps them (if_negative), so read "
+    "typical_activation before calling a component a booster or a suppressor")
+MIXED = 0.8
+"""A sign is typical when at least this fraction of firings has it; otherwise 'mixed'."""
+
+
 class ComponentVectors(BaseModel):
     key: str
     d_in: int
@@ -115,13 +149,24 @@ class ComponentVectors(BaseModel):
     write_norm: float
     reads_from: str = Field(description="what the read vector V[:, c] is applied to")
     writes_to: str = Field(description="where the write vector U[c] goes")
+    effect_rule: str = EFFECT_RULE
+    typical_activation: TypicalActivation | None = None
     top_boosted: list[TokenScore] | None = Field(
-        None, description="tokens whose logits the write vector raises most (direct path)"
-    )
-    top_suppressed: list[TokenScore] | None = None
+        None, description="tokens whose logits rise most per unit of POSITIVE activation "
+        "(direct path through the unembedding)")
+    top_suppressed: list[TokenScore] | None = Field(
+        None, description="tokens whose logits fall most per unit of positive activation")
+    if_negative: FlippedWrite | None = Field(
+        None, description="the same direct path for a negative activation (lists swapped)")
     top_reading: list[TokenScore] | None = Field(
-        None, description="tokens whose embeddings most excite the read vector (direct path)"
-    )
+        None, description="tokens whose (normalised) embeddings give the most positive "
+        "activation (direct path)")
+    top_reading_negative: list[TokenScore] | None = Field(
+        None, description="tokens whose embeddings give the most negative activation")
+    reading_components: dict[str, list[KeyScore]] | None = Field(
+        None, description="upstream components (the same block's up / v matrix) whose write "
+        "vector at unit activation gives this component the most positive / negative "
+        "activation, U_up[c']·V[:, c] (ignoring the MLP nonlinearity / attention mixing)")
     write_parts: dict[str, float] | None = Field(
         None, description="fused qkv matrix: norm of the write vector's query, key and value "
         "parts (a component may write to all three)")
@@ -133,8 +178,11 @@ class ComponentVectors(BaseModel):
 
 @torch.no_grad()
 def component_vectors(
-    session: RunSession, key: ComponentKey, *, top_k: int = 10, include_vectors: bool = False
+    session: RunSession, key: ComponentKey, *, top_k: int = 10, include_vectors: bool = False,
+    sign: SignStats | None = None,
 ) -> ComponentVectors:
+    """Read / write vectors of a component and their direct token paths, with the typical sign
+    of its activation (from ``sign``, e.g. the harvest, else a dataset sample)."""
     V, U = session.component_vectors(key)
     model, topo = session.run.target.model, session.topology
     out = ComponentVectors(
@@ -154,6 +202,8 @@ def component_vectors(
             logits = model.get_submodule(unembed).weight @ (w * gain)  # (vocab,)
             out.top_boosted = _token_scores(session, logits, top_k)
             out.top_suppressed = _token_scores(session, -logits, top_k, negate=True)
+            out.if_negative = FlippedWrite(boosts=[t.token for t in out.top_suppressed],
+                                           suppresses=[t.token for t in out.top_boosted])
         norm = topo.input_norm(key.layer)
         if norm is not None and V.shape[0] == d:
             out.reads_from = "normalised residual stream"
@@ -164,6 +214,8 @@ def component_vectors(
             else:  # RMSNorm of each token embedding
                 emb = F.normalize(emb, dim=-1) * d**0.5 * nmod.weight
             out.top_reading = _token_scores(session, emb @ V, top_k)
+            out.top_reading_negative = _token_scores(session, -(emb @ V), top_k, negate=True)
+        out.reading_components = _upstream(session, key, V, role, top_k)
     parts = topo.qkv_parts(U.shape[0]) if role is not None and role.matrix == "qkv" else None
     if parts is not None:
         out.writes_to = "attention queries, keys and values (fused qkv)"
@@ -173,7 +225,84 @@ def component_vectors(
     if include_vectors:
         out.read_vector = [round(v, 5) for v in V.tolist()]
         out.write_vector = [round(v, 5) for v in U.tolist()]
+    if session.is_language_model:
+        out.typical_activation = typical_activation(sign or sample_sign(session, key), out)
     return out
+
+
+def _upstream(session: RunSession, key: ComponentKey, V: torch.Tensor, role: BlockLayer | None,
+              k: int) -> dict[str, list[KeyScore]] | None:
+    """Components of the matrix feeding this one inside its block (mlp.up → mlp.down,
+    attn.v → attn.o) ranked by U_up[c'] · V[:, c], both signs."""
+    feeds = {("mlp", "down"): "up", ("attn", "o"): "v"}
+    src = feeds.get((role.kind, role.matrix)) if role is not None else None
+    if role is None or src is None:
+        return None
+    up = f"{role.block}.{role.kind}.{src}"
+    if up not in session.keys.Cs:
+        return None
+    U_up = session.cm.component(session.to_module[up]).U.detach()  # (C', d)
+    if U_up.shape[-1] != V.shape[0]:
+        return None
+    scores = U_up @ V
+    n = min(k, scores.shape[0])
+
+    def top(x: torch.Tensor, sgn: float) -> list[KeyScore]:
+        vals, idx = x.topk(n)
+        return [KeyScore(key=component_key(up, i), score=round(sgn * v, 4))
+                for v, i in zip(vals.tolist(), idx.tolist(), strict=True)]
+
+    return {"positive": top(scores, 1.0), "negative": top(-scores, -1.0)}
+
+
+def typical_activation(sign: SignStats, vec: ComponentVectors) -> TypicalActivation:
+    """The typical sign of a component's activation and what it then does to the output."""
+    frac = sign.frac_positive
+    if sign.n_firing == 0:
+        kind: Literal["positive", "negative", "mixed", "never fires"] = "never fires"
+    elif frac is None:  # an older harvest: only the mean is known
+        kind = "positive" if sign.mean_act > 0 else "negative"
+    else:
+        kind = "positive" if frac >= MIXED else "negative" if frac <= 1 - MIXED else "mixed"
+    how = (f"{frac:.0%} of {sign.n_firing} firings positive, mean activation {sign.mean_act:+.3g}"
+           if frac is not None else f"mean activation {sign.mean_act:+.3g} over "
+           f"{sign.n_firing} firings")
+    plus = [t.token for t in (vec.top_boosted or [])[:5]]
+    minus = [t.token for t in (vec.top_suppressed or [])[:5]]
+    if kind == "never fires":
+        effect = "it never fired in this sample, so it has no typical sign"
+    elif kind == "mixed":
+        effect = (f"its activation takes both signs ({how}): its effect flips with it "
+                  "(check the sign at your position with probe_component)")
+    elif not plus:
+        effect = (f"it writes {'+' if kind == 'positive' else '−'}U[c] (scaled) to "
+                  f"{vec.writes_to} ({how})")
+    elif kind == "positive":
+        effect = f"usually positive ({how}): it boosts {plus} and suppresses {minus}"
+    else:
+        effect = (f"usually NEGATIVE ({how}): activation × U[c] then boosts {minus} and "
+                  f"suppresses {plus} — the reverse of top_boosted / top_suppressed")
+    return TypicalActivation(**sign.model_dump(), sign=kind, effect=effect)
+
+
+def sample_sign(session: RunSession, key: ComponentKey) -> SignStats:
+    """Activation sign of a component where its natural CI > 0 over the background sample."""
+    st = _sample(session)
+    i = _flat_index(session, key)
+    n = int(st["n_alive"][i])
+    return SignStats(
+        source=f"dataset sample ({BACKGROUND_DOCS} documents, where CI > 0); no harvest",
+        n_firing=n, mean_act=round(float(st["sum_act"][i]) / max(n, 1), 4),
+        frac_positive=round(float(st["n_pos"][i]) / n, 4) if n else None)
+
+
+def _flat_index(session: RunSession, key: ComponentKey) -> int:
+    off = 0
+    for n in session.layers:
+        if n == key.layer:
+            return off + key.c
+        off += session.keys.Cs[n]
+    raise AnalysisError(f"unknown layer {key.layer!r}")
 
 
 def _token_scores(
@@ -190,33 +319,72 @@ class ExampleScore(BaseModel):
     mean_ci: float = Field(description="mean CI at the example positions")
     frac_firing: float = Field(description="fraction of examples where CI > 0")
     background_mean_ci: float = Field(description="mean CI over a dataset sample")
-    score: float = Field(description="mean_ci − background_mean_ci")
+    negatives_mean_ci: float | None = Field(None, description="mean CI at the negatives")
+    negatives_frac_firing: float | None = Field(
+        None, description="fraction of negatives where CI > 0")
+    score: float = Field(description="see ExamplesResult.score")
 
 
 class ExamplesResult(BaseModel):
     n_examples: int
+    n_negatives: int
+    score: str = Field(description="how candidates are ranked")
     candidates: list[ExampleScore]
 
 
+BACKGROUND_DOCS = 32
+
+
 @torch.no_grad()
-def background_ci(session: RunSession, n_docs: int = 32) -> dict[str, torch.Tensor]:
-    """Mean natural CI per component over a dataset sample (cached on the session)."""
-    cached = session.memo.get("background_ci")
+def _sample(session: RunSession) -> dict[str, torch.Tensor]:
+    """Per-component sums over the first BACKGROUND_DOCS dataset documents, flat in canonical
+    order (cached on the session): mean CI, and where CI > 0 the count, Σ activation and the
+    count of positive activations."""
+    cached = session.memo.get("background_sample")
     if cached is not None:
         return cached
     if not session.is_language_model:
         raise AnalysisError(f"run {session.run.name!r} has no text dataset for a background")
-    sums = {n: torch.zeros(C, device=session.device) for n, C in session.keys.Cs.items()}
+    S = sum(session.keys.Cs[n] for n in session.layers)
+    acc = {k: torch.zeros(S, dtype=torch.float64, device=session.device)
+           for k in ("sum_ci", "n_alive", "sum_act", "n_pos")}
     count = 0
-    for text in dataset_texts(session, n_docs):
+    for text in dataset_texts(session, BACKGROUND_DOCS):
         ids = encode_document(session, text)
         nat = session.natural_ci(ids)
-        for n, g in nat.ci.items():
-            sums[n] += g.sum(0)
+        ci = torch.cat([nat.ci[n] for n in session.layers], -1).double()  # (T, S)
+        act = torch.cat([nat.acts[n] for n in session.layers], -1).double()
+        alive = ci > 0
+        acc["sum_ci"] += ci.sum(0)
+        acc["n_alive"] += alive.sum(0)
+        acc["sum_act"] += (act * alive).sum(0)
+        acc["n_pos"] += (alive & (act > 0)).sum(0)
         count += len(ids)
-    out = {n: s / max(count, 1) for n, s in sums.items()}
-    session.memo["background_ci"] = out
+    acc["mean_ci"] = acc["sum_ci"] / max(count, 1)
+    session.memo["background_sample"] = acc
+    return acc
+
+
+def background_ci(session: RunSession) -> dict[str, torch.Tensor]:
+    """Mean natural CI per component over a dataset sample (cached on the session)."""
+    flat = _sample(session)["mean_ci"].float()
+    out, off = {}, 0
+    for n in session.layers:
+        C = session.keys.Cs[n]
+        out[n] = flat[off : off + C]
+        off += C
     return out
+
+
+def _ci_at(session: RunSession, examples: Sequence[tuple[list[int], int]], names: list[str]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean CI, fraction with CI > 0) per component (flat over ``names``) at the examples."""
+    ci = []
+    for ids, pos in examples:
+        nat = session.natural_ci(ids)
+        ci.append(torch.cat([nat.ci[n][pos] for n in names]))
+    g = torch.stack(ci)  # (E, ΣC)
+    return g.mean(0), (g > 0).float().mean(0)
 
 
 @torch.no_grad()
@@ -224,26 +392,26 @@ def find_by_examples(
     session: RunSession,
     examples: Sequence[tuple[list[int], int]],
     *,
+    negatives: Sequence[tuple[list[int], int]] = (),
     layers: Sequence[str] | None = None,
     top_k: int = 20,
     min_frac: float = 0.5,
 ) -> ExamplesResult:
-    """Components whose CI is high at the given (ids, position) examples relative to background."""
+    """Components whose CI is high at the given (ids, position) examples relative to the
+    negatives (a contrast set) when given, else relative to a dataset background."""
     names = list(layers) if layers else session.layers
     bg = background_ci(session)
-    sums = {n: torch.zeros(session.keys.Cs[n], device=session.device) for n in names}
-    fires = {n: torch.zeros_like(s) for n, s in sums.items()}
-    for ids, pos in examples:
-        nat = session.natural_ci(ids)
-        for n in names:
-            g = nat.ci[n][pos]
-            sums[n] += g
-            fires[n] += (g > 0).float()
-    E = len(examples)
-    flat_mean = torch.cat([sums[n] / E for n in names])
-    flat_frac = torch.cat([fires[n] / E for n in names])
+    flat_mean, flat_frac = _ci_at(session, examples, names)
     flat_bg = torch.cat([bg[n] for n in names])
-    score = (flat_mean - flat_bg).masked_fill(flat_frac < min_frac, float("-inf"))
+    neg_mean = neg_frac = None
+    if negatives:
+        neg_mean, neg_frac = _ci_at(session, negatives, names)
+        how = ("mean CI at the examples − mean CI at the negatives (CI of each component at each "
+               "text's given position)")
+    else:
+        how = f"mean CI at the examples − mean CI over {BACKGROUND_DOCS} dataset documents"
+    base = neg_mean if neg_mean is not None else flat_bg
+    score = (flat_mean - base).masked_fill(flat_frac < min_frac, float("-inf"))
     owners = [(n, c) for n in names for c in range(session.keys.Cs[n])]
     vals, idx = score.topk(min(top_k, score.shape[0]))
     out = []
@@ -254,5 +422,11 @@ def find_by_examples(
         out.append(ExampleScore(
             key=component_key(n, c), mean_ci=round(float(flat_mean[i]), 4),
             frac_firing=round(float(flat_frac[i]), 4),
-            background_mean_ci=round(float(flat_bg[i]), 4), score=round(v, 4)))
-    return ExamplesResult(n_examples=E, candidates=out)
+            background_mean_ci=round(float(flat_bg[i]), 4),
+            negatives_mean_ci=None if neg_mean is None else round(float(neg_mean[i]), 4),
+            negatives_frac_firing=None if neg_frac is None else round(float(neg_frac[i]), 4),
+            score=round(v, 4)))
+    return ExamplesResult(
+        n_examples=len(examples), n_negatives=len(negatives),
+        score=f"{how}; only components with CI > 0 on at least {min_frac:g} of the examples",
+        candidates=out)

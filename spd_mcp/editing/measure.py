@@ -26,6 +26,10 @@ PROBE_SEED = 99
 """Probes for planted behaviours are drawn from this corpus seed (held out from SPD and edits)."""
 MAX_PROBES = 500
 MAX_GROUP_TOKENS = 64
+MAX_FAILING = 8
+"""Failing probes listed per probe set or behaviour."""
+TAIL_WORDS = 10
+"""Words of a failing probe's prompt shown (its end)."""
 
 
 class Probe(BaseModel):
@@ -78,6 +82,14 @@ class ProbeRow(BaseModel):
     edited_top1: str
 
 
+class FailedProbe(BaseModel):
+    prompt_tail: str = Field(description=f"the prompt's last {TAIL_WORDS} words")
+    expected: str
+    got: str = Field(description="the edited model's top-1")
+    prob: float = Field(description="edited P(expected)")
+    target_got: str = Field(description="the target's top-1 (== expected: the edit broke it)")
+
+
 class ProbeSummary(BaseModel):
     n: int
     target_prob: float = Field(description="mean P(expected), target")
@@ -85,6 +97,9 @@ class ProbeSummary(BaseModel):
     drop_pct: float = Field(description="100·(1 − edited/target) of the mean probabilities")
     target_accuracy: float = Field(description="fraction whose top-1 is the expected token")
     edited_accuracy: float
+    n_failing: int = Field(0, description="probes whose edited top-1 is not the expected token")
+    failing: list[FailedProbe] = Field(default_factory=list, description=(
+        f"the first {MAX_FAILING} of them, edit-broken first (not listed for the control)"))
 
 
 class BehaviourAccuracy(BaseModel):
@@ -92,6 +107,9 @@ class BehaviourAccuracy(BaseModel):
     n: int
     target: float
     edited: float
+    n_failing: int = Field(0, description="probes whose edited top-1 is not the expected token")
+    failing: list[FailedProbe] = Field(
+        default_factory=list, description=f"the first {MAX_FAILING} of them (edit-broken first)")
 
 
 class GenerationPair(BaseModel):
@@ -222,17 +240,31 @@ def probe_rows(session: RunSession, edit: Edit, probes: Sequence[Probe],
     return rows
 
 
-def summarise(rows: Sequence[ProbeRow]) -> ProbeSummary | None:
+def failing(rows: Sequence[ProbeRow], limit: int = MAX_FAILING) -> tuple[int, list[FailedProbe]]:
+    """(number of probes whose edited top-1 misses, the first ``limit``: those the edit broke,
+    then those the target already missed)."""
+    bad = [r for r in rows if r.edited_top1 != r.expected]
+    bad.sort(key=lambda r: r.target_top1 != r.expected)  # stable: edit-broken first
+    return len(bad), [FailedProbe(
+        prompt_tail=("… " if len(r.prompt.split()) > TAIL_WORDS else "")
+        + " ".join(r.prompt.split()[-TAIL_WORDS:]),
+        expected=r.expected, got=r.edited_top1, prob=round(r.edited_prob, 4),
+        target_got=r.target_top1) for r in bad[:limit]]
+
+
+def summarise(rows: Sequence[ProbeRow], *, list_failing: bool = True) -> ProbeSummary | None:
     if not rows:
         return None
     n = len(rows)
     tp = sum(r.target_prob for r in rows) / n
     ep = sum(r.edited_prob for r in rows) / n
+    n_bad, bad = failing(rows, MAX_FAILING if list_failing else 0)
     return ProbeSummary(
         n=n, target_prob=round(tp, 6), edited_prob=round(ep, 6),
         drop_pct=round(100 * (1 - ep / tp), 3) if tp > 0 else 0.0,
         target_accuracy=round(sum(r.target_top1 == r.expected for r in rows) / n, 4),
-        edited_accuracy=round(sum(r.edited_top1 == r.expected for r in rows) / n, 4))
+        edited_accuracy=round(sum(r.edited_top1 == r.expected for r in rows) / n, 4),
+        n_failing=n_bad, failing=bad)
 
 
 def behaviour_probes(session: RunSession, n: int, seed: int = PROBE_SEED) -> dict[str, list[Probe]]:
@@ -352,7 +384,8 @@ def measure_edit(
             s = summarise(probe_rows(session, edit, probes))
             assert s is not None
             behaviours.append(BehaviourAccuracy(behaviour=name, n=s.n, target=s.target_accuracy,
-                                                edited=s.edited_accuracy))
+                                                edited=s.edited_accuracy, n_failing=s.n_failing,
+                                                failing=s.failing))
     tick()
     gens = [GenerationPair(prompt=p, target=greedy(session, None, p, st.max_new_tokens),
                            edited=greedy(session, edit, p, st.max_new_tokens))
@@ -363,7 +396,8 @@ def measure_edit(
     if ctrl_edit is not None:
         control = ControlResult(
             components=randoms, text=texts[1], token_groups=group_rows(shifts[1]),
-            probes=summarise(probe_rows(session, ctrl_edit, st.probes)) if st.probes else None,
+            probes=(summarise(probe_rows(session, ctrl_edit, st.probes), list_failing=False)
+                    if st.probes else None),
             note=("random components alive on the measured text, as many per layer as the "
                   "edit, same edit recipe"))
         concentration = {"kl_ratio": round(texts[0].kl / max(texts[1].kl, 1e-12), 4)}

@@ -208,6 +208,8 @@ class Accumulator:
         st["sum_ci_fire"].index_add_(0, c, ci_ev.double())
         st["sum_act_fire"].index_add_(0, c, act_ev.double())
         st["max_abs_act_fire"].scatter_reduce_(0, c, act_ev.abs().double(), "amax")
+        if "pos_fire_count" in st:  # absent when resuming a checkpoint from before the field
+            st["pos_fire_count"] += torch.bincount(c[act_ev > 0], minlength=S)
         st["token_count"] += torch.bincount(tok[rows], minlength=V)
         st["pred_count"] += torch.bincount(pred[rows], minlength=V)
         ones = torch.ones_like(c)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from spd_mcp.errors import AnalysisError
 from spd_mcp.harvest.examples import component_examples
 from spd_mcp.harvest.stats import (
+    PMI_PRIOR,
     ComponentSummary,
     component_summary,
     components_for_token,
@@ -26,7 +27,30 @@ from spd_mcp.model.text import encode_document
 BIAS_DENSITY = 0.5
 """A component firing on more than this fraction of tokens is an always-on "bias" component."""
 
-TokenRank = Literal["pmi", "precision", "recall", "count"]
+TokenRank = Literal["smoothed_pmi", "pmi", "precision", "recall", "count"]
+TOKEN_RANKS = "smoothed_pmi (default), pmi, precision, recall or count"
+
+_RANKS: dict[str, tuple[str, str]] = {  # by -> (tokens of a component, components of a token)
+    "smoothed_pmi": (
+        f"smoothed PMI = log(P̂(fire | token) / P(fire)), P̂ = (count + {PMI_PRIOR:g}·P(fire)) / "
+        f"(token_count + {PMI_PRIOR:g}): PMI shrunk by {PMI_PRIOR:g} pseudo-tokens, so a token "
+        "seen more often ranks higher (raw PMI ties at log(1/P(fire)) whenever recall is 1)",
+        f"smoothed PMI = log(P̂(token | fire) / P(token)), P̂ = (count + {PMI_PRIOR:g}·P(token)) / "
+        f"(fire_count + {PMI_PRIOR:g}): PMI shrunk by {PMI_PRIOR:g} pseudo-firings, so a "
+        "component with more evidence ranks higher (raw PMI ties whenever precision is 1)"),
+    "pmi": ("raw PMI log(P(token, fire) / (P(token) P(fire))); ties at log(1/P(fire)) for "
+            "every token with recall 1",
+            "raw PMI log(P(token, fire) / (P(token) P(fire))); ties for every component with "
+            "precision 1"),
+    "precision": ("precision P(token | fires), ties by count",) * 2,
+    "recall": ("recall P(fires | token), ties by count",) * 2,
+    "count": ("count of firing tokens with the token",) * 2,
+}
+
+
+def rank_text(by: str, listing: Literal["tokens", "components"]) -> str:
+    """What ranks a token list (tokens of a component) or a component list (of a token)."""
+    return f"{by}: {_RANKS[by][0 if listing == 'tokens' else 1]}"
 
 
 class TokenStat(BaseModel):
@@ -35,6 +59,7 @@ class TokenStat(BaseModel):
     precision: float = Field(description="P(token | component fires)")
     recall: float = Field(description="P(component fires | token)")
     pmi: float
+    smoothed_pmi: float
 
 
 class RelatedComponent(BaseModel):
@@ -51,6 +76,7 @@ class ComponentInfo(BaseModel):
     top_input_tokens: list[TokenStat] = Field(description="tokens it fires on")
     top_output_tokens: list[TokenStat] = Field(
         description="the target's predicted next token where it fires")
+    tokens_ranked_by: str = Field(description="the statistic ordering both token lists")
     correlated: list[RelatedComponent] = Field(description="components that co-fire with it")
     label: str | None = Field(None, description="LLM-written label, when labels exist")
     label_info: dict[str, str | float | None] | None = Field(
@@ -62,11 +88,12 @@ class ComponentInfo(BaseModel):
 def _tokens(session: RunSession, rows: list, k: int) -> list[TokenStat]:
     return [TokenStat(token=session.token_str(r.token_id), count=r.count,
                       precision=round(r.precision, 5), recall=round(r.recall, 5),
-                      pmi=round(r.pmi, 4)) for r in rows[:k]]
+                      pmi=round(r.pmi, 4), smoothed_pmi=round(r.smoothed_pmi, 4))
+            for r in rows[:k]]
 
 
 def component_info(
-    session: RunSession, h: Harvest, key: str, *, by: TokenRank = "pmi", k: int = 10,
+    session: RunSession, h: Harvest, key: str, *, by: TokenRank = "smoothed_pmi", k: int = 10,
     min_count: int = 3, label: str | None = None,
     label_info: dict[str, str | float | None] | None = None,
 ) -> ComponentInfo:
@@ -79,6 +106,7 @@ def component_info(
     return ComponentInfo(
         key=str(comp), summary=summary, is_bias=summary.density > BIAS_DENSITY,
         top_input_tokens=_tokens(session, ins, k), top_output_tokens=_tokens(session, outs, k),
+        tokens_ranked_by=rank_text(by, "tokens"),
         correlated=[RelatedComponent(key=r.key, count=r.count, jaccard=round(r.jaccard, 5),
                                      pmi=round(r.pmi, 4)) for r in rel],
         label=label, label_info=label_info, harvest=h.manifest.config_hash, n_tokens=s.n_tokens,
@@ -131,6 +159,8 @@ class FoundComponent(BaseModel):
     is_bias: bool
     detail: dict[str, float] = Field(default_factory=dict)
     label: str | None = None
+    alive_on_prompt: bool | None = Field(
+        None, description="natural CI > 0 somewhere on the active_on prompt (None: not asked)")
 
 
 class ComponentSearch(BaseModel):
@@ -144,11 +174,11 @@ class ComponentSearch(BaseModel):
 
 def search_by_token(
     session: RunSession, h: Harvest, token: str, *, kind: Literal["input", "output"],
-    by: TokenRank = "pmi", layer: str | None = None, k: int = 20, min_count: int = 3,
+    by: TokenRank = "smoothed_pmi", layer: str | None = None, k: int = 20, min_count: int = 3,
     include_bias: bool = False,
 ) -> ComponentSearch:
     """Components most associated with an input token (fires on it) or an output token (fires
-    where the target predicts it), by PMI / precision / recall / count."""
+    where the target predicts it), by smoothed PMI / PMI / precision / recall / count."""
     tid = session.token_id(token)
     density = h.stats.density()
     rows = components_for_token(h.stats, tid, kind=kind, by=by, k=h.stats.t["fire_count"].numel(),
@@ -166,9 +196,12 @@ def search_by_token(
                                    density=round(d, 5), is_bias=d > BIAS_DENSITY,
                                    detail={"precision": round(r.precision, 5),
                                            "recall": round(r.recall, 5), "pmi": round(r.pmi, 4),
+                                           "smoothed_pmi": round(r.smoothed_pmi, 4),
                                            "count": r.count}))
     return ComponentSearch(query={f"{kind}_token": token, "layer": layer}, ranked_by=by,
-                           n_matching=len(kept), components=kept[:k], excluded_bias=bias)
+                           n_matching=len(kept), components=kept[:k], excluded_bias=bias,
+                           notice=f"score = {rank_text(by, 'components')}; detail keeps the raw "
+                                  "statistics")
 
 
 def search_by_layer(
@@ -283,8 +316,33 @@ def search_by_effect(
             continue
         kept.append(FoundComponent(key=key, score=round(float(effect[i]), 5),
                                    density=None if d is None else round(d, 5), is_bias=is_bias))
+    notice = (f"effect = first-order drop in log P({token}) when the component is ablated, "
+              f"averaged over {used} dataset positions where the model predicts it")
+    if h is None:
+        notice += (f". No harvest for run {session.run.name!r}: densities are unknown and "
+                   "always-on 'bias' components are NOT excluded; input_token / layer searches "
+                   "and pmi-style rankings need one: build it with `spd-mcp harvest "
+                   f"{session.run.name}` (or `spd-mcp prepare {session.run.name}`)")
     return ComponentSearch(
         query={"output_token": token, "layer": layer}, ranked_by="effect", n_matching=len(kept),
-        components=kept[:k], excluded_bias=bias,
-        notice=(f"effect = first-order drop in log P({token}) when the component is ablated, "
-                f"averaged over {used} dataset positions where the model predicts it"))
+        components=kept[:k], excluded_bias=bias, notice=notice)
+
+
+@torch.no_grad()
+def mark_alive(session: RunSession, found: ComponentSearch, text: str, ids: list[int]
+               ) -> ComponentSearch:
+    """Flag each hit alive (natural CI > 0 at some position) or not on the prompt ``ids``."""
+    nat = session.natural_ci(ids)
+    alive = {n: (g > 0).any(0) for n, g in nat.ci.items()}
+    dead = []
+    for c in found.components:
+        ck = session.keys.component(c.key)
+        c.alive_on_prompt = bool(alive[ck.layer][ck.c])
+        if not c.alive_on_prompt:
+            dead.append(c.key)
+    note = (f"{len(dead)} of {len(found.components)} hits are not alive on the active_on prompt "
+            f"(natural CI 0 at every position, so they cannot matter there): {dead}"
+            if dead else f"all {len(found.components)} hits are alive on the active_on prompt")
+    found.notice = f"{found.notice}. {note}" if found.notice else note
+    found.query["active_on"] = text
+    return found

@@ -3,6 +3,10 @@
 Components of all decomposed layers share one axis of length S = ΣC (canonical layer order;
 ``offsets[l]`` is layer l's first index). Counts are int64, sums fp64; densities, precision,
 recall, PMI and Jaccard are derived at query time.
+
+PMI saturates at log(1 / P(fire)) for every token the component fires on each time it occurs
+(recall 1), however rare; ``smoothed_pmi`` shrinks the conditional probability of the ranked side
+toward its base rate with ``PMI_PRIOR`` pseudo-observations, so more evidence ranks higher.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from spd_mcp.keys import KeySpace, component_key
 from .config import HarvestError
 
 TokenKind = Literal["input", "output"]
-TokenRank = Literal["pmi", "precision", "recall", "count"]
+TokenRank = Literal["smoothed_pmi", "pmi", "precision", "recall", "count"]
 CoRank = Literal["jaccard", "pmi", "precision", "recall", "count"]
 
 # name → (dtype, shape kind): "S" per component, "V" per vocab token, "SV", "SS"
@@ -31,12 +35,17 @@ STAT_FIELDS: dict[str, tuple[torch.dtype, str]] = {
     "sum_ci_fire": (torch.float64, "S"),  # Σ CI over firing tokens
     "sum_act_fire": (torch.float64, "S"),  # Σ activation over firing tokens
     "max_abs_act_fire": (torch.float64, "S"),  # max |activation| over firing tokens
+    "pos_fire_count": (torch.int64, "S"),  # firing tokens with activation > 0
     "token_count": (torch.int64, "V"),  # input token counts
     "pred_count": (torch.int64, "V"),  # target model's top-1 predicted next-token counts
     "fire_token": (torch.int64, "SV"),  # fires while the input token is v
     "fire_pred": (torch.int64, "SV"),  # fires while the top-1 prediction is v
     "cofire": (torch.int64, "SS"),  # both fire at the same token (symmetric; diagonal = fire)
 }
+OPTIONAL_FIELDS = frozenset({"pos_fire_count"})
+"""Fields added after harvests were first stored: older harvests load without them."""
+PMI_PRIOR = 10.0
+"""Pseudo-observations at the base rate behind ``smoothed_pmi``."""
 
 
 @dataclass
@@ -72,6 +81,8 @@ class HarvestStats:
             raise HarvestError("cannot merge harvests of different layer sets or vocabularies")
         t = {}
         for k, v in self.t.items():
+            if k not in other.t:  # an optional field only one side has
+                continue
             w = other.t[k].to(v.device)
             t[k] = torch.maximum(v, w) if k.startswith("max_") else v + w
         return HarvestStats(self.layers, self.offsets, self.vocab_size,
@@ -140,17 +151,21 @@ class HarvestStats:
     def from_tensors(
         cls, t: dict[str, Tensor], layers: list[str], offsets: list[int], vocab_size: int
     ) -> HarvestStats:
-        missing = sorted(set(STAT_FIELDS) - set(t))
+        missing = sorted(set(STAT_FIELDS) - set(t) - OPTIONAL_FIELDS)
         if missing:
             raise HarvestError(f"harvest statistics lack {missing}; re-run the harvest")
         return cls(list(layers), list(offsets), vocab_size, int(t["n_tokens"]),
-                   {k: t[k] for k in STAT_FIELDS})
+                   {k: t[k] for k in STAT_FIELDS if k in t})
 
 
 # --------------------------------------------------------------------------- query models
 _P_TOK = "P(token | component fires)"
 _R_TOK = "P(component fires | token)"
 _PMI = "natural-log pointwise mutual information log P(a, b) / (P(a) P(b))"
+_SPMI_TOK = (f"PMI with P(fire | token) shrunk toward P(fire) by {PMI_PRIOR:g} pseudo-tokens: "
+             f"log((count + {PMI_PRIOR:g}·P(fire)) / (token_count + {PMI_PRIOR:g}) / P(fire))")
+_SPMI_COMP = (f"PMI with P(token | fire) shrunk toward P(token) by {PMI_PRIOR:g} pseudo-firings: "
+              f"log((count + {PMI_PRIOR:g}·P(token)) / (fire_count + {PMI_PRIOR:g}) / P(token))")
 
 
 class ComponentSummary(BaseModel):
@@ -163,6 +178,8 @@ class ComponentSummary(BaseModel):
     mean_ci_when_firing: float
     mean_act_when_firing: float
     max_abs_act_when_firing: float
+    frac_positive_when_firing: float | None = Field(
+        None, description="fraction of firing tokens with activation > 0 (None: older harvest)")
 
 
 class TokenAssociation(BaseModel):
@@ -174,6 +191,7 @@ class TokenAssociation(BaseModel):
     precision: float = Field(description=_P_TOK)
     recall: float = Field(description=_R_TOK)
     pmi: float = Field(description=_PMI)
+    smoothed_pmi: float = Field(description=_SPMI_TOK)
 
 
 class ComponentAssociation(BaseModel):
@@ -199,22 +217,34 @@ class TokenComponent(BaseModel):
     precision: float = Field(description=_P_TOK)
     recall: float = Field(description=_R_TOK)
     pmi: float = Field(description=_PMI)
+    smoothed_pmi: float = Field(description=_SPMI_COMP)
 
 
 def component_summary(stats: HarvestStats, comp: str | int) -> ComponentSummary:
     i = stats.index(comp)
+    fire = int(stats.t["fire_count"][i])
+    pos = stats.t.get("pos_fire_count")
     return ComponentSummary(
-        index=i, key=stats.key(i), fire_count=int(stats.t["fire_count"][i]),
+        index=i, key=stats.key(i), fire_count=fire,
         density=float(stats.density()[i]), mean_ci=float(stats.mean_ci()[i]),
         mean_act=float(stats.mean_act()[i]), mean_ci_when_firing=float(stats.mean_ci_fire()[i]),
         mean_act_when_firing=float(stats.mean_act_fire()[i]),
         max_abs_act_when_firing=float(stats.t["max_abs_act_fire"][i]),
+        frac_positive_when_firing=(None if pos is None or fire == 0
+                                   else int(pos[i]) / fire),
     )
 
 
 def _pmi(joint: Tensor, a: Tensor, b: Tensor, n: int) -> Tensor:
     """log(joint·n / (a·b)) in fp64; -inf where joint is 0, nan where a or b is 0."""
     return torch.log(joint.double() * n) - torch.log(a.double()) - torch.log(b.double())
+
+
+def _shrunk_pmi(joint: Tensor, given: Tensor, base: Tensor) -> Tensor:
+    """log(P̂(x | given) / P(x)) with P̂ = (joint + PMI_PRIOR·base) / (given + PMI_PRIOR), fp64;
+    ``base`` = P(x). Equals PMI as the prior vanishes; never saturates at recall 1."""
+    b = base.double()
+    return torch.log((joint.double() + PMI_PRIOR * b) / (given.double() + PMI_PRIOR)) - torch.log(b)
 
 
 def _token_arrays(stats: HarvestStats, kind: TokenKind) -> tuple[Tensor, Tensor]:
@@ -238,22 +268,24 @@ def _rank(scores: dict[str, Tensor], counts: Tensor, by: str, k: int, ok: Tensor
 
 
 def token_scores(stats: HarvestStats, comp: str | int, kind: TokenKind = "input") -> dict:
-    """All-vocabulary precision / recall / PMI / count for one component (V,) each."""
+    """All-vocabulary precision / recall / (smoothed) PMI / count for one component (V,) each."""
     i = stats.index(comp)
     joint_all, tok = _token_arrays(stats, kind)
     joint = joint_all[i]
     fire = stats.t["fire_count"][i]
+    density = fire.double() / max(stats.n_tokens, 1)
     return {
         "count": joint,
         "precision": joint.double() / fire.clamp(min=1),
         "recall": joint.double() / tok.clamp(min=1),
         "pmi": _pmi(joint, fire.expand_as(tok), tok, stats.n_tokens),
+        "smoothed_pmi": _shrunk_pmi(joint, tok, density.expand_as(tok)),
     }
 
 
 def top_tokens(
-    stats: HarvestStats, comp: str | int, *, kind: TokenKind = "input", by: TokenRank = "pmi",
-    k: int = 10, min_count: int = 1,
+    stats: HarvestStats, comp: str | int, *, kind: TokenKind = "input",
+    by: TokenRank = "smoothed_pmi", k: int = 10, min_count: int = 1,
 ) -> list[TokenAssociation]:
     """The k tokens most associated with a component's firing (joint count >= min_count)."""
     _, tok = _token_arrays(stats, kind)
@@ -264,7 +296,7 @@ def top_tokens(
         TokenAssociation(
             token_id=int(v), count=int(sc["count"][v]), token_count=int(tok[v]),
             precision=float(sc["precision"][v]), recall=float(sc["recall"][v]),
-            pmi=float(sc["pmi"][v]),
+            pmi=float(sc["pmi"][v]), smoothed_pmi=float(sc["smoothed_pmi"][v]),
         )
         for v in idx.tolist()
     ]
@@ -300,8 +332,8 @@ def correlated(
 
 
 def components_for_token(
-    stats: HarvestStats, token_id: int, *, kind: TokenKind = "input", by: TokenRank = "pmi",
-    k: int = 10, min_count: int = 1,
+    stats: HarvestStats, token_id: int, *, kind: TokenKind = "input",
+    by: TokenRank = "smoothed_pmi", k: int = 10, min_count: int = 1,
 ) -> list[TokenComponent]:
     """The k components most associated with one token (for component search)."""
     if not 0 <= token_id < stats.vocab_size:
@@ -315,6 +347,8 @@ def components_for_token(
         "precision": joint.double() / fire.clamp(min=1),
         "recall": joint.double() / tc.clamp(min=1),
         "pmi": _pmi(joint, fire, tc.expand_as(fire), stats.n_tokens),
+        "smoothed_pmi": _shrunk_pmi(joint, fire, (tc.double() / max(stats.n_tokens, 1))
+                                    .expand_as(fire)),
     }
     ok = joint >= max(min_count, 1)
     idx = _rank(scores, joint, by, k, ok)
@@ -322,7 +356,7 @@ def components_for_token(
         TokenComponent(
             index=j, key=stats.key(j), count=int(joint[j]), fire_count=int(fire[j]),
             precision=float(scores["precision"][j]), recall=float(scores["recall"][j]),
-            pmi=float(scores["pmi"][j]),
+            pmi=float(scores["pmi"][j]), smoothed_pmi=float(scores["smoothed_pmi"][j]),
         )
         for j in idx.tolist()
     ]

@@ -89,8 +89,8 @@ def build_prompts(session: Any, harvest: Any, key: str, *, n_examples: int = N_E
     stats = harvest.stats
     summ = component_summary(stats, key)
     ck = ComponentKey.parse(summ.key)
-    ins = top_tokens(stats, key, kind="input", by="pmi", k=N_TOKENS, min_count=2)
-    outs = top_tokens(stats, key, kind="output", by="pmi", k=N_TOKENS, min_count=2)
+    ins = top_tokens(stats, key, kind="input", by="smoothed_pmi", k=N_TOKENS, min_count=2)
+    outs = top_tokens(stats, key, kind="output", by="smoothed_pmi", k=N_TOKENS, min_count=2)
     examples = component_examples(harvest, key, k=n_examples, order="ci")
     lines = [f"  {j + 1}. {mark_window(session.tokens(ex.token_ids), ex.offset, session.token_sep)}"
              f"   (CI {ex.firing_ci:.2f})" for j, ex in enumerate(examples)]

@@ -163,7 +163,7 @@ class _Evidence:
         out = []
         for kind, title in (("input", "Tokens it fires on"),
                             ("output", "Next tokens the model predicts when it fires")):
-            toks = top_tokens(self.h.stats, key, kind=kind, by="pmi", k=self.cfg.n_tokens)  # type: ignore[arg-type]
+            toks = top_tokens(self.h.stats, key, kind=kind, by="smoothed_pmi", k=self.cfg.n_tokens)  # type: ignore[arg-type]
             items = ", ".join(
                 f"'{self.session.token_str(t.token_id)}' (P={t.precision:.2f}, n={t.count})"
                 for t in toks)

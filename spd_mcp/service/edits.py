@@ -12,6 +12,9 @@ from spd_mcp.paths import exports_dir
 
 from .state import AppState, ProgressFn, compute
 
+MEASURE_FORMAT = 2
+"""Bumped when a measurement gains fields, so older stored results are not served."""
+
 
 class Measured(EditMeasurement):
     edit_id: int
@@ -30,7 +33,7 @@ async def measure(st: AppState, edit_id: int, settings: MeasureSettings,
                   progress: ProgressFn | None = None) -> Measured:
     """What an edit did, against the target and a random control (stored get-or-create)."""
     edit, info, params = await st.edits.get(edit_id)
-    key = {"edit_id": edit_id, **settings.model_dump()}
+    key = {"edit_id": edit_id, **settings.model_dump(), "format": MEASURE_FORMAT}
     found = await st.store.find_result(MEASURE_KIND, key)
     if found is not None:
         return Measured(**found[1], edit_id=edit_id, cached=True)

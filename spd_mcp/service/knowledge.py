@@ -12,7 +12,7 @@ from .state import AppState
 
 
 async def component_info(
-    st: AppState, h: Harvest, component: str, *, rank_tokens_by: K.TokenRank = "pmi",
+    st: AppState, h: Harvest, component: str, *, rank_tokens_by: K.TokenRank = "smoothed_pmi",
     top_k: int = 10, min_count: int = 3,
 ) -> K.ComponentInfo:
     """A component's firing statistics, associated tokens and co-firing, with its best label."""

@@ -88,6 +88,32 @@ def _readable_errors(fn: Callable[..., Any], is_async: bool) -> Callable[..., An
     return run
 
 
+def compact_schema(schema: Any) -> Any:
+    """A JSON schema without what an agent need not read: pydantic's generated titles,
+    ``anyOf [X, null]`` (an optional argument is simply omitted) and ``default: null``."""
+    if isinstance(schema, list):
+        return [compact_schema(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for k, v in schema.items():
+        if k == "title":
+            continue
+        if k in ("properties", "$defs"):
+            out[k] = {name: compact_schema(sub) for name, sub in v.items()}
+        else:
+            out[k] = compact_schema(v)
+    options = out.get("anyOf")
+    if isinstance(options, list):
+        rest = [o for o in options if o != {"type": "null"}]
+        if len(rest) == 1 and len(rest) < len(options):
+            del out["anyOf"]
+            out = {**rest[0], **out}
+    if "default" in out and out["default"] is None:
+        del out["default"]
+    return out
+
+
 def strict_tool(fn: Callable[..., Any], annotations: ToolAnnotations, title: str) -> Tool:
     """A Tool whose argument model rejects unknown keys (a typo must not pass silently) and
     whose expected errors reach the model as readable ``isError`` results."""
@@ -98,6 +124,6 @@ def strict_tool(fn: Callable[..., Any], annotations: ToolAnnotations, title: str
         "__module__": base.__module__,
     })
     tool.fn_metadata.arg_model = strict
-    tool.parameters = strict.model_json_schema(by_alias=True)
+    tool.parameters = compact_schema(strict.model_json_schema(by_alias=True))
     tool.fn = _readable_errors(tool.fn, tool.is_async)
     return tool

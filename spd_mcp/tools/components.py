@@ -13,14 +13,16 @@ from spd_mcp.analysis.components import (
     ComponentVectors,
     ExamplesResult,
     ProbeResult,
+    SignStats,
     active_components,
     component_vectors,
     find_by_examples,
     probe_component,
 )
 from spd_mcp.errors import InputError
+from spd_mcp.harvest.stats import component_summary
 from spd_mcp.service.prompts import check_position, resolve_prompt
-from spd_mcp.service.state import compute
+from spd_mcp.service.state import AppState, compute
 
 from .common import READ_ONLY, PromptIdArg, TextArg, state, strict_tool
 
@@ -70,13 +72,28 @@ async def get_component_vectors(
     top_k: Annotated[int, Field(ge=1, le=50)] = 10,
     include_vectors: Annotated[bool, Field(description="also return the raw vectors")] = False,
 ) -> ComponentVectors:
-    """A component's read (V column) and write (U row) vectors: norms, and the tokens they boost
-    or suppress through the unembedding (writers to the residual stream) or read from the
-    embedding (readers of it) — direct paths only."""
+    """A component's read (V column) and write (U row) vectors: norms; the tokens a positive
+    activation boosts / suppresses through the unembedding (writers to the residual stream) and
+    the flip for a negative one; the tokens (embedding) and upstream components giving the most
+    positive / negative activation; and the activation's typical sign (harvest, else a dataset
+    sample) — the output changes by activation × U[c]. Direct paths only."""
     st = state(ctx)
     key = st.session.keys.component(component)
+    sign = await _harvest_sign(st, str(key))
     return await compute(st, "get_component_vectors", lambda: component_vectors(
-        st.session, key, top_k=top_k, include_vectors=include_vectors))
+        st.session, key, top_k=top_k, include_vectors=include_vectors, sign=sign))
+
+
+async def _harvest_sign(st: AppState, key: str) -> SignStats | None:
+    """The activation sign where the component fires, from the harvest (None without one)."""
+    h = await st.harvest()
+    if h is None:
+        return None
+    s = component_summary(h.stats, key)
+    frac = s.frac_positive_when_firing
+    return SignStats(source=f"harvest {h.config_hash} ({h.stats.n_tokens} tokens, where it "
+                     "fires)", n_firing=s.fire_count, mean_act=round(s.mean_act_when_firing, 4),
+                     frac_positive=None if frac is None else round(frac, 4))
 
 
 class Example(BaseModel):
@@ -89,26 +106,37 @@ async def find_components_by_examples(
     ctx: Context,
     examples: Annotated[list[Example], Field(min_length=1, max_length=32,
                                              description="texts with a position of interest")],
+    negatives: Annotated[list[Example], Field(max_length=32, description=(
+        "contrast set, same form: rank by mean CI at examples minus mean CI at negatives "
+        "(instead of minus the dataset background)"))] = [],  # noqa: B006
     layers: Annotated[list[str] | None, Field(description="canonical layers; default all")] = None,
     top_k: Annotated[int, Field(ge=1, le=100)] = 20,
     min_frac: Annotated[float, Field(ge=0, le=1, description="must fire on this fraction")] = 0.5,
 ) -> ExamplesResult:
-    """Components that fire at the given example positions more than they do on ordinary text
-    (mean CI minus background mean CI over a dataset sample). Example: examples=[{"text":
-    "tom walked to the park , and there", "position": -1}, ...]."""
+    """Components that fire at the given example positions more than on ordinary text (score =
+    mean CI at the examples minus mean CI over a dataset sample) or, with negatives, more than at
+    the negatives' positions (score = mean CI at examples minus mean CI at negatives), among
+    components with CI > 0 on at least min_frac of the examples. Example: examples=[{"text":
+    "the girl flew a kite", "position": -1}], negatives=[{"text": "the girl rang a bell"}]."""
     st = state(ctx)
     s = st.session
     if layers is not None:
         layers = [s.keys.layer(n) for n in layers]
-    parsed = []
+    pos = _parse_examples(st, examples, "examples")
+    neg = _parse_examples(st, negatives, "negatives")
+    return await compute(st, "find_components_by_examples", lambda: find_by_examples(
+        s, pos, negatives=neg, layers=layers, top_k=top_k, min_frac=min_frac))
+
+
+def _parse_examples(st: AppState, examples: list[Example], arg: str) -> list[tuple[list[int], int]]:
+    out = []
     for i, ex in enumerate(examples):
         try:
-            ids = s.encode(ex.text)
+            ids = st.session.encode(ex.text)
         except InputError as e:
-            raise InputError(f"examples[{i}].text: {e}") from None
-        parsed.append((ids, check_position(ex.position, len(ids), f"examples[{i}].position")))
-    return await compute(st, "find_components_by_examples", lambda: find_by_examples(
-        s, parsed, layers=layers, top_k=top_k, min_frac=min_frac))
+            raise InputError(f"{arg}[{i}].text: {e}") from None
+        out.append((ids, check_position(ex.position, len(ids), f"{arg}[{i}].position")))
+    return out
 
 
 def tools() -> list[Tool]:

@@ -28,13 +28,16 @@ ComponentArg = Annotated[str, Field(description="component key 'LAYER:C', e.g. '
 async def get_component_info(
     ctx: Context,
     component: ComponentArg,
-    rank_tokens_by: Annotated[Literal["pmi", "precision", "recall", "count"], Field(
-        description="how to rank associated tokens")] = "pmi",
+    rank_tokens_by: Annotated[K.TokenRank, Field(
+        description="how to rank associated tokens: smoothed_pmi (PMI shrunk toward 0 for rare "
+        "tokens, so it does not tie at recall 1), pmi, precision, recall, count; "
+        "tokens_ranked_by in the result says which")] = "smoothed_pmi",
     top_k: Annotated[int, Field(ge=1, le=50)] = 10,
     min_count: Annotated[int, Field(ge=1, description="ignore rarer token pairs")] = 3,
 ) -> K.ComponentInfo:
-    """What a component fires on and where: density, mean CI / activation, top input tokens and
-    predicted output tokens (PMI / precision / recall), co-firing components, label if any.
+    """What a component fires on and where: density, mean CI / activation (and the fraction of
+    firings with a positive activation), top input tokens and predicted output tokens (count,
+    precision, recall, PMI, smoothed PMI), co-firing components, label if any.
     Example: get_component_info(component="1.attn.o:5")."""
     st = state(ctx)
     st.session.keys.component(component)
@@ -72,19 +75,24 @@ async def search_components(
                            ] = None,
     label: Annotated[str | None, Field(description="text to find in component labels")] = None,
     layer: Annotated[str | None, Field(description="restrict to one canonical layer")] = None,
-    rank_by: Annotated[Literal["effect", "pmi", "precision", "recall", "count"] | None, Field(
+    rank_by: Annotated[Literal["effect", "smoothed_pmi", "pmi", "precision", "recall", "count"]
+                       | None, Field(
         description="effect (output_token only, the default there): first-order drop in "
         "log P(token) when the component is ablated, over dataset positions predicting it; "
-        "pmi / precision / recall / count: firing association from the harvest (default for "
-        "input_token)")] = None,
+        "smoothed_pmi (default for input_token) / pmi / precision / recall / count: firing "
+        "association from the harvest")] = None,
     min_count: Annotated[int, Field(ge=1)] = 3,
     limit: Annotated[int, Field(ge=1, le=100)] = 10,
     include_bias: Annotated[bool, Field(
         description="include always-on 'bias' components (excluded by default)")] = False,
+    active_on: Annotated[str | None, Field(
+        description="a prompt: flag each hit that is not alive on it (natural CI 0 at every "
+        "position), so you do not chase components idle there")] = None,
 ) -> K.ComponentSearch:
     """Find components by what they do for a predicted token (output_token), by the tokens they
-    fire on (input_token), by label text, or list a layer's components by density.
-    Example: search_components(output_token="she", limit=10)."""
+    fire on (input_token), by label text, or list a layer's components by density. Rankings
+    other than effect and label need the run's harvest. Example: search_components(
+    output_token="she", limit=10, active_on="... and there")."""
     st = state(ctx)
     s = st.session
     given = [x for x in (output_token, input_token, label) if x is not None]
@@ -94,6 +102,26 @@ async def search_components(
         raise InputError("give output_token, input_token, label or layer")
     if layer is not None:
         s.keys.layer(layer)
+    ids = None
+    if active_on is not None:
+        try:
+            ids = s.encode(active_on)
+        except InputError as e:
+            raise InputError(f"active_on: {e}") from None
+    found = await _search(ctx, st, output_token, input_token, label, layer, rank_by, min_count,
+                          limit, include_bias)
+    if active_on is None or ids is None:
+        return found
+    text, prompt = active_on, ids
+    return await compute(st, "search_components", lambda: K.mark_alive(s, found, text, prompt))
+
+
+async def _search(
+    ctx: Context, st: AppState, output_token: str | None, input_token: str | None,
+    label: str | None, layer: str | None, rank_by: str | None, min_count: int, limit: int,
+    include_bias: bool,
+) -> K.ComponentSearch:
+    s = st.session
     if label is not None:
         rows = await search_labels(st, label, 10_000)
         if layer is not None:
@@ -115,9 +143,16 @@ async def search_components(
         h_opt = await st.harvest()
         return await compute(st, "search_components", lambda: K.search_by_effect(
             s, h_opt, tok, layer=layer, k=limit, include_bias=include_bias))
-    h = await _harvest(ctx, st)
-    by = rank_by or "pmi"
+    by: K.TokenRank = rank_by or "smoothed_pmi"  # type: ignore[assignment]
     assert by != "effect"
+    try:
+        h = await _harvest(ctx, st)
+    except InputError as e:
+        what = (f"rank_by={by!r}" if output_token is not None or input_token is not None
+                else "listing a layer by density")
+        raise InputError(f"search_components: {what} ranks by harvest statistics, and {e}; "
+                         "meanwhile search_components(output_token=..., rank_by='effect') and "
+                         "label search work without one") from None
     if output_token is not None or input_token is not None:
         kind: Literal["input", "output"] = "output" if output_token is not None else "input"
         tok = output_token if output_token is not None else input_token
