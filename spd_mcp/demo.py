@@ -65,6 +65,17 @@ class Findings:
     searched: list[str] = field(default_factory=list)
     search_probs: dict[str, float] = field(default_factory=dict)
     artifact_id: str = ""
+    contrast: str = ""
+    contrastive: list[str] = field(default_factory=list)
+    """The contrastive (label − contrast) circuit's nodes."""
+    contrastive_claim: str = ""
+    contrastive_diff: dict[str, float] = field(default_factory=dict)
+    corrupt: str = ""
+    """The minimal pair: the probe with the referent's name swapped to the other gender."""
+    name_positions: list[int] = field(default_factory=list)
+    patch_fraction: float | None = None
+    """Fraction of the logit difference moved by patching every layer at the name positions."""
+    patch_top: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Investigator:
@@ -202,11 +213,87 @@ async def investigate(inv: Investigator, run: str) -> Findings:
         f"{', '.join(f'`{k}`' for k in comps)} at every position gives P({f.label}) "
         f"{_fmt_probs(f.component_probs)}."))
 
+    await _contrastive(inv, f)
+    await _patching(inv, f)
     await _necessity(inv, f)
     await _components(inv, f, natural)
     await _explanation_ablation(inv, f)
     await _conclude(inv, f)
     return f
+
+
+def _swap_referent(prompt: str, label: str) -> tuple[str, list[int]] | None:
+    """The probe with its last name of the label's gender (every occurrence) swapped for a name
+    of the other gender, and the swapped word indices; None when there is no such name."""
+    from spd_mcp.model.zoo.tales.corpus import FEMALE_NAMES, GENDER, MALE_NAMES
+
+    gender = {"he": "male", "she": "female"}.get(label)
+    words = prompt.split()
+    names = [w for w in words if GENDER.get(w) == gender]
+    if gender is None or not names:
+        return None
+    name = names[-1]
+    pool = FEMALE_NAMES if gender == "male" else MALE_NAMES
+    other = next(n for n in pool if n not in words)
+    idx = [i for i, w in enumerate(words) if w == name]
+    return " ".join(other if w == name else w for w in words), idx
+
+
+async def _contrastive(inv: Investigator, f: Findings) -> None:
+    """A circuit for the label's lead over the other pronoun (optimize_graph, contrast_token)."""
+    f.contrast = {"he": "she", "she": "he"}.get(f.label, "")
+    if not f.contrast:
+        return
+    inv.say(f"contrastive circuit: keep {f.label!r} ahead of {f.contrast!r}")
+    g = await inv.call("optimize_graph", {"text": f.prompt, "label_token": f.label,
+                                          "contrast_token": f.contrast})
+    f.contrastive = [n["key"] for n in g["circuit"]]
+    f.contrastive_claim = g["claim"]
+    f.contrastive_diff = {k: float(v) for k, v in (g["metrics"]["logit_diff"] or {}).items()}
+    inv.say(f"contrastive circuit: {len(f.contrastive)} nodes; logit({f.label}) − "
+            f"logit({f.contrast}) {_fmt_probs(f.contrastive_diff)}")
+    await inv.log("Contrastive circuit", (
+        f"`optimize_graph(label_token='{f.label}', contrast_token='{f.contrast}')` keeps "
+        f"{len(f.contrastive)} nodes: {', '.join(f'`{k}`' for k in f.contrastive)}.\n\n"
+        f"Logit difference: {_fmt_probs(f.contrastive_diff)}.\n\n{f.contrastive_claim}"))
+
+
+async def _patching(inv: Investigator, f: Findings) -> None:
+    """Activation patching on a minimal pair: the referent's name swapped to the other gender."""
+    swapped = _swap_referent(f.prompt, f.label) if f.contrast else None
+    if swapped is None:
+        return
+    f.corrupt, words = swapped
+    tok = await inv.call("tokenize", {"text": f.prompt})
+    # word-level tokenizers (tales): word i is token i + 1 after <bos>; otherwise skip positions
+    n_tok = len(tok["tokens"])
+    if n_tok != len(f.prompt.split()) + 1:
+        return
+    f.name_positions = [i + 1 for i in words]
+    info = await inv.call("get_model_info", {})
+    layers = [x["name"] for x in info["layers"]]
+    inv.say(f"patching: the name at positions {f.name_positions} swapped to the other gender")
+    r = await inv.call("run_patching", {
+        "clean": f.prompt, "corrupt": f.corrupt, "label_token": f.label,
+        "contrast_token": f.contrast, "direction": "noising",
+        "layers_at_positions": [{"layer": la, "positions": f.name_positions}
+                                for la in layers],
+        "sweep": "layers", "top": 8})
+    f.patch_fraction = r["patched"]["fraction_recovered"]
+    f.patch_top = [{"patch": x["patch"], "fraction": x["fraction_recovered"]}
+                   for x in r["sweep"]["ranked"]]
+    fr = "n/a" if f.patch_fraction is None else f"{f.patch_fraction:.2f}"
+    inv.say(f"patching every layer at the name moves {fr} of the logit difference; top single "
+            f"patches: {', '.join(x['patch'] for x in f.patch_top[:4])}")
+    rows = "\n".join(f"- `{x['patch']}`: {x['fraction']:.2f}" for x in f.patch_top
+                     if x["fraction"] is not None)
+    await inv.log("Patching a minimal pair", (
+        f"Corrupt prompt: the referent's name swapped to the other gender (`…{f.corrupt[-60:]}`"
+        f"), so the model should prefer '{f.contrast}'. Running the clean prompt with the "
+        f"corrupt prompt's values at the name positions {f.name_positions} (every decomposed "
+        f"layer; noising) moves {fr} of the logit difference toward the corrupt run. "
+        f"Single layer × position patches, largest first (fraction of the difference):\n\n"
+        f"{rows}"))
 
 
 async def _necessity(inv: Investigator, f: Findings) -> None:
@@ -341,6 +428,17 @@ async def _conclude(inv: Investigator, f: Findings) -> None:
                         f"position lowers P({f.label}) from "
                         f"{f.explanation_probs['target']:.3f} to "
                         f"{f.explanation_probs['ablated']:.4f}"},
+        *([{"type": "intervention", "value": f.contrastive_diff.get("adversarial"),
+            "description": f"contrastive circuit ({len(f.contrastive)} nodes) keeps "
+                           f"logit({f.label}) − logit({f.contrast}) at "
+                           f"{f.contrastive_diff.get('ci', float('nan')):.2f} under CI masks "
+                           f"(target {f.contrastive_diff.get('target', float('nan')):.2f})"}]
+          if f.contrastive_diff else []),
+        *([{"type": "patching", "value": f.patch_fraction,
+            "description": f"patching the referent's name positions from a prompt with a name "
+                           f"of the other gender moves {f.patch_fraction:.2f} of the logit "
+                           f"difference (noising)"}]
+          if f.patch_fraction is not None else []),
         {"type": "ablation", "value": search_drop,
          "description": f"ablating the {len(f.searched)} components found by output token "
                         f"lowers P({f.label}) by {search_drop:.0%}"},
@@ -411,6 +509,15 @@ def _report(console: Console, f: Findings, task_path: Path, elapsed: float) -> N
         ct.add_row(row["key"], f"{row['ci']:.2f}", f"{row['density']:.3f}",
                    ", ".join(row["inputs"][:5]), ", ".join(row["outputs"][:5]))
     console.print(ct)
+    if f.contrastive_diff:
+        console.print(f"[bold]Contrastive circuit[/bold] ({f.label} − {f.contrast}): "
+                      f"{len(f.contrastive)} nodes; logit difference "
+                      f"{_fmt_probs(f.contrastive_diff)}")
+    if f.patch_fraction is not None:
+        console.print(f"[bold]Patching[/bold] the name positions {f.name_positions} from the "
+                      f"other-gender prompt moves {f.patch_fraction:.2f} of the logit "
+                      f"difference; top single patches: "
+                      f"{', '.join(x['patch'] for x in f.patch_top[:4])}")
     console.print(f"[bold]Search by output token:[/bold] {', '.join(f.searched)}; ablated "
                   f"P({f.label}) {f.search_probs.get('ablated', float('nan')):.3f} "
                   f"(target {f.search_probs.get('target', float('nan')):.3f})")

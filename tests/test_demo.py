@@ -49,5 +49,10 @@ def test_demo_fills_a_task_directory(tmp_path: Path, run: str) -> None:
     ctrl = float(re.search(r"random same-size alive sets: (-?[\d.]+)%", nec["description"])[1])
     assert ctrl < 5, nec
     assert "sweep_ablation" in log and "necessary" in log.lower()
+    # The plan includes a contrastive circuit and patching on a minimal pair (the referent's
+    # name swapped to the other gender): the decomposed layers at the name carry the pronoun.
+    assert "Contrastive circuit" in log and "contrast_token=" in log
+    (patch,) = [e for e in exp["evidence"] if e["type"] == "patching"]
+    assert patch["value"] >= 0.9, patch
     assert json.loads((task / "summary.json").read_text())["status"] == "completed"
     assert (task / "server.log").is_file()

@@ -88,8 +88,8 @@ class ComponentRole(_Strict):
     role: str = Field(min_length=1, max_length=500, description="what it does in the behaviour")
 
 
-EvidenceType = Literal["intervention", "ablation", "graph", "activation_examples", "attribution",
-                       "probe", "dataset", "other"]
+EvidenceType = Literal["intervention", "ablation", "patching", "attention", "graph",
+                       "activation_examples", "attribution", "probe", "dataset", "other"]
 
 
 class Evidence(_Strict):
