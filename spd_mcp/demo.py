@@ -240,22 +240,36 @@ def _swap_referent(prompt: str, label: str) -> tuple[str, list[int]] | None:
 
 
 async def _contrastive(inv: Investigator, f: Findings) -> None:
-    """A circuit for the label's lead over the other pronoun (optimize_graph, contrast_token)."""
+    """A contrastive circuit on a minimal pair: the probe keeps the label ahead of the other
+    pronoun and its counterfactual (the referent's name swapped) the reverse, with one shared
+    component set — so no default answer can pass for both."""
     f.contrast = {"he": "she", "she": "he"}.get(f.label, "")
     if not f.contrast:
         return
-    inv.say(f"contrastive circuit: keep {f.label!r} ahead of {f.contrast!r}")
-    g = await inv.call("optimize_graph", {"text": f.prompt, "label_token": f.label,
-                                          "contrast_token": f.contrast})
+    swapped = _swap_referent(f.prompt, f.label)
+    args: dict[str, Any]
+    if swapped is not None:
+        f.corrupt = swapped[0]
+        args = {"prompts": [
+            {"text": f.prompt, "label_token": f.label, "contrast_token": f.contrast},
+            {"text": f.corrupt, "label_token": f.contrast, "contrast_token": f.label}]}
+        what = "on the minimal pair (the referent's name swapped to the other gender)"
+    else:
+        args = {"text": f.prompt, "label_token": f.label, "contrast_token": f.contrast}
+        what = "on the probe"
+    inv.say(f"contrastive circuit {what}: keep {f.label!r} ahead of {f.contrast!r}")
+    g = await inv.call("optimize_graph", args)
     f.contrastive = [n["key"] for n in g["circuit"]]
     f.contrastive_claim = g["claim"]
     f.contrastive_diff = {k: float(v) for k, v in (g["metrics"]["logit_diff"] or {}).items()}
-    inv.say(f"contrastive circuit: {len(f.contrastive)} nodes; logit({f.label}) − "
+    comps = g["components"]
+    inv.say(f"contrastive circuit: {len(comps)} shared components; logit({f.label}) − "
             f"logit({f.contrast}) {_fmt_probs(f.contrastive_diff)}")
     await inv.log("Contrastive circuit", (
-        f"`optimize_graph(label_token='{f.label}', contrast_token='{f.contrast}')` keeps "
-        f"{len(f.contrastive)} nodes: {', '.join(f'`{k}`' for k in f.contrastive)}.\n\n"
-        f"Logit difference: {_fmt_probs(f.contrastive_diff)}.\n\n{f.contrastive_claim}"))
+        f"`optimize_graph` with `contrast_token` {what} keeps {len(comps)} components: "
+        f"{', '.join(f'`{k}`' for k in comps)}.\n\n"
+        f"Logit difference on the probe: {_fmt_probs(f.contrastive_diff)}.\n\n"
+        f"{f.contrastive_claim}"))
 
 
 async def _patching(inv: Investigator, f: Findings) -> None:

@@ -51,7 +51,7 @@ def test_demo_fills_a_task_directory(tmp_path: Path, run: str) -> None:
     assert "sweep_ablation" in log and "necessary" in log.lower()
     # The plan includes a contrastive circuit and patching on a minimal pair (the referent's
     # name swapped to the other gender): the decomposed layers at the name carry the pronoun.
-    assert "Contrastive circuit" in log and "contrast_token=" in log
+    assert "Contrastive circuit" in log and "with `contrast_token` on the minimal pair" in log
     (patch,) = [e for e in exp["evidence"] if e["type"] == "patching"]
     assert patch["value"] >= 0.9, patch
     assert json.loads((task / "summary.json").read_text())["status"] == "completed"

@@ -17,25 +17,20 @@ async def get_attention(
     ctx: Context,
     text: TextArg = None,
     prompt_id: PromptIdArg = None,
-    layers: Annotated[list[int] | None, Field(
-        max_length=256, description="attention blocks to show; default all")] = None,
-    heads: Annotated[list[int] | None, Field(
-        max_length=256, description="query heads to show; default all")] = None,
+    layers: Annotated[list[int] | None, Field(max_length=256)] = None,
+    heads: Annotated[list[int] | None, Field(max_length=256)] = None,
     query_positions: Annotated[list[int] | None, Field(
-        min_length=1, max_length=16, description="query positions; default [-1] (last)")
-    ] = None,
+        min_length=1, max_length=16, description="default [-1] (last)")] = None,
     top_k: Annotated[int, Field(ge=1, le=20, description="keys per head and query")] = 5,
     split: Annotated[SplitArg | None, Field(
-        description="split this score (layer, head, query_position, key_position) into "
-        "q-term × k-term pairs: alive components 'LAYER:C', q./k.other (dead components), "
-        "q./k.delta, q./k.bias")] = None,
-    top_pairs: Annotated[int, Field(ge=1, le=100, description="pairs and totals to list")] = 10,
+        description="terms: alive 'LAYER:C', q./k.other (dead), q./k.delta, q./k.bias")] = None,
+    top_pairs: Annotated[int, Field(ge=1, le=100, description="pairs and totals listed")] = 10,
 ) -> StoredAttention:
-    """Attention patterns: for each block and head, the keys a query position attends to most
-    (weights from the model's own attention). With split, one pre-softmax score (scale·q·k,
-    rotary applied) decomposed exactly into (q-term, k-term) pairs of SPD components, with
-    per-term totals; sum_of_terms equals score. Example: get_attention(text="...", layers=[1],
-    split={"layer": 1, "head": 2, "key_position": 9})."""
+    """Attention patterns: for each block and head, the keys a query position attends to most.
+    With split, one pre-softmax score (scale·q·k, rotary applied) decomposed exactly into
+    (q-term, k-term) pairs of SPD components, with per-term totals; sum_of_terms = score.
+    Example: get_attention(text="...", layers=[1], split={"layer": 1, "head": 2,
+    "key_position": 9})."""
     return await attention(
         state(ctx), text=text, prompt_id=prompt_id, layers=layers, heads=heads,
         query_positions=query_positions, top_k=top_k, split=split, top_pairs=top_pairs)

@@ -15,8 +15,7 @@ from spd_mcp.service.prepare import ensure_attributions
 from .common import READ_ONLY, Progress, state, strict_tool
 
 NormArg = Annotated[Literal["raw", "mean", "fraction"], Field(
-    description="raw sums; mean = per dataset token; fraction = share of the target's total "
-    "|attribution|")]
+    description="raw sum; mean per dataset token; fraction of the target's total |attribution|")]
 
 
 class AttributionList(BaseModel):
@@ -30,18 +29,15 @@ class AttributionList(BaseModel):
 
 async def get_component_attributions(
     ctx: Context,
-    key: Annotated[str, Field(description="component 'LAYER:C', or a token: 'embed:ID' / "
-                              "'output:ID' or a vocabulary word")],
-    direction: Annotated[Literal["sources", "targets"], Field(
-        description="sources: what drives it; targets: what it drives")] = "sources",
-    signed: Annotated[bool, Field(description="rank by signed value (else by |value|)")] = True,
+    key: Annotated[str, Field(description="'LAYER:C', 'embed:ID', 'output:ID' or a word")],
+    direction: Literal["sources", "targets"] = "sources",
+    signed: Annotated[bool, Field(description="rank by signed value, else |value|")] = True,
     normalize: NormArg = "fraction",
     top_k: Annotated[int, Field(ge=1, le=100)] = 10,
 ) -> AttributionList:
     """Dataset attributions (gradient × activation, weighted by the source's CI, summed over a
-    dataset sample; direct effects): the strongest upstream sources or downstream targets of a
-    component or token. Example: get_component_attributions(key="1.attn.o:5",
-    direction="targets")."""
+    dataset sample; direct effects): a component's or token's strongest sources (what drives
+    it) or targets (what it drives)."""
     st = state(ctx)
     a = await ensure_attributions(st, Progress(ctx, "building dataset attributions"))
     tok = st.session.tokenizer
@@ -61,11 +57,11 @@ class Strength(BaseModel):
 
 async def get_attribution_strength(
     ctx: Context,
-    source: Annotated[str, Field(description="component 'LAYER:C' or input token")],
-    target: Annotated[str, Field(description="component 'LAYER:C' or output token")],
+    source: Annotated[str, Field(description="'LAYER:C' or input token")],
+    target: Annotated[str, Field(description="'LAYER:C' or output token")],
     normalize: NormArg = "fraction",
 ) -> Strength:
-    """The dataset attribution of one source to one target (0 if the source is not upstream).
+    """One source's dataset attribution to one target (0 if the source is not upstream).
     Example: get_attribution_strength(source="0.attn.o:5", target="output:she")."""
     st = state(ctx)
     a = await ensure_attributions(st, Progress(ctx, "building dataset attributions"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
+import re
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -19,19 +21,26 @@ from spd_mcp.errors import InputError
 from spd_mcp.service.executor import Busy
 from spd_mcp.service.state import AppState
 
-TextArg = Annotated[str | None, Field(description="prompt text (or give prompt_id)")]
-PromptIdArg = Annotated[int | None, Field(description="a stored prompt's id (or give text)")]
+# Shared arguments: one terse description each (the tool's docstring says the rest). Arguments
+# whose name says it all (seed, top_k, limit, offset) carry only their bounds.
+TextArg = str | None
+PromptIdArg = Annotated[int | None, Field(description="from create_prompt, instead of text")]
+ComponentArg = Annotated[str, Field(description="'LAYER:C'")]
 NodesArg = Annotated[list[str], Field(max_length=4096, description=(
-    "node keys 'LAYER:POS:C' or patterns: '*' for any part ('1.attn.v:5:*', '*:5:*', "
-    "'LAYER:*'), an '@alive' suffix (natural CI > 0 here), or 'alive'"))]
+    "keys 'LAYER:POS:C' or patterns: '*' for a part ('*:5:*', 'LAYER:*'), suffix '@alive' "
+    "(natural CI > 0), or 'alive'"))]
 ComponentsArg = Annotated[list[str], Field(min_length=1, max_length=4096, description=(
-    "component keys 'LAYER:C' or patterns 'LAYER:*', '*:*' (optionally '@alive'), 'alive'"))]
+    "keys 'LAYER:C' or patterns 'LAYER:*', '*:*', '@alive', 'alive'"))]
 LabelArg = Annotated[str | None, Field(description="token whose probability to report")]
 ContrastArg = Annotated[str | None, Field(
-    description="second token: also report logit(label) - logit(contrast)")]
+    description="also report logit(label) - logit(contrast)")]
 ControlsArg = Annotated[int, Field(
-    ge=0, le=50, description="random same-size alive sets (per layer and position) run the "
-    "same way; their spread is reported")]
+    ge=0, le=50, description="random same-size alive sets (per layer, position) as controls")]
+PositionArg = Annotated[int, Field(description="-1 = last")]
+LayersArg = Annotated[list[str] | None, Field(description="canonical layer names; default all")]
+EditArg = Annotated[int | None, Field(description="an edit id to apply")]
+GraphIdArg = Annotated[int, Field(description="from compute_graph / optimize_graph")]
+
 
 EXPECTED_ERRORS = (InputError, Busy)
 """Errors the model reads and can act on (bad input; a full compute queue)."""
@@ -88,21 +97,61 @@ def _readable_errors(fn: Callable[..., Any], is_async: bool) -> Callable[..., An
     return run
 
 
-def compact_schema(schema: Any) -> Any:
+SIZE_CAP = 32
+"""``maxItems`` / ``maxLength`` above this are safety caps an agent never meets: validated by the
+argument model, not advertised."""
+
+
+def one_line(text: str | None) -> str:
+    """A docstring or description as the agent reads it: dedented, each paragraph on one line,
+    runs of spaces collapsed."""
+    paragraphs = re.split(r"\n\s*\n", inspect.cleandoc(text or ""))
+    return "\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
+
+
+def compact_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A JSON schema without what an agent need not read: pydantic's generated titles,
-    ``anyOf [X, null]`` (an optional argument is simply omitted) and ``default: null``."""
+    ``anyOf [X, null]`` (an optional argument is simply omitted), ``default: null``, ``$defs``
+    (inlined where used, unless recursive), nested ``additionalProperties: false`` (the argument
+    model still rejects unknown keys) and safety-cap lengths; descriptions made single-line."""
+    defs = schema.get("$defs", {})
+    recursive: list[str] = []
+    out: dict[str, Any] = _compact(schema, defs, frozenset(), recursive, top=True)
+    if recursive:  # a self-referencing model stays a reference
+        out["$defs"] = {n: _compact(d, defs, frozenset({n}), [], top=False)
+                        for n, d in defs.items()}
+    return out
+
+
+def _hidden(k: str, v: Any, top: bool) -> bool:
+    """Whether schema keyword ``k`` (value ``v``) is left out of the advertised schema."""
+    return (k in ("title", "$defs") or (k == "additionalProperties" and v is False and not top)
+            or (k in ("maxItems", "maxLength") and isinstance(v, int) and v > SIZE_CAP))
+
+
+def _compact(schema: Any, defs: dict[str, Any], inlining: frozenset[str], recursive: list[str],
+             top: bool = False) -> Any:
     if isinstance(schema, list):
-        return [compact_schema(x) for x in schema]
+        return [_compact(x, defs, inlining, recursive) for x in schema]
     if not isinstance(schema, dict):
         return schema
+    ref = schema.get("$ref")
+    name = ref[len("#/$defs/"):] if isinstance(ref, str) and ref.startswith("#/$defs/") else None
+    if name in defs and name not in inlining:
+        schema = {**defs[name], **{k: v for k, v in schema.items() if k != "$ref"}}
+        inlining = inlining | {name}
+    elif name is not None:
+        recursive.append(name)
     out: dict[str, Any] = {}
     for k, v in schema.items():
-        if k == "title":
+        if _hidden(k, v, top):
             continue
-        if k in ("properties", "$defs"):
-            out[k] = {name: compact_schema(sub) for name, sub in v.items()}
+        if k == "properties":
+            out[k] = {p: _compact(sub, defs, inlining, recursive) for p, sub in v.items()}
+        elif k == "description" and isinstance(v, str):
+            out[k] = one_line(v)
         else:
-            out[k] = compact_schema(v)
+            out[k] = _compact(v, defs, inlining, recursive)
     options = out.get("anyOf")
     if isinstance(options, list):
         rest = [o for o in options if o != {"type": "null"}]
@@ -125,5 +174,6 @@ def strict_tool(fn: Callable[..., Any], annotations: ToolAnnotations, title: str
     })
     tool.fn_metadata.arg_model = strict
     tool.parameters = compact_schema(strict.model_json_schema(by_alias=True))
+    tool.description = one_line(tool.description)
     tool.fn = _readable_errors(tool.fn, tool.is_async)
     return tool

@@ -24,7 +24,7 @@ from spd_mcp.harvest.stats import component_summary
 from spd_mcp.service.prompts import check_position, resolve_prompt
 from spd_mcp.service.state import AppState, compute
 
-from .common import READ_ONLY, PromptIdArg, TextArg, state, strict_tool
+from .common import READ_ONLY, ComponentArg, LayersArg, PromptIdArg, TextArg, state, strict_tool
 
 
 async def get_ci(
@@ -32,12 +32,11 @@ async def get_ci(
     text: TextArg = None,
     prompt_id: PromptIdArg = None,
     threshold: Annotated[float, Field(ge=0, le=1, description="list CI above this")] = 0.0,
-    layers: Annotated[list[str] | None, Field(description="canonical layers; default all")] = None,
-    positions: Annotated[list[int] | None, Field(description="positions; default all")] = None,
+    layers: LayersArg = None,
+    positions: list[int] | None = None,
     top_per_position: Annotated[int, Field(ge=1, le=100)] = 10,
 ) -> CIResult:
-    """Natural causal importance per position: which components the model needs where.
-    Example: get_ci(text="the ball was", top_per_position=5)."""
+    """Natural causal importance (CI) per position: which components the model needs where."""
     st = state(ctx)
     ids, _ = await resolve_prompt(st, text, prompt_id)
     if layers is not None:
@@ -51,12 +50,11 @@ async def get_ci(
 
 async def probe_component_tool(
     ctx: Context,
-    component: Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")],
+    component: ComponentArg,
     text: TextArg = None,
     prompt_id: PromptIdArg = None,
 ) -> ProbeResult:
-    """One component's CI and activation at every position of a prompt.
-    Example: probe_component(component="1.mlp.down:5", text="mia had a friend called tom")."""
+    """One component's CI and activation at every position of a prompt."""
     st = state(ctx)
     key = st.session.keys.component(component)
     ids, _ = await resolve_prompt(st, text, prompt_id)
@@ -68,15 +66,14 @@ probe_component_tool.__name__ = "probe_component"
 
 async def get_component_vectors(
     ctx: Context,
-    component: Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.mlp.down:5'")],
+    component: ComponentArg,
     top_k: Annotated[int, Field(ge=1, le=50)] = 10,
-    include_vectors: Annotated[bool, Field(description="also return the raw vectors")] = False,
+    include_vectors: Annotated[bool, Field(description="also the raw vectors")] = False,
 ) -> ComponentVectors:
-    """A component's read (V column) and write (U row) vectors: norms; the tokens a positive
-    activation boosts / suppresses through the unembedding (writers to the residual stream) and
-    the flip for a negative one; the tokens (embedding) and upstream components giving the most
-    positive / negative activation; and the activation's typical sign (harvest, else a dataset
-    sample) — the output changes by activation × U[c]. Direct paths only."""
+    """A component's read (V column) and write (U row) vectors: norms; tokens a positive
+    activation boosts / suppresses via the unembedding (reversed if negative); tokens and
+    upstream components that most raise / lower its activation; its typical sign. The output
+    changes by activation × U[c]; direct paths only."""
     st = state(ctx)
     key = st.session.keys.component(component)
     sign = await _harvest_sign(st, str(key))
@@ -98,26 +95,24 @@ async def _harvest_sign(st: AppState, key: str) -> SignStats | None:
 
 class Example(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(description="an example text")
-    position: int = Field(-1, description="position of interest (-1 = last token)")
+    text: str
+    position: int = Field(-1, description="-1 = last")
 
 
 async def find_components_by_examples(
     ctx: Context,
-    examples: Annotated[list[Example], Field(min_length=1, max_length=32,
-                                             description="texts with a position of interest")],
-    negatives: Annotated[list[Example], Field(max_length=32, description=(
-        "contrast set, same form: rank by mean CI at examples minus mean CI at negatives "
-        "(instead of minus the dataset background)"))] = [],  # noqa: B006
-    layers: Annotated[list[str] | None, Field(description="canonical layers; default all")] = None,
+    examples: Annotated[list[Example], Field(min_length=1, max_length=32)],
+    negatives: Annotated[list[Example], Field(max_length=32, description="contrast set")
+                         ] = [],  # noqa: B006
+    layers: LayersArg = None,
     top_k: Annotated[int, Field(ge=1, le=100)] = 20,
     min_frac: Annotated[float, Field(ge=0, le=1, description="must fire on this fraction")] = 0.5,
 ) -> ExamplesResult:
-    """Components that fire at the given example positions more than on ordinary text (score =
-    mean CI at the examples minus mean CI over a dataset sample) or, with negatives, more than at
-    the negatives' positions (score = mean CI at examples minus mean CI at negatives), among
-    components with CI > 0 on at least min_frac of the examples. Example: examples=[{"text":
-    "the girl flew a kite", "position": -1}], negatives=[{"text": "the girl rang a bell"}]."""
+    """Components firing at the example positions more than on ordinary text (score = mean CI
+    at examples - mean CI over a dataset sample) or, with negatives, more than at the
+    negatives' positions; only those with CI > 0 on at least min_frac of the examples.
+    Example: examples=[{"text": "the girl flew a kite"}], negatives=[{"text": "the girl rang a
+    bell"}]."""
     st = state(ctx)
     s = st.session
     if layers is not None:

@@ -28,16 +28,13 @@ class EditCreated(EditInfo):
 
 async def edit_components(
     ctx: Context,
-    components: Annotated[list[ComponentScale], Field(
-        min_length=1, max_length=256,
-        description="[{component: 'LAYER:C', scale: 0 (ablate) | >1 (boost), ci_threshold: "
-                    "null (everywhere) or t (only where the component's natural CI > t)}]")],
-    name: Annotated[str | None, Field(max_length=200, description="a name for the edit")] = None,
+    components: Annotated[list[ComponentScale], Field(min_length=1, max_length=256)],
+    name: Annotated[str | None, Field(max_length=200)] = None,
 ) -> EditCreated:
-    """Create a runtime edit that scales components (0 = ablate, >1 = boost), everywhere or only
-    where they are active. The full model (weight delta included) is the baseline, so an edit
-    changes only what it names. Use the returned edit_id with measure_edit, generate(edit=...),
-    create_prompt(edit=...) and export_edit. Example: edit_components(components=[{"component":
+    """Create a runtime edit scaling components (0 = ablate, >1 = boost), everywhere or only
+    where natural CI > ci_threshold. The baseline is the full model (weight delta included), so
+    the edit changes only what it names. Pass its edit_id to measure_edit, generate / create_prompt
+    (edit=ID) and export_edit. Example: edit_components(components=[{"component":
     "1.mlp.down:17", "scale": 0}])."""
     info, cached = await state(ctx).edits.scale(components, name=name)
     return EditCreated(**info.model_dump(), cached=cached)
@@ -49,31 +46,26 @@ class TrainedEdit(EditCreated):
 
 async def train_component_edit(
     ctx: Context,
-    components: Annotated[list[str], Field(
-        min_length=1, max_length=64, description="component keys 'LAYER:C' whose vectors train")],
-    targets: Annotated[list[EditTarget], Field(
-        min_length=1, max_length=256,
-        description="[{prompt, token, direction: raise|lower}]: the behaviour to change")],
+    components: Annotated[list[str], Field(min_length=1, max_length=64)],
+    targets: Annotated[list[EditTarget], Field(min_length=1, max_length=256)],
     preserve: Annotated[list[str], Field(
-        max_length=256, description="prompts whose predictions must not change (locality set, "
-        "e.g. the same template with other subjects)")] = [],  # noqa: B006
+        max_length=256, description="prompts whose predictions must not change")
+    ] = [],  # noqa: B006
     vectors: Annotated[Literal["read", "write", "both"], Field(
-        description="train read vectors (V columns), write vectors (U rows) or both")] = "both",
+        description="read = V columns, write = U rows")] = "both",
     mode: Annotated[Literal["components", "full_matrix"], Field(
-        description="components = rank-1 adapters; full_matrix = baseline fine-tuning the "
-                    "layers' whole matrices")] = "components",
+        description="full_matrix: baseline fine-tuning the whole matrices")] = "components",
     steps: Annotated[int, Field(ge=1, le=2000)] = 200,
     lr: Annotated[float, Field(gt=0, le=1)] = 0.01,
-    kl_coeff: Annotated[float, Field(ge=0, le=1000, description="weight of the KL-to-original "
-                                     "penalty on other text")] = 5.0,
+    kl_coeff: Annotated[float, Field(ge=0, le=1000, description="KL-to-original weight on "
+                                     "other text")] = 5.0,
     n_kl_texts: Annotated[int, Field(ge=0, le=1000)] = 64,
     name: Annotated[str | None, Field(max_length=200)] = None,
 ) -> TrainedEdit:
-    """Train rank-1 adapters: the selected components' vectors become trainable (nothing else
-    moves), starting from the exact target, to raise/lower tokens after prompts while a KL
-    penalty keeps other text unchanged. Stored as an edit (reversible: the run is untouched).
-    Example: train_component_edit(components=["1.attn.v:15"], targets=[{"prompt": "... the ball
-    was", "token": "blue"}], preserve=["... the spoon was"])."""
+    """Train rank-1 adapters: only the given components' vectors move, from the exact target, to
+    raise / lower tokens after prompts while a KL penalty keeps other text unchanged. Stored as
+    an edit (the run is untouched). Example: train_component_edit(components=["1.attn.v:15"],
+    targets=[{"prompt": "the ball was", "token": "blue"}], preserve=["the spoon was"])."""
     st = state(ctx)
     settings = TrainSettings(vectors=vectors, mode=mode, steps=steps, lr=lr, kl_coeff=kl_coeff,
                              n_kl_texts=n_kl_texts)
@@ -86,26 +78,24 @@ async def train_component_edit(
 
 async def measure_edit_tool(
     ctx: Context,
-    edit_id: Annotated[int, Field(
-        description="an edit from edit_components / train_component_edit")],
+    edit_id: int,
     probes: Annotated[list[Probe], Field(
-        max_length=500, description="[{prompt, expected}]: P(expected) before/after")] = [],  # noqa: B006
+        max_length=500, description="P(expected) before / after")] = [],  # noqa: B006
     token_groups: Annotated[dict[str, list[str]], Field(
-        description="name → tokens, e.g. {'she': ['she']}: probability shift on held-out text"
-    )] = {},  # noqa: B006
+        description="name → tokens: probability shift on held-out text")] = {},  # noqa: B006
     generation_prompts: Annotated[list[str], Field(
-        max_length=16, description="prompts to continue greedily, target vs edited")] = [],  # noqa: B006
+        max_length=16, description="continued greedily, target vs edited")] = [],  # noqa: B006
     n_texts: Annotated[int, Field(ge=1, le=1000, description="held-out documents")] = 64,
     behaviours: Annotated[bool, Field(description="planted-behaviour accuracy")] = True,
-    control: Annotated[bool, Field(description="random components of the same size as a "
-                                   "control (trained edits: retrained on them)")] = True,
+    control: Annotated[bool, Field(description="random same-size components as a control "
+                                   "(retrained for trained edits)")] = True,
     control_seed: int = 0,
 ) -> Measured:
-    """Measure what an edit did against the exact target: KL and perplexity change on held-out
-    text, token-group probability shifts, probe probabilities, planted-behaviour accuracy, greedy
-    generations side by side, and the same for a random-components control (concentration
-    ratio). Example: measure_edit(edit_id=1, probes=[{"prompt": "... and there", "expected":
-    "she"}], token_groups={"she": ["she"]})."""
+    """Measure an edit against the exact target: KL and perplexity change on held-out text,
+    token-group shifts, probe probabilities, planted-behaviour accuracy, greedy generations
+    side by side, and the same for a random control (concentration ratio). Example:
+    measure_edit(edit_id=1, probes=[{"prompt": "... and there", "expected": "she"}],
+    token_groups={"she": ["she"]})."""
     settings = MeasureSettings(probes=probes, token_groups=token_groups,
                                generation_prompts=generation_prompts, n_texts=n_texts,
                                behaviours=behaviours, control=control, control_seed=control_seed)
@@ -138,7 +128,7 @@ class Exported(BaseModel):
 
 async def export_edit(
     ctx: Context,
-    edit_id: Annotated[int, Field(description="a stored, ungated edit")],
+    edit_id: Annotated[int, Field(description="an ungated edit")],
 ) -> Exported:
     """Bake an edit into plain target weights and write a standalone target checkpoint under
     $SPD_MCP_HOME/exports/. CI-gated edits depend on the input and cannot be baked."""

@@ -40,30 +40,27 @@ async def run_intervention_tool(
     text: TextArg = None,
     prompt_id: PromptIdArg = None,
     regimes: Annotated[tuple[Literal["ci", "stochastic", "adversarial", "ablated"], ...], Field(
-        min_length=1, description="ci: only the nodes on; stochastic: nodes on, the rest "
-        "random; adversarial: nodes on, the rest chosen by PGD to hurt; ablated: full model "
-        "with only the nodes off")] = ("ci", "stochastic", "adversarial", "ablated"),
+        min_length=1)] = ("ci", "stochastic", "adversarial", "ablated"),
     loss: Annotated[Literal["kl", "label"], Field(
-        description="kl: mean KL to the target over positions; label: CE of label_token")] = "kl",
-    label_token: Annotated[str | None, Field(description="token to report (and use for loss)")
+        description="kl: mean KL to target over positions; label: CE of label_token")] = "kl",
+    label_token: Annotated[str | None, Field(description="token to report (and for loss)")
                            ] = None,
-    label_position: Annotated[int | None, Field(description="label position; default last")
-                              ] = None,
+    label_position: Annotated[int | None, Field(description="default last")] = None,
     contrast_token: ContrastArg = None,
     random_controls: ControlsArg = 0,
     positions: Annotated[list[int] | None, Field(
-        description="positions to show predictions for; default the label position or last")
-    ] = None,
+        description="positions to show; default label_position")] = None,
     top_k: Annotated[int, Field(ge=1, le=20)] = 5,
     n_samples: Annotated[int, Field(ge=1, le=64, description="stochastic samples")] = 8,
     pgd_steps: Annotated[int, Field(ge=1, le=200)] = 20,
     pgd_step_size: Annotated[float, Field(gt=0, le=1)] = 0.1,
     seed: int = 0,
 ) -> StoredIntervention:
-    """Test a circuit: run its nodes under the ci / stochastic / adversarial / ablated regimes and
-    compare top-k predictions, the loss and the label token's probability with the target.
-    Example: run_intervention(text="...", nodes=["1.attn.o:57:12"], loss="label",
-    label_token="she")."""
+    """Test a circuit: run its nodes under each regime and compare top-k predictions, loss and
+    P(label_token) with the target. Regimes: ci = only the nodes on; stochastic = nodes on, the
+    rest random; adversarial = nodes on, the rest chosen by PGD to hurt; ablated = full model
+    with only the nodes off. Example: run_intervention(text="...", nodes=["1.attn.o:57:12"],
+    loss="label", label_token="she")."""
     progress = Progress(ctx, "intervention")
     return await intervention(
         state(ctx), nodes=nodes, text=text, prompt_id=prompt_id, regimes=regimes, loss=loss,
@@ -83,14 +80,12 @@ async def run_ablation(
     label_token: LabelArg = None,
     contrast_token: ContrastArg = None,
     random_controls: ControlsArg = 0,
-    positions: Annotated[list[int] | None, Field(description="positions to show; default last")
-                         ] = None,
+    positions: Annotated[list[int] | None, Field(description="default last")] = None,
     top_k: Annotated[int, Field(ge=1, le=20)] = 5,
     seed: int = 0,
 ) -> StoredIntervention:
-    """Ablate components everywhere in the full model (weight delta kept) and compare with the
-    target: KL per token and predictions. Example: run_ablation(components=["1.attn.o:5"],
-    text="...", label_token="she")."""
+    """Ablate components at every position of the full model (weight delta kept); report KL to
+    the target per token and predictions."""
     return await ablation(state(ctx), components=components, text=text, prompt_id=prompt_id,
                           label_token=label_token, positions=positions, top_k=top_k,
                           contrast_token=contrast_token, random_controls=random_controls,
@@ -99,35 +94,30 @@ async def run_ablation(
 
 async def sweep_ablation(
     ctx: Context,
-    label_token: Annotated[str, Field(description="token whose probability the sweep lowers")],
+    label_token: str,
     text: TextArg = None,
     prompt_id: PromptIdArg = None,
     contrast_token: ContrastArg = None,
-    label_position: Annotated[int | None, Field(description="label position; default last")
-                              ] = None,
+    label_position: Annotated[int | None, Field(description="default last")] = None,
     candidates: Annotated[list[str] | None, Field(
-        max_length=MAX_NODES, description="components (keys or patterns) to try; default every "
-        "component alive on the prompt")] = None,
+        max_length=MAX_NODES, description="keys or patterns; default all alive")] = None,
     base: Annotated[list[str], Field(
-        max_length=MAX_NODES, description="components ablated in every row (sweep on top)")
+        max_length=MAX_NODES, description="ablated in every row")
     ] = [],  # noqa: B006 (pydantic copies defaults)
-    top: Annotated[int, Field(ge=1, le=200, description="ranked entries to return")] = 20,
+    top: Annotated[int, Field(ge=1, le=200)] = 20,
     greedy_steps: Annotated[int, Field(
-        ge=0, le=64, description="grow a necessary set: re-sweep and add the strongest "
-        "component, up to this many times")] = 0,
+        ge=0, le=64, description="grow the set: add the strongest, re-sweep; max steps")] = 0,
     stop_prob: Annotated[float, Field(
-        gt=0, lt=1, description="stop the greedy set once P(label) <= stop_prob x target")
-    ] = 0.01,
+        gt=0, lt=1, description="stop once P(label) <= stop_prob x target")] = 0.01,
     random_controls: Annotated[int, Field(
-        ge=0, le=100, description="random same-size alive sets (per layer) to ablate against "
-        "the greedy set")] = 0,
+        ge=0, le=100, description="random same-size alive sets (per layer) vs the greedy set")
+    ] = 0,
     seed: int = 0,
 ) -> StoredSweep:
-    """Necessity: ablate each candidate component everywhere, one at a time (batched), and rank
-    them by how much they lower P(label_token); with greedy_steps, grow the smallest set found
-    whose ablation removes the behaviour, checked against random same-size controls.
-    Example: sweep_ablation(text="...", label_token="she", contrast_token="he", greedy_steps=16,
-    random_controls=10)."""
+    """Necessity: ablate each candidate component everywhere, one at a time, ranked by how much
+    P(label_token) drops; greedy_steps grows the smallest set found that removes the behaviour,
+    checked against random same-size sets. Example: sweep_ablation(text="...",
+    label_token="she", contrast_token="he", greedy_steps=16, random_controls=10)."""
     return await sweep(
         state(ctx), text=text, prompt_id=prompt_id, label_token=label_token,
         contrast_token=contrast_token, label_position=label_position, candidates=candidates,

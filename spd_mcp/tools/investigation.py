@@ -30,7 +30,7 @@ from spd_mcp.investigation.taskdir import (
 from spd_mcp.keys import BadKeyError
 from spd_mcp.service.artifacts import graph_artifact
 
-from .common import READ_ONLY, STORES, state, strict_tool
+from .common import READ_ONLY, STORES, GraphIdArg, state, strict_tool
 
 ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,80}$")
 SOURCE = "server"
@@ -84,8 +84,8 @@ class _Strict(BaseModel):
 
 
 class ComponentRole(_Strict):
-    key: str = Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")
-    role: str = Field(min_length=1, max_length=500, description="what it does in the behaviour")
+    key: str = Field(description="'LAYER:C'")
+    role: str = Field(min_length=1, max_length=500)
 
 
 EvidenceType = Literal["intervention", "ablation", "patching", "attention", "graph",
@@ -95,8 +95,8 @@ EvidenceType = Literal["intervention", "ablation", "patching", "attention", "gra
 class Evidence(_Strict):
     type: EvidenceType
     description: str = Field(min_length=1, max_length=4000)
-    value: float | None = Field(None, description="the key number (e.g. probability drop)")
-    artifact_id: str | None = Field(None, description="a saved graph artifact this relies on")
+    value: float | None = Field(None, description="the key number, e.g. probability drop")
+    artifact_id: str | None = Field(None, description="a saved graph artifact")
 
 
 class LogResult(BaseModel):
@@ -154,11 +154,11 @@ def tools(inv: Investigation) -> list[Tool]:
     async def update_research_log(
         entry: Annotated[str, Field(min_length=1, max_length=20_000,
                                     description="markdown: what you did, saw, concluded")],
-        title: Annotated[str | None, Field(max_length=200, description="section title")] = None,
+        title: Annotated[str | None, Field(max_length=200)] = None,
     ) -> LogResult:
-        """Append a timestamped markdown section to the investigation's research log (cite
-        graph artifacts as [[artifact:ID]]). Example: update_research_log(title="Pronoun
-        circuit", entry="optimize_graph kept 7 components; see [[artifact:g3-a1b2c3]]")."""
+        """Append a timestamped markdown section to the research log; cite graph artifacts as
+        [[artifact:ID]]. Example: update_research_log(title="Pronoun circuit",
+        entry="optimize_graph kept 7 components; see [[artifact:g3-a1b2c3]]")."""
         if not entry.strip():
             raise InputError("entry is blank; write what you did and what you found")
         td = inv.task()
@@ -169,20 +169,18 @@ def tools(inv: Investigation) -> list[Tool]:
 
     async def save_explanation(
         ctx: Context,
-        behaviour: Annotated[str, Field(min_length=1, max_length=2000,
-                                        description="the behaviour explained")],
+        behaviour: Annotated[str, Field(min_length=1, max_length=2000)],
         components: Annotated[list[ComponentRole], Field(min_length=1, max_length=200)],
         evidence: Annotated[list[Evidence], Field(min_length=1, max_length=100)],
-        confidence: Annotated[float, Field(ge=0, le=1, description="0..1")],
+        confidence: Annotated[float, Field(ge=0, le=1)],
         alternatives: Annotated[list[str], Field(max_length=50)] = [],  # noqa: B006
         limitations: Annotated[list[str], Field(max_length=50)] = [],  # noqa: B006
     ) -> ExplanationResult:
-        """Record a validated finding: the behaviour, the components with their roles, typed
-        evidence (intervention, ablation, graph, activation_examples, attribution, probe,
-        dataset, other) with values, confidence, alternatives and limitations. Example:
-        save_explanation(behaviour="she after a girl's name", components=[{"key": "1.attn.o:5",
-        "role": "copies gender"}], evidence=[{"type": "ablation", "description": "p(she)
-        0.9→0.1", "value": -0.8}], confidence=0.8)."""
+        """Record a validated finding: the behaviour, components with their roles, typed evidence
+        with values, confidence, alternatives and limitations. Example:
+        save_explanation(behaviour="she after a girl's name", components=[{"key":
+        "1.attn.o:5", "role": "copies gender"}], evidence=[{"type": "ablation", "description":
+        "p(she) 0.9→0.1", "value": -0.8}], confidence=0.8)."""
         st = state(ctx)
         canon = []
         for i, c in enumerate(components):
@@ -216,9 +214,7 @@ def tools(inv: Investigation) -> list[Tool]:
         summary: Annotated[str, Field(min_length=1, max_length=20_000)],
         status: Literal["in_progress", "completed", "inconclusive"],
     ) -> OkResult:
-        """Set the investigation's title, summary and status (in_progress, completed or
-        inconclusive); call it when you finish. Example: set_investigation_summary(title=
-        "Gendered pronouns", summary="...", status="completed")."""
+        """Set the investigation's title, summary and status; call it when you finish."""
         td = inv.task()
         td.set_summary(title, summary, status)
         td.append_event(SOURCE, "summary", f"[{status}] {title}", {"status": status})
@@ -226,16 +222,15 @@ def tools(inv: Investigation) -> list[Tool]:
 
     async def save_graph_artifact(
         ctx: Context,
-        graph_id: Annotated[int, Field(description="id from compute_graph / optimize_graph")],
+        graph_id: GraphIdArg,
         title: Annotated[str, Field(min_length=1, max_length=300)],
         caption: Annotated[str | None, Field(max_length=4000)] = None,
         max_edges: Annotated[int, Field(ge=1, le=5000, description="largest edges kept")] = 300,
-        ci_threshold: Annotated[float, Field(ge=0, le=1, description="drop nodes with CI ≤")]
-        = 0.0,
+        ci_threshold: Annotated[float, Field(ge=0, le=1, description="drop nodes with CI ≤ this")
+                                ] = 0.0,
     ) -> ArtifactResult:
         """Save a stored graph as a self-contained JSON artifact (nodes, top edges, prompt,
-        optimisation metrics) in the task directory; cite it in the research log as
-        [[artifact:ID]]. Example: save_graph_artifact(graph_id=3, title="she circuit")."""
+        optimisation metrics) in the task directory; cite it in the log as [[artifact:ID]]."""
         td = inv.task()
         aid = f"g{graph_id}-{secrets.token_hex(3)}"
         art = await graph_artifact(state(ctx), graph_id, artifact_id=aid, title=title,
@@ -253,14 +248,13 @@ def tools(inv: Investigation) -> list[Tool]:
         category: Annotated[str | None, Field(max_length=100,
                                               description="e.g. missing_tool, bug")] = None,
     ) -> OkResult:
-        """Tell the maintainers what tool or feature was missing or awkward. Example:
-        submit_suggestion(text="get_graph should filter by layer", category="missing_tool")."""
+        """Tell the maintainers what tool or feature was missing or awkward."""
         _event(inv, "suggestion", text[:200], {"text": text, "category": category})
         return OkResult(ok=True, note=inv.note())
 
     async def get_investigation() -> InvestigationInfo:
         """The current investigation: task info, question, summary, counts and the last 10
-        events. Example: get_investigation()."""
+        events."""
         td = inv.task()
         info = td.info()
         events = td.events()

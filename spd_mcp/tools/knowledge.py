@@ -20,25 +20,20 @@ from spd_mcp.service.labels import best_labels, search_labels
 from spd_mcp.service.prepare import ensure_harvest
 from spd_mcp.service.state import AppState, compute
 
-from .common import READ_ONLY, STORES, Progress, state, strict_tool
-
-ComponentArg = Annotated[str, Field(description="component key 'LAYER:C', e.g. '1.attn.o:5'")]
+from .common import READ_ONLY, STORES, ComponentArg, Progress, state, strict_tool
 
 
 async def get_component_info(
     ctx: Context,
     component: ComponentArg,
     rank_tokens_by: Annotated[K.TokenRank, Field(
-        description="how to rank associated tokens: smoothed_pmi (PMI shrunk toward 0 for rare "
-        "tokens, so it does not tie at recall 1), pmi, precision, recall, count; "
-        "tokens_ranked_by in the result says which")] = "smoothed_pmi",
+        description="smoothed_pmi = PMI shrunk toward 0 for rare tokens")] = "smoothed_pmi",
     top_k: Annotated[int, Field(ge=1, le=50)] = 10,
     min_count: Annotated[int, Field(ge=1, description="ignore rarer token pairs")] = 3,
 ) -> K.ComponentInfo:
-    """What a component fires on and where: density, mean CI / activation (and the fraction of
-    firings with a positive activation), top input tokens and predicted output tokens (count,
-    precision, recall, PMI, smoothed PMI), co-firing components, label if any.
-    Example: get_component_info(component="1.attn.o:5")."""
+    """What a component fires on (from the harvest): density, mean CI / activation (and the
+    fraction of firings with a positive activation), top input tokens and predicted output
+    tokens (count, precision, recall, PMI, smoothed PMI), co-firing components, label if any."""
     st = state(ctx)
     st.session.keys.component(component)
     h = await _harvest(ctx, st)
@@ -56,10 +51,10 @@ async def get_component_activation_examples(
     limit: Annotated[int, Field(ge=1, le=50)] = 10,
     offset: Annotated[int, Field(ge=0)] = 0,
     order: Annotated[Literal["random", "ci", "act"], Field(
-        description="random = a uniform sample; ci / act = strongest first")] = "random",
+        description="a uniform sample, or strongest first")] = "random",
 ) -> K.ActivationExamples:
     """Dataset windows where a component fires, the firing token in [[ ]], with the component's
-    CI at every window token. Example: get_component_activation_examples(component="0.mlp.up:3")."""
+    CI at every window token."""
     st = state(ctx)
     st.session.keys.component(component)
     h = await _harvest(ctx, st)
@@ -70,29 +65,26 @@ async def get_component_activation_examples(
 async def search_components(
     ctx: Context,
     output_token: Annotated[str | None, Field(
-        description="components that drive / accompany the model predicting this token")] = None,
-    input_token: Annotated[str | None, Field(description="components firing on this token")
-                           ] = None,
-    label: Annotated[str | None, Field(description="text to find in component labels")] = None,
-    layer: Annotated[str | None, Field(description="restrict to one canonical layer")] = None,
+        description="components driving / accompanying its prediction")] = None,
+    input_token: Annotated[str | None, Field(description="components firing on it")] = None,
+    label: Annotated[str | None, Field(description="text in component labels")] = None,
+    layer: Annotated[str | None, Field(description="one canonical layer")] = None,
     rank_by: Annotated[Literal["effect", "smoothed_pmi", "pmi", "precision", "recall", "count"]
                        | None, Field(
-        description="effect (output_token only, the default there): first-order drop in "
-        "log P(token) when the component is ablated, over dataset positions predicting it; "
-        "smoothed_pmi (default for input_token) / pmi / precision / recall / count: firing "
-        "association from the harvest")] = None,
+        description="effect (output_token default): first-order drop in log P(token) when "
+        "ablated; the others: firing association from the harvest (smoothed_pmi default)")
+    ] = None,
     min_count: Annotated[int, Field(ge=1)] = 3,
     limit: Annotated[int, Field(ge=1, le=100)] = 10,
-    include_bias: Annotated[bool, Field(
-        description="include always-on 'bias' components (excluded by default)")] = False,
+    include_bias: Annotated[bool, Field(description="include always-on 'bias' components")
+                            ] = False,
     active_on: Annotated[str | None, Field(
-        description="a prompt: flag each hit that is not alive on it (natural CI 0 at every "
-        "position), so you do not chase components idle there")] = None,
+        description="a prompt: flag hits not alive on it (CI 0 everywhere)")] = None,
 ) -> K.ComponentSearch:
-    """Find components by what they do for a predicted token (output_token), by the tokens they
-    fire on (input_token), by label text, or list a layer's components by density. Rankings
-    other than effect and label need the run's harvest. Example: search_components(
-    output_token="she", limit=10, active_on="... and there")."""
+    """Find components by their effect on a predicted token (output_token), the tokens they
+    fire on (input_token) or label text, or list a layer's components by density. Rankings
+    other than effect and label need the harvest. Example:
+    search_components(output_token="she", active_on="... and there")."""
     st = state(ctx)
     s = st.session
     given = [x for x in (output_token, input_token, label) if x is not None]
@@ -167,13 +159,11 @@ async def _search(
 async def label_component(
     ctx: Context,
     component: ComponentArg,
-    refresh: Annotated[bool, Field(description="ask again even if a label exists")] = False,
-    model: Annotated[str | None, Field(description="Anthropic model (default: the labeller's)")
-                     ] = None,
+    refresh: Annotated[bool, Field(description="relabel even if labelled")] = False,
+    model: Annotated[str | None, Field(description="Anthropic model")] = None,
 ) -> LabelRow:
-    """Label one component now with an LLM (autointerp from its activation examples and token
-    statistics); needs ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL) in the server's environment.
-    Example: label_component(component="1.attn.o:5")."""
+    """Label one component now with an LLM (from its activation examples and token statistics);
+    needs ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL) in the server's environment."""
     from spd_mcp.interp.autointerp import label_one
     from spd_mcp.interp.client import NO_KEY, LLMSettings, api_key_configured
     from spd_mcp.interp.store import LabelStore, labels_path

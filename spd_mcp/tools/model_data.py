@@ -17,7 +17,7 @@ from spd_mcp.service.model_info import ModelInfo, model_info
 from spd_mcp.service.prompts import check_text, resolve_prompt
 from spd_mcp.service.state import compute
 
-from .common import READ_ONLY, STORES, state, strict_tool
+from .common import READ_ONLY, STORES, EditArg, PromptIdArg, TextArg, state, strict_tool
 
 
 async def get_model_info(ctx: Context) -> ModelInfo:
@@ -43,11 +43,10 @@ class Tokenized(BaseModel):
 
 def tokenize(
     ctx: Context,
-    text: Annotated[str, Field(description="text to tokenise, e.g. 'the ball was'")],
+    text: str,
 ) -> Tokenized:
-    """Split text into tokens as the model sees them (with the tokenizer's special tokens, e.g.
-    <bos> at position 0).
-    Example: tokenize(text="mia said , \\" hello") → positions, ids, unknown words."""
+    """Split text into tokens as the model sees them (with special tokens, e.g. <bos> at
+    position 0): positions, ids, unknown words."""
     s = state(ctx).session
     check_text(text)
     tok = s.tok
@@ -75,18 +74,13 @@ class PromptCreated(BaseModel):
         None, description="with edit: the edited model's top-5 next tokens")
 
 
-EditArg = Annotated[int | None, Field(
-    description="a stored edit's id (edit_components / train_component_edit) to apply")]
-
-
 async def create_prompt(
     ctx: Context,
-    text: Annotated[str, Field(description="prompt text, e.g. 'mia found a ball . the ball was'")],
+    text: str,
     edit: EditArg = None,
 ) -> PromptCreated:
-    """Store a prompt and return its id (the same text always gets the same id) with the
-    target's top-5 next tokens; other tools accept prompt_id instead of text. With edit=ID, also
-    the edited model's top-5."""
+    """Store a prompt and return its id (same text, same id) and the target's top-5 next tokens
+    (with edit=ID, also the edited model's); other tools accept prompt_id instead of text."""
     st = state(ctx)
     ids, pid = await resolve_prompt(st, text, None)
     out = PromptCreated(prompt_id=pid, n_tokens=len(ids), tokens=st.session.tokens(ids))
@@ -111,12 +105,12 @@ async def create_prompt(
 
 async def search_dataset(
     ctx: Context,
-    query: Annotated[str, Field(description="a word or phrase, e.g. 'friend called'")],
-    offset: Annotated[int, Field(ge=0, description="paging offset")] = 0,
-    limit: Annotated[int, Field(ge=1, le=100, description="matches per page")] = 20,
+    query: Annotated[str, Field(description="a word or phrase")],
+    offset: Annotated[int, Field(ge=0)] = 0,
+    limit: Annotated[int, Field(ge=1, le=100)] = 20,
 ) -> DatasetSearchResult:
-    """Find a phrase in a fixed sample of the run's training stories (2000 documents, indexed
-    once). Returns match contexts with the phrase in [[ ]], paged."""
+    """Find a phrase in a fixed sample of the run's training data (2000 documents): match
+    contexts with the phrase in [[ ]], paged."""
     st = state(ctx)
     check_text(query, "query")
     st.session.require_lm()
@@ -132,15 +126,15 @@ class EditedGeneration(Generation):
 
 async def generate_tool(
     ctx: Context,
-    text: Annotated[str | None, Field(description="prompt text (or give prompt_id)")] = None,
-    prompt_id: Annotated[int | None, Field(description="a stored prompt's id")] = None,
+    text: TextArg = None,
+    prompt_id: PromptIdArg = None,
     max_new_tokens: Annotated[int, Field(ge=1, le=64)] = 20,
     temperature: Annotated[float, Field(ge=0, le=5, description="0 = greedy")] = 0.0,
     seed: int = 0,
     edit: EditArg = None,
 ) -> EditedGeneration:
-    """Continue a prompt with the target model, or with a stored edit applied (edit=ID; the
-    unedited continuation is returned alongside). Example: generate(text="once upon a time")."""
+    """Continue a prompt with the target model, or with an edit applied (edit=ID; the unedited
+    continuation alongside)."""
     st = state(ctx)
     ids, _ = await resolve_prompt(st, text, prompt_id)
     e = await get_edit(st, edit)
@@ -168,10 +162,10 @@ class Pong(BaseModel):
 
 
 def ping(
-    ctx: Context, message: Annotated[str, Field(max_length=1000, description="echoed back")] = ""
+    ctx: Context, message: Annotated[str, Field(max_length=1000)] = ""
 ) -> Pong:
-    """Health check: echoes the message and reports what the compute worker is doing.
-    Example: ping(message="hello")."""
+    """Health check: echoes the message and reports what the compute worker is doing and the
+    estimated wait."""
     ex = state(ctx).executor
     return Pong(message=message, compute_running=ex.running,
                 estimated_wait_s=round(ex.estimated_wait(), 2))
