@@ -4,7 +4,8 @@ For each recipe: wall time per circuit (median, one torch thread unless ``--thre
 size, and the label probability of the circuit under CI, stochastic and adversarial masks (the
 adversarial regime re-measured with ``run_intervention``'s PGD, 20 steps, on the circuit's
 nodes), plus the necessity check (the circuit's nodes ablated in the full model). ``today`` is
-the recipe before issue 18 (no adversarial term); ``default`` is the current default.
+the recipe before issue 18 (no adversarial term), ``adv1_fresh`` the agents' fix (a fresh
+10-step PGD adversary every step), ``default`` the current default (a persistent adversary).
 
     python benchmarks/optimize.py [--threads 1] [--per-behaviour 5] [--recipes today,default]
 """
@@ -28,7 +29,8 @@ from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
 
 RECIPES: dict[str, dict[str, Any]] = {
     "today": {"steps": 200, "mask_type": "both", "adv_coeff": 0.0},
-    "adv1": {"steps": 200, "mask_type": "both", "adv_coeff": 1.0, "pgd_steps": 10},
+    "adv1_fresh": {"steps": 200, "mask_type": "both", "adv_coeff": 1.0, "adv_mode": "fresh",
+                   "pgd_steps": 10},
     "default": {},
 }
 BEHAVIOUR_NAMES = ("pronoun", "agreement", "attribute", "induction")
@@ -75,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--per-behaviour", type=int, default=5)
-    ap.add_argument("--recipes", default="today,default")
+    ap.add_argument("--recipes", default="today,default,adv1_fresh")
     ap.add_argument("--rows", action="store_true", help="print per-probe rows too")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
