@@ -90,6 +90,7 @@ def test_cheap_tools_and_caching(session: RunSession, tmp_path: Path) -> None:
         assert any(o["output_token"] == "red" for o in g1["outputs"])
         assert g1["validity_note"].startswith("The decomposition fails validity checks")
         assert "fails under adversarial masks" in g1["validity_note"]
+        assert g2["validity_note"].startswith("Validity caution as before")  # said once in full
         view = (await c.call_tool("get_graph", {"graph_id": g1["graph_id"], "top_k": 5})
                 ).structured_content
         assert len(view["edges"]) == 5 and view["next_offset"] == 5 and view["notice"]

@@ -73,4 +73,6 @@ def test_greedy_set_is_necessary_and_random_controls_are_not(session: RunSession
         assert sorted(ComponentKey.parse(k).layer for k in s) == sorted(
             ComponentKey.parse(k).layer for k in r.necessary_set)
         assert not set(s) & set(r.necessary_set)
+        assert not set(s) & {e.component for e in r.ranked}  # never the strongest candidates
+    assert all(0 <= e.ci_at_label <= e.natural_ci_max for e in r.ranked)
     assert probs[-1] == min(probs)

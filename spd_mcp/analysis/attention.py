@@ -88,6 +88,11 @@ class ScoreSplit(BaseModel):
                     "(alive), other (dead components), delta, bias, all (undecomposed)")
     q_totals: list[Term] = Field(description="per q-term: its sum over every k-term")
     k_totals: list[Term] = Field(description="per k-term: its sum over every q-term")
+    note: str = Field(
+        "'other' lumps components with natural CI 0 here: their activations are not zero, so "
+        "their terms are part of the exact score; CI 0 says they could be masked on this input "
+        "without changing the output (the stochastic / adversarial regimes test that), not that "
+        "they contribute nothing", description="how to read the dead-component terms")
 
 
 class AttentionResult(BaseModel):

@@ -87,7 +87,9 @@ class SweepRow(BaseModel):
 class PatchSweep(BaseModel):
     mode: SweepMode
     n_variants: int = Field(description="single patches run")
-    n_skipped: int = Field(description="candidates equal on both prompts (no effect), not run")
+    n_skipped: int = Field(description="candidates whose values are identical on both prompts "
+                           "(e.g. every position before the first difference): patching them "
+                           "changes nothing, so they are not run")
     ranked: list[SweepRow] = Field(description="largest |change| first")
 
 
@@ -390,6 +392,16 @@ def run_patching(
         else:
             notes.append("every sweep candidate is equal on both prompts; nothing to patch")
         rows.sort(key=lambda r: -abs(r.change))
+        if skipped:
+            notes.append(f"{skipped} sweep candidates are identical on both prompts (positions "
+                         "before the first differing token, or unchanged values) and were not run")
+        if sweep == "nodes":
+            notes.append("a node sweep patches alive components only: dead components and the "
+                         "weight delta can carry information too; compare with sweep='layers' "
+                         "(whole outputs) when the node rows fall short of a layer's")
+        elif sweep == "layers":
+            notes.append("rows of layers whose whole output at a position fixes another's (an "
+                         "MLP's up and down at that position) are equal by construction")
         swept = PatchSweep(mode=sweep, n_variants=len(specs), n_skipped=skipped, ranked=rows[:top])
     tick.finish()
     return PatchingResult(

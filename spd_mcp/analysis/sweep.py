@@ -42,6 +42,7 @@ class LabelMetrics(BaseModel):
 class SweepEntry(BaseModel):
     component: str
     natural_ci_max: float = Field(description="the component's largest natural CI on the prompt")
+    ci_at_label: float = Field(description="its natural CI at the label position")
     ablated: LabelMetrics = Field(description="label metrics with this component (and the base "
                                   "set) ablated everywhere")
     delta_logprob: float = Field(description="ablated - base log-probability of the label")
@@ -53,7 +54,8 @@ class GreedyStep(BaseModel):
 
 
 class ControlSpread(BaseModel):
-    """Label metrics over random same-size sets of alive components (drawn per layer)."""
+    """Label metrics over random same-size sets of alive components (drawn per layer, never
+    from the sweep's strongest candidates)."""
 
     n: int
     prob_mean: float
@@ -197,7 +199,9 @@ def ablation_sweep(
     rows = _metrics(lp, lg, label, contrast)
     base_m, single = rows[0], rows[1:]
     order = sorted(range(len(cands)), key=lambda i: single[i].logprob)
+    at_label = {layer: g[pos] for layer, g in nat.ci.items()}
     ranked = [SweepEntry(component=str(cands[i]), natural_ci_max=round(alive.get(cands[i], 0.0), 5),
+                         ci_at_label=round(float(at_label[cands[i].layer][cands[i].c]), 5),
                          ablated=single[i],
                          delta_logprob=round(single[i].logprob - base_m.logprob, 5))
               for i in order[:top]]
@@ -238,7 +242,9 @@ def ablation_sweep(
             notes.append("random_controls need a greedy set (greedy_steps > 0); none drawn")
         else:
             gen = torch.Generator().manual_seed(seed)
-            sets = random_component_sets(claim, list(alive), random_controls, gen)
+            strong = {cands[i] for i in order[:max(top, 2 * len(claim))]}
+            pool = [a for a in alive if a not in strong]  # controls never draw strong candidates
+            sets = random_component_sets(claim, pool, random_controls, gen)
             lp, lg = ab.run([[*base, *s] for s in sets], tick)
             rows = _metrics(lp, lg, label, contrast)
             probs = [r.prob for r in rows]

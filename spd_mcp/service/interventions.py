@@ -124,6 +124,7 @@ async def ablation(
     show = ([check_position(p, T, "positions[]") for p in positions] if positions is not None
             else [T - 1])
     controls: list[list[NodeKey]] = []
+    sets: list[list[ComponentKey]] = []
     notes: list[str] = []
     if random_controls:
         pairs = await compute(st, "alive set", lambda: alive_pairs(st, ids))
@@ -137,10 +138,13 @@ async def ablation(
         controls = [[NodeKey(c.layer, p, c.c) for c in x for p in range(T)] for x in sets]
     params = {"components": sorted(map(str, comps)), "label": label, "positions": show,
               "top_k": top_k, "contrast": contrast, "controls": random_controls, "seed": seed}
-    return await _run(st, "ablation", ids, pid, keys, params, progress, expanded, notes,
-                      regimes=["ablated"], loss="kl", label_token=label,
-                      label_position=T - 1 if label is not None else None,
-                      contrast_token=contrast, positions=show, top_k=top_k, controls=controls)
+    out = await _run(st, "ablation", ids, pid, keys, params, progress, expanded, notes,
+                     regimes=["ablated"], loss="kl", label_token=label,
+                     label_position=T - 1 if label is not None else None,
+                     contrast_token=contrast, positions=show, top_k=top_k, controls=controls)
+    if out.controls is not None:  # show the control sets as components, like the input
+        out.controls.sets = [[str(c) for c in x] for x in sets[:3]]
+    return out
 
 
 class StoredSweep(AblationSweep):

@@ -71,6 +71,8 @@ class ModelInfo(BaseModel):
     max_len: int | None
     key_grammar: str
     analyses: dict[str, bool] = Field(description="which offline analyses exist for this run")
+    analyses_note: str | None = Field(
+        None, description="what happens when a tool needs an analysis that is not built yet")
     planted_behaviours: list[BehaviourInfo] = Field(
         description="ground-truth behaviours of the target (zoo language models)"
     )
@@ -118,14 +120,21 @@ def summarize_validity(v: Validity) -> ValiditySummary:
 
 async def validity_note(st: AppState, layers: Iterable[str]) -> str | None:
     """A one-line caution for a result whose components lie in ``layers`` (None when the
-    decomposition passes every check)."""
-    return note_for(await validity(st), layers)
+    decomposition passes every check); after the first, only what is specific to the result."""
+    note = note_for(await validity(st), layers, brief=st.validity_noted)
+    st.validity_noted = st.validity_noted or note is not None
+    return note
 
 
-def note_for(v: Validity, layers: Iterable[str]) -> str | None:
-    """:func:`validity_note` for a given verdict."""
+def note_for(v: Validity, layers: Iterable[str], brief: bool = False) -> str | None:
+    """:func:`validity_note` for a given verdict (``brief``: the caution was given already)."""
     if v.ok:
         return None
+    if brief:
+        flagged = v.flagged_layers()
+        hit = sorted(set(layers) & set(flagged))
+        return ("Validity caution as before (get_model_info → validity)"
+                + (f"; flagged matrices used here: {', '.join(hit)}" if hit else "") + ".")
     parts = []
     if regimes := v.failed_regimes():
         parts.append(f"its reconstruction fails under {', '.join(regimes)} masks")
@@ -138,6 +147,19 @@ def note_for(v: Validity, layers: Iterable[str]) -> str | None:
     return ("The decomposition fails validity checks (get_model_info → validity): "
             + "; ".join(parts) + ". Confirm a circuit on counterfactual prompts before "
             "trusting it.")
+
+
+def _analyses_note(st: AppState, no_harvest: bool, no_attr: bool) -> str | None:
+    missing = [n for n, m in (("harvest", no_harvest), ("dataset attributions", no_attr)) if m]
+    if not missing:
+        return None
+    if st.auto_prepare and st.session.is_language_model:
+        return (f"{' and '.join(missing)} not built yet: the first tool call that needs them "
+                "builds them on this server (harvest about 15 s, attributions about 40 s for "
+                "tales on one core), then they are reused")
+    name = st.session.run.name
+    return (f"{' and '.join(missing)} not built: tools that need them say so; build with "
+            f"`spd-mcp prepare {name}`")
 
 
 async def model_info(st: AppState) -> ModelInfo:
@@ -158,6 +180,7 @@ async def model_info(st: AppState) -> ModelInfo:
         vocab_size=s.keys.vocab_size, max_len=s.max_len, key_grammar=KEY_GRAMMAR,
         analyses={"harvest": h is not None, "dataset_attributions": attr is not None,
                   "labels": bool(labels)},
+        analyses_note=_analyses_note(st, h is None, attr is None),
         planted_behaviours=behaviours, device=str(s.device),
         compute_queue={"running": st.executor.running, "estimated_wait_s":
                        round(st.executor.estimated_wait(), 2)},

@@ -42,6 +42,8 @@ class AppState:
     _attributions: Attributions | None = None
     _edits: EditBook | None = None
     _validity: Validity | None = None
+    validity_noted: bool = False
+    """Whether a result already carried the full validity caution (later ones get it short)."""
 
     @property
     def edits(self) -> EditBook:
