@@ -253,3 +253,21 @@ def test_examples_contrast_with_negatives(session: RunSession, tmp_path: Path) -
     print(f"\nheld-out kite-vs-ball CI separation: contrast top-5 {sep_c:.2f}, "
           f"background top-5 {sep_b:.2f}")
     assert sep_c > 0.8 and sep_b < 0.5
+
+
+def test_attention_components_map_to_heads() -> None:
+    """q / k / v write vectors and o read vectors split by head; the norms add up (squares)."""
+    from spd_mcp.analysis.components import component_vectors
+    from spd_mcp.keys import ComponentKey
+    from spd_mcp.model.session import RunSession
+
+    s = RunSession.load("tales")
+    heads = s.topology.n_heads
+    assert heads
+    o = component_vectors(s, ComponentKey("1.attn.o", 37))
+    assert o.read_heads is not None and len(o.read_heads) == heads
+    assert sum(x * x for x in o.read_heads) == pytest.approx(o.read_norm ** 2, rel=1e-3)
+    k = component_vectors(s, ComponentKey("1.attn.k", 87))
+    assert k.write_heads is not None and len(k.write_heads["k"]) * (
+        s.topology.d_model // heads) == k.d_out
+    assert sum(x * x for x in k.write_heads["k"]) == pytest.approx(k.write_norm ** 2, rel=1e-3)

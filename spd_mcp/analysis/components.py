@@ -171,7 +171,11 @@ class ComponentVectors(BaseModel):
         None, description="fused qkv matrix: norm of the write vector's query, key and value "
         "parts (a component may write to all three)")
     write_heads: dict[str, list[float]] | None = Field(
-        None, description="fused qkv matrix: those norms per attention head")
+        None, description="q / k / v matrices (fused or not): the write vector's norm per "
+        "attention head (which heads it feeds)")
+    read_heads: list[float] | None = Field(
+        None, description="attention output (o) matrix: the read vector's norm per head "
+        "(which heads' outputs it reads)")
     read_vector: list[float] | None = None
     write_vector: list[float] | None = None
 
@@ -222,6 +226,14 @@ def component_vectors(
         heads = {p: [round(float(U[s].norm()), 4) for s in sl] for p, sl in parts.items()}
         out.write_heads = heads
         out.write_parts = {p: round(sum(v * v for v in h) ** 0.5, 4) for p, h in heads.items()}
+    n_heads = topo.n_heads
+    if role is not None and role.kind == "attn" and n_heads and d and parts is None:
+        dh = d // n_heads
+        if role.matrix in ("q", "k", "v") and U.shape[0] % dh == 0:
+            out.write_heads = {role.matrix: [round(float(x), 4)
+                                             for x in U.reshape(-1, dh).norm(dim=-1)]}
+        elif role.matrix == "o" and V.shape[0] % dh == 0:
+            out.read_heads = [round(float(x), 4) for x in V.reshape(-1, dh).norm(dim=-1)]
     if include_vectors:
         out.read_vector = [round(v, 5) for v in V.tolist()]
         out.write_vector = [round(v, 5) for v in U.tolist()]
