@@ -310,3 +310,33 @@ def test_tool_answers_caches_and_refuses_bad_calls(tales, tmp_path: Path) -> Non
             assert not (await c.call_tool("get_model_info", {})).is_error
 
     with_client(tales, tmp_path / "app.db", fn)
+
+
+def test_edited_patterns_show_where_a_head_stops_looking(tmp_path: Path) -> None:
+    """Agreement on tales: layer-1 head 3 attends from the verb position to a singular head
+    noun; with the two key components found there switched off (an edit), it looks elsewhere."""
+    s = RunSession.load("tales")
+    text = ("once upon a time , a kind boy named tom lived in a house . the house behind the "
+            "old ducks")
+    head_pos = s.tokens(s.encode(text)).index("house", 15)
+
+    async def fn(c: Any) -> tuple[Any, Any, Any]:
+        plain = await c.call_tool("get_attention", {"text": text, "layers": [1], "heads": [3]})
+        e = await c.call_tool("edit_components", {"components": [
+            {"component": "1.attn.k:87", "scale": 0}, {"component": "1.attn.k:75", "scale": 0}]})
+        eid = e.structured_content["edit_id"]
+        edited = await c.call_tool("get_attention", {"text": text, "layers": [1], "heads": [3],
+                                                     "edit": eid})
+        bad = await c.call_tool("get_attention", {"text": text, "edit": eid, "split": {
+            "layer": 1, "head": 3, "key_position": head_pos}})
+        return plain, edited, bad
+
+    plain, edited, bad = with_client(s, tmp_path / "app.db", fn)
+
+    def weight(res: Any) -> float:
+        (pat,) = res.structured_content["patterns"]
+        return sum(k["weight"] for k in pat["keys"] if k["pos"] == head_pos)
+
+    assert weight(plain) > 0.5 and weight(edited) < 0.5 * weight(plain), (
+        weight(plain), weight(edited))
+    assert bad.is_error and "split" in bad.content[0].text

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from spd_mcp.analysis.attention import AttentionResult, get_attention
+from spd_mcp.editing.edit import applied
 from spd_mcp.errors import InputError
 
+from .edits import get_edit
 from .model_info import validity_note
 from .prompts import check_position, resolve_prompt
 from .state import AppState, compute
@@ -41,7 +43,7 @@ async def attention(
     st: AppState, *, text: str | None, prompt_id: int | None,
     layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
     query_positions: Sequence[int] | None = None, top_k: int = 5,
-    split: SplitArg | None = None, top_pairs: int = 10,
+    split: SplitArg | None = None, top_pairs: int = 10, edit: int | None = None,
 ) -> StoredAttention:
     """Top attended keys per (layer, head, query position) and an optional score split
     (stored get-or-create)."""
@@ -72,8 +74,14 @@ async def attention(
             raise InputError(f"split.key_position {kp} is after split.query_position {qp}; "
                              f"attention is causal (valid key positions: 0..{qp})")
         sp = (lay, head, qp, kp)
+    e = await get_edit(st, edit)
+    if e is not None and sp is not None:
+        raise InputError("split decomposes the unedited target's score into its components; "
+                         "with edit give patterns only (drop split), or split without edit")
     key = {"prompt_id": pid, "layers": lays, "heads": hs, "query_positions": qpos,
            "top_k": top_k, "split": list(sp) if sp else None, "top_pairs": top_pairs}
+    if edit is not None:
+        key["edit"] = edit
     note = None
     if sp is not None:
         names = s.topology.qkv_layers(sp[0])
@@ -81,8 +89,14 @@ async def attention(
     found = await st.store.find_result("attention", key)
     if found is not None:
         return StoredAttention(**found[1], run_id=found[0], cached=True, validity_note=note)
-    res = await compute(st, "get_attention", lambda: get_attention(
-        s, ids, layers=lays, heads=hs, query_positions=qpos, top_k=top_k, split=sp,
-        top_pairs=top_pairs))
+    def work() -> AttentionResult:
+        if e is None:
+            return get_attention(s, ids, layers=lays, heads=hs, query_positions=qpos,
+                                 top_k=top_k, split=sp, top_pairs=top_pairs)
+        with applied(s, e, s.ids_tensor(ids)):  # the edited model's patterns
+            return get_attention(s, ids, layers=lays, heads=hs, query_positions=qpos,
+                                 top_k=top_k, split=None, top_pairs=top_pairs)
+
+    res = await compute(st, "get_attention", work)
     rid = await st.store.put_result("attention", key, res.model_dump(), None, pid)
     return StoredAttention(**res.model_dump(), run_id=rid, cached=False, validity_note=note)

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from spd_mcp.service.attention import SplitArg, StoredAttention, attention
 
-from .common import STORES, PromptIdArg, TextArg, state, strict_tool
+from .common import STORES, EditArg, PromptIdArg, TextArg, state, strict_tool
 
 
 async def get_attention(
@@ -25,15 +25,18 @@ async def get_attention(
     split: Annotated[SplitArg | None, Field(
         description="terms: alive 'LAYER:C', q./k.other (dead), q./k.delta, q./k.bias")] = None,
     top_pairs: Annotated[int, Field(ge=1, le=100, description="pairs and totals listed")] = 10,
+    edit: EditArg = None,
 ) -> StoredAttention:
     """Attention patterns: for each block and head, the keys a query position attends to most.
     With split, one pre-softmax score (scale·q·k, rotary applied) decomposed exactly into
     (q-term, k-term) pairs of SPD components, with per-term totals; sum_of_terms = score.
+    With edit=ID (e.g. components scaled to 0 by edit_components), the edited model's patterns.
     Example: get_attention(text="...", layers=[1], split={"layer": 1, "head": 2,
     "key_position": 9})."""
     return await attention(
         state(ctx), text=text, prompt_id=prompt_id, layers=layers, heads=heads,
-        query_positions=query_positions, top_k=top_k, split=split, top_pairs=top_pairs)
+        query_positions=query_positions, top_k=top_k, split=split, top_pairs=top_pairs,
+        edit=edit)
 
 
 def tools() -> list[Tool]:
