@@ -16,7 +16,7 @@ from pathlib import Path
 
 FOUNDATION = frozenset({"keys", "errors", "paths", "files", "http", "lazy"})
 COMPUTATIONS = frozenset({"analysis", "harvest", "attributions", "editing", "interp",
-                          "investigation"})
+                          "investigation", "bench"})
 FACES = frozenset({"tools", "viewer", "api", "launch", "demo"})
 BELOW_SERVICE = FOUNDATION | {"model"} | COMPUTATIONS
 
@@ -37,6 +37,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "editing": FOUNDATION | {"model", "analysis"},
     "interp": FOUNDATION | {"model", "harvest", "attributions"},
     "investigation": FOUNDATION,
+    "bench": FOUNDATION | {"model", "analysis", "investigation"},
     # the application layer
     "service": BELOW_SERVICE,
     # faces: never another face
