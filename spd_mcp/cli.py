@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     from spd_mcp.demo import add_demo_parser  # light: no torch / mcp import
 
     add_demo_parser(sub)
+    from spd_mcp.benchrun import add_bench_parser  # light: no torch / mcp import
+
+    add_bench_parser(sub)
     from spd_mcp.viewer.cli import add_view_parser  # light: no torch / web import
 
     add_view_parser(sub)
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        from spd_mcp.benchrun import bench_command
+
+        return bench_command(args)
     if args.command == "demo":
         from spd_mcp.demo import demo_command
 

@@ -17,7 +17,7 @@ from pathlib import Path
 FOUNDATION = frozenset({"keys", "errors", "paths", "files", "http", "lazy"})
 COMPUTATIONS = frozenset({"analysis", "harvest", "attributions", "editing", "interp",
                           "investigation", "bench"})
-FACES = frozenset({"tools", "viewer", "api", "launch", "demo"})
+FACES = frozenset({"tools", "viewer", "api", "launch", "demo", "benchrun"})
 BELOW_SERVICE = FOUNDATION | {"model"} | COMPUTATIONS
 
 ALLOWED: dict[str, frozenset[str]] = {
@@ -46,13 +46,14 @@ ALLOWED: dict[str, frozenset[str]] = {
     "api": BELOW_SERVICE | {"service"},
     "launch": FOUNDATION | {"investigation"},
     "demo": FOUNDATION | {"model", "investigation"},
+    "benchrun": FOUNDATION | {"model", "investigation", "bench"},
     # the command line dispatches to everything
     "cli": BELOW_SERVICE | {"service"} | FACES,
 }
 ZOO_ALLOWED = frozenset({"model", "demo", "cli"})
 """Units that may import the built-in targets (``spd_mcp.model.zoo``) by name; everything else
 reaches a model through its adapter (topology, text target)."""
-MCP_ALLOWED = frozenset({"tools", "demo"})
+MCP_ALLOWED = frozenset({"tools", "demo", "benchrun"})
 """Units that may import the ``mcp`` SDK (the MCP face, and the demo's MCP client)."""
 TORCH_FREE = FOUNDATION | {"launch"}
 
