@@ -58,7 +58,11 @@ def _tasks(root: Path) -> list[Path]:
 
 
 def _events(task: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (task / "events.jsonl").read_text().splitlines() if x.strip()]
+    """The task's events so far (none yet while create_task is still writing the directory)."""
+    path = task / "events.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def _agent_run(task: Path) -> ClaudeRun:
