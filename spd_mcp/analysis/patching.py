@@ -21,18 +21,16 @@ behaves like the source prompt.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from spd_mcp.analysis.sweep import BATCH, LabelMetrics
+from spd_mcp.analysis.sweep import BATCH, LabelMetrics, label_metrics
 from spd_mcp.errors import AnalysisError
 from spd_mcp.keys import EMBED, NodeKey
 from spd_mcp.model.session import RunSession
@@ -172,17 +170,6 @@ def _record(session: RunSession, ids: list[int]) -> _Record:
 
 
 # ------------------------------------------------------------------------------------ patching
-def _label_metrics(logits: Tensor, label: int, contrast: int | None) -> list[LabelMetrics]:
-    """Label metrics per row of (B, V) logits."""
-    lp = F.log_softmax(logits.float(), -1)[:, label].tolist()
-    lg = logits[:, label].float().tolist()
-    diff = ((logits[:, label] - logits[:, contrast]).float().tolist() if contrast is not None
-            else [None] * len(lp))
-    return [LabelMetrics(prob=round(math.exp(a), 6), logprob=round(a, 5), logit=round(b, 5),
-                         logit_diff=None if d is None else round(d, 5))
-            for a, b, d in zip(lp, lg, diff, strict=True)]
-
-
 class Patcher:
     """Batched patched forwards of the run prompt with values from the source prompt."""
 
@@ -360,7 +347,7 @@ def run_patching(
         raise AnalysisError(f"clean positions {bad} are not in position_map; patchable: "
                             f"{sorted(mapped)}")
     p = Patcher(session, clean, corrupt, pairs, direction)
-    cl_m, co_m = _label_metrics(
+    cl_m, co_m = label_metrics(
         torch.stack([p.clean.logits[-1], p.corrupt.logits[-1]]), label, contrast)
     base, other = (co_m, cl_m) if direction == "denoising" else (cl_m, co_m)
     b_val, o_val = _value(base), _value(other)
@@ -376,7 +363,7 @@ def run_patching(
 
     patched = None
     if spec is not None:
-        m = _label_metrics(p.run([spec], tick), label, contrast)[0]
+        m = label_metrics(p.run([spec], tick), label, contrast)[0]
         patched = PatchedRun(metrics=m, fraction_recovered=_fraction(_value(m), b_val, o_val),
                              n_nodes=len(spec.nodes), n_outputs=len(spec.outputs))
     swept = None
@@ -384,7 +371,7 @@ def run_patching(
         keys, specs, skipped = sweep_rows
         rows: list[SweepRow] = []
         if specs:
-            for k, m in zip(keys, _label_metrics(p.run(specs, tick), label, contrast),
+            for k, m in zip(keys, label_metrics(p.run(specs, tick), label, contrast),
                             strict=True):
                 v = _value(m)
                 rows.append(SweepRow(patch=k, value=v, change=round(v - b_val, 5),

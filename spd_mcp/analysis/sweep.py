@@ -86,9 +86,10 @@ class AblationSweep(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-def _metrics(lp: Tensor, logits: Tensor, label: int, contrast: int | None) -> list[LabelMetrics]:
-    """Per-row label metrics from (B, V) log-probs and logits."""
-    lab = lp[:, label].tolist()
+def label_metrics(logits: Tensor, label: int, contrast: int | None) -> list[LabelMetrics]:
+    """Per-row label metrics from (B, V) logits at the label position."""
+    logits = logits.float()
+    lab = F.log_softmax(logits, -1)[:, label].tolist()
     lg = logits[:, label].tolist()
     diff = ((logits[:, label] - logits[:, contrast]).tolist() if contrast is not None
             else [None] * len(lab))
@@ -104,14 +105,13 @@ class _Ablator:
         self.s, self.pos = session, pos
         self.x = session.ids_tensor(ids)
         self.T = len(ids)
-        self.n_forward = 0
 
     @torch.no_grad()
     def run(self, sets: Sequence[Sequence[ComponentKey]],
-            progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
-        """(log-probs, logits), each (len(sets), V), at the label position."""
+            progress: Callable[[int], None] | None = None) -> Tensor:
+        """Logits (len(sets), V) at the label position."""
         cm, s = self.s.cm, self.s
-        lps, lgs = [], []
+        lgs = []
         for start in range(0, len(sets), BATCH):
             chunk = sets[start:start + BATCH]
             B = len(chunk)
@@ -121,12 +121,10 @@ class _Ablator:
                     masks[s.to_module[k.layer]][b, :, k.c] = 0.0
             logits = cm(self.x.expand(B, self.T), masks=masks,
                         delta_masks={m: 1.0 for m in masks})[:, self.pos].float()
-            lps.append(F.log_softmax(logits, dim=-1))
             lgs.append(logits)
-            self.n_forward += B
             if progress is not None:
                 progress(B)
-        return torch.cat(lps), torch.cat(lgs)
+        return torch.cat(lgs)
 
 
 def alive_components(session: RunSession, ci: dict[str, Tensor]) -> dict[ComponentKey, float]:
@@ -193,10 +191,8 @@ def ablation_sweep(
     n_rows = len(cands) + 1 + sum(len(cands) - i for i in range(greedy_steps)) + random_controls
     tick = Ticker(n_rows, progress)
 
-    target_lp = F.log_softmax(nat.logits[pos].float(), -1)[None]
-    target = _metrics(target_lp, nat.logits[pos].float()[None], label, contrast)[0]
-    lp, lg = ab.run([base, *[[*base, c] for c in cands]], tick)
-    rows = _metrics(lp, lg, label, contrast)
+    target = label_metrics(nat.logits[pos][None], label, contrast)[0]
+    rows = label_metrics(ab.run([base, *[[*base, c] for c in cands]], tick), label, contrast)
     base_m, single = rows[0], rows[1:]
     order = sorted(range(len(cands)), key=lambda i: single[i].logprob)
     at_label = {layer: g[pos] for layer, g in nat.ci.items()}
@@ -220,8 +216,8 @@ def ablation_sweep(
         best = single[best_i]
         for step in range(greedy_steps):
             if step > 0:
-                lp, lg = ab.run([[*chosen, c] for c in remaining], tick)
-                rows = _metrics(lp, lg, label, contrast)
+                rows = label_metrics(ab.run([[*chosen, c] for c in remaining], tick), label,
+                                     contrast)
                 best_i = min(range(len(remaining)), key=lambda i: rows[i].logprob)
                 best = rows[best_i]
             comp = remaining.pop(best_i)
@@ -245,8 +241,7 @@ def ablation_sweep(
             strong = {cands[i] for i in order[:max(top, 2 * len(claim))]}
             pool = [a for a in alive if a not in strong]  # controls never draw strong candidates
             sets = random_component_sets(claim, pool, random_controls, gen)
-            lp, lg = ab.run([[*base, *s] for s in sets], tick)
-            rows = _metrics(lp, lg, label, contrast)
+            rows = label_metrics(ab.run([[*base, *s] for s in sets], tick), label, contrast)
             probs = [r.prob for r in rows]
             control = ControlSpread(
                 n=len(sets), prob_mean=round(sum(probs) / len(probs), 6),
