@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
-
+from spd_mcp.bench.results import RunRecord, read_results, summarize
 from spd_mcp.errors import OperationError
 
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep that light
@@ -40,26 +38,6 @@ TOPK = 8
 
 class BenchError(OperationError):
     """A tool call of a built-in agent failed."""
-
-
-class RunRecord(BaseModel):
-    """One graded run of one task."""
-
-    task_id: str
-    repeat: int
-    agent: str
-    outcome: str
-    success: bool
-    reason: str
-    components: list[str] = Field(default_factory=list)
-    own_drop: float | None = None
-    max_other_drop: float | None = None
-    random_drop: float | None = None
-    tool_calls: int = 0
-    tool_errors: int = 0
-    agent_seconds: float = 0.0
-    grade_seconds: float = 0.0
-    task_dir: str = ""
 
 
 class _Calls:
@@ -156,38 +134,6 @@ def _record(task: BenchTask, repeat: int, agent: str, g: GradeResult, calls: _Ca
         grade_seconds=g.seconds, task_dir=str(task_dir))
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson interval of a success rate k / n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return round(max(0.0, c - h), 4), round(min(1.0, c + h), 4)
-
-
-def summarize(records: list[RunRecord]) -> dict[str, Any]:
-    """Success rate (with a Wilson interval), outcomes and costs, overall and per task."""
-    per: dict[str, list[RunRecord]] = {}
-    for r in records:
-        per.setdefault(r.task_id, []).append(r)
-    k = sum(r.success for r in records)
-    return {
-        "n_runs": len(records), "successes": k,
-        "success_rate": round(k / len(records), 4) if records else 0.0,
-        "ci95": wilson(k, len(records)),
-        "outcomes": {o: sum(r.outcome == o for r in records)
-                     for o in ("success", "wrong", "inconclusive", "invalid")},
-        "tool_calls": sum(r.tool_calls for r in records),
-        "tool_errors": sum(r.tool_errors for r in records),
-        "agent_seconds": round(sum(r.agent_seconds for r in records), 1),
-        "grade_seconds": round(sum(r.grade_seconds for r in records), 1),
-        "tasks": {t: {"success_rate": round(sum(r.success for r in rs) / len(rs), 4),
-                      "outcomes": [r.outcome for r in rs]} for t, rs in per.items()},
-    }
-
-
 def run_bench(tasks: list[BenchTask], agent: str, out: Path, *, repeats: int = 1,
               threads: int = 1, log: Any = print) -> list[RunRecord]:
     """Run, grade and record every task × repeat; results.jsonl and summary.json in ``out``."""
@@ -224,8 +170,7 @@ def run_bench(tasks: list[BenchTask], agent: str, out: Path, *, repeats: int = 1
 
 def report(out: Path) -> str:
     """results.md from ``out``/results.jsonl (also returned)."""
-    records = [RunRecord.model_validate_json(line) for line in
-               (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    records = read_results(out)
     s = summarize(records)
     agents = sorted({r.agent for r in records})
     lines = [f"# spd-mcp bench: {', '.join(agents)}", "",

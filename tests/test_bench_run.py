@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from spd_mcp.bench.results import wilson
 from spd_mcp.bench.tasks import load_tasks
-from spd_mcp.benchrun import report, run_bench, wilson
+from spd_mcp.benchrun import report, run_bench
 
 
 @pytest.fixture(autouse=True)
