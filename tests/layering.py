@@ -17,7 +17,7 @@ from pathlib import Path
 FOUNDATION = frozenset({"keys", "errors", "paths", "files", "http", "lazy"})
 COMPUTATIONS = frozenset({"analysis", "harvest", "attributions", "editing", "interp",
                           "investigation", "bench"})
-FACES = frozenset({"tools", "viewer", "api", "launch", "demo", "benchrun"})
+FACES = frozenset({"tools", "viewer", "api", "launch", "demo", "benchrun", "sdkagent"})
 BELOW_SERVICE = FOUNDATION | {"model"} | COMPUTATIONS
 
 ALLOWED: dict[str, frozenset[str]] = {
@@ -46,16 +46,21 @@ ALLOWED: dict[str, frozenset[str]] = {
     "api": BELOW_SERVICE | {"service"},
     "launch": FOUNDATION | {"investigation"},
     "demo": FOUNDATION | {"model", "investigation"},
-    "benchrun": FOUNDATION | {"model", "investigation", "bench"},
+    # the bench runner drives agents through the investigation launcher (the one face a face
+    # may build on: it adds grading around launches, it does not duplicate them)
+    "benchrun": FOUNDATION | {"model", "investigation", "bench", "launch"},
+    # the built-in Messages-API agent: an MCP client needing nothing of the package below it
+    "sdkagent": FOUNDATION,
     # the command line dispatches to everything
     "cli": BELOW_SERVICE | {"service"} | FACES,
 }
 ZOO_ALLOWED = frozenset({"model", "demo", "cli"})
 """Units that may import the built-in targets (``spd_mcp.model.zoo``) by name; everything else
 reaches a model through its adapter (topology, text target)."""
-MCP_ALLOWED = frozenset({"tools", "demo", "benchrun"})
-"""Units that may import the ``mcp`` SDK (the MCP face, and the demo's MCP client)."""
-TORCH_FREE = FOUNDATION | {"launch"}
+MCP_ALLOWED = frozenset({"tools", "demo", "benchrun", "sdkagent"})
+"""Units that may import the ``mcp`` SDK (the MCP face, and the MCP clients: the demo, the
+bench runner, the SDK agent)."""
+TORCH_FREE = FOUNDATION | {"launch", "sdkagent"}
 
 
 @dataclass(frozen=True)

@@ -329,3 +329,28 @@ def test_slurm_sharded_harvest_equals_unsharded(tmp_path: Path, slurm_conf: str)
         torch.testing.assert_close(v, merged.stats.t[k], rtol=1e-12, atol=1e-9, msg=k)
     for k, v in whole.examples.tensors().items():
         assert torch.equal(v, merged.examples.tensors()[k]), k
+
+
+@SLURM
+def test_slurm_bench_array_then_report(tmp_path: Path, slurm_conf: str) -> None:
+    """`bench run --slurm`: one array element per task x repeat (each graded on the node into
+    its shard), then a report job merging the shards."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "SLURM_CONF": slurm_conf, "SPD_MCP_HOME": str(tmp_path / "home")}
+    done = run_bounded([*CLI, "bench", "run", "--agent", "topk", "--tasks",
+                        "count-next-number,quote-closing-mark", "--slurm", "--out", str(out),
+                        "--time", "10:00"], tmp_path / "logs", "bench", timeout=60, env=env,
+                       cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    array, report = done.stdout.split()
+    _wait_jobs([array, report], env, 400)
+    logs = "\n".join(p.read_text() for p in out.glob("slurm/*/*.out"))
+    shards = sorted(p.parent.name for p in out.glob("shard-*/results.jsonl"))
+    assert shards == ["shard-0000", "shard-0001"], logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_runs"] == 2 and summary["tool_errors"] == 0, logs
+    md = (out / "results.md").read_text()
+    assert "| count-next-number | 0 | topk |" in md and "| quote-closing-mark | 0 | topk |" in md
+    for line in (out / "shard-0000" / "results.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["outcome"] in ("success", "wrong") and rec["own_drop"] is not None

@@ -18,14 +18,19 @@ def _add_slurm_resources(p: argparse.ArgumentParser) -> None:
 
 def add_investigate_parser(sub: argparse._SubParsersAction) -> None:
     iv = sub.add_parser(
-        "investigate", help="launch Claude Code investigations of a run (locally or on SLURM)",
+        "investigate", help="launch agent investigations of a run (locally or on SLURM)",
         description='spd-mcp investigate RUN "question" | @question.md [--agents N] [--slurm]',
     )
     iv.add_argument("run", metavar="RUN", help="run directory or name")
     iv.add_argument("question", help="the question, or @FILE to read it from a file")
+    iv.add_argument("--agent", default="claude",
+                    help="claude (Claude Code, default), sdk (the built-in Messages-API agent: "
+                         "ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY), or cmd:'COMMAND' (any agent; "
+                         "it finds SPD_MCP_CONFIG, SPD_MCP_QUESTION_FILE, ... in its environment)")
     iv.add_argument("--agents", type=int, default=1, help="independent investigations (default 1)")
     iv.add_argument("--max-turns", type=int, default=50, help="agent turns (default 50)")
-    iv.add_argument("--model", default="opus", help="Claude model (default opus)")
+    iv.add_argument("--model", default="opus", help="model (default opus; sdk: opus, sonnet, "
+                    "haiku or a full model id)")
     iv.add_argument("--budget-usd", type=float, help="spending cap per agent (--max-budget-usd)")
     iv.add_argument("--root", type=Path, help="task directories root "
                     "(default $SPD_MCP_HOME/investigations)")
@@ -62,7 +67,8 @@ def investigate_command(args: argparse.Namespace) -> int:
 
     try:
         opts = LaunchOptions(
-            run=args.run, question=read_question(args.question), agents=args.agents,
+            run=args.run, question=read_question(args.question), agent=args.agent,
+            agents=args.agents,
             max_turns=args.max_turns, model=args.model, budget_usd=args.budget_usd,
             root=args.root, claude=args.claude, server_threads=args.server_threads,
             ready_timeout_s=args.ready_timeout,

@@ -1,4 +1,9 @@
-"""Run investigations on this machine: an MCP server (HTTP, per-task token) plus ``claude -p``.
+"""Run investigations on this machine: an MCP server (HTTP, per-task token) plus an agent.
+
+The agent is ``claude -p`` (Claude Code), the built-in Messages-API agent (``sdk``:
+``python -m spd_mcp.sdkagent``, the same command-line contract and stream-json output), or any
+command (``cmd:...``, run by ``sh -c`` with the MCP config, question and limits in its
+environment: see :data:`CMD_ENV`).
 
 Every child runs in its own process group with its output going to files in the task directory
 (never an undrained pipe). One single-threaded loop drives N independent investigations through
@@ -17,14 +22,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from spd_mcp.errors import OperationError, SpdMcpError
 from spd_mcp.launch import taskdir as tasks
@@ -38,6 +43,21 @@ AGENT_ENV = {
     "MCP_TIMEOUT": "60000",
     "MCP_TOOL_TIMEOUT": "900000",  # optimize_graph and harvest-on-first-use can take minutes
 }
+
+
+CMD_ENV = {
+    "SPD_MCP_CONFIG": "the MCP client config (Claude Code's mcp.json format, holds the token)",
+    "SPD_MCP_URL": "the server's streamable-HTTP URL",
+    "SPD_MCP_TOKEN": "the bearer token the server requires",
+    "SPD_MCP_QUESTION_FILE": "the question alone",
+    "SPD_MCP_SYSTEM_FILE": "the methodology (system prompt) text",
+    "SPD_MCP_TASK_DIR": "the task directory (also the working directory)",
+    "SPD_MCP_MAX_TURNS": "the turn cap",
+    "SPD_MCP_MODEL": "the model option",
+    "SPD_MCP_BUDGET_USD": "the spending cap per agent (empty when none)",
+}
+"""What a ``cmd:`` agent finds in its environment. Its stdout goes to ``agent_output.jsonl``;
+a Claude-Code-style stream-json ``result`` line there (optional) reports turns, tokens and cost."""
 
 
 class LaunchError(OperationError):
@@ -59,6 +79,7 @@ class LaunchOptions(BaseModel):
 
     run: str
     question: str = Field(min_length=1)
+    agent: str = Field("claude", description="claude, sdk, or cmd:COMMAND")
     agents: int = Field(1, ge=1, le=64)
     max_turns: int = Field(50, ge=1)
     model: str = "opus"
@@ -69,6 +90,19 @@ class LaunchOptions(BaseModel):
     ready_timeout_s: float = Field(300.0, gt=0)
     grace_s: float = Field(5.0, ge=0)
     agent_timeout_s: float | None = Field(None, gt=0)
+    facts: dict[str, Any] = Field(default_factory=dict,
+                                  description="extra launcher facts for task.json")
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, v: str) -> str:
+        if v in ("claude", "sdk") or (v.startswith("cmd:") and v[4:].strip()):
+            return v
+        raise ValueError(f"unknown agent {v!r}: use claude, sdk or cmd:COMMAND")
+
+    @property
+    def agent_kind(self) -> str:
+        return "cmd" if self.agent.startswith("cmd:") else self.agent
 
 
 def find_claude(explicit: str | None = None) -> str:
@@ -162,7 +196,7 @@ class Investigation:
     """One task: its directory, server and agent children, and where it is."""
 
     opts: LaunchOptions
-    claude: str
+    claude: str | None = None
     index: int = 0
     task: tasks.TaskHandle | None = None
     token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
@@ -172,6 +206,7 @@ class Investigation:
     phase: Phase = "starting"
     exit_code: int | None = None
     started: float = 0.0
+    created_at: float = 0.0
     error: str | None = None
 
     @property
@@ -185,8 +220,10 @@ class Investigation:
 
     # -- phases ------------------------------------------------------------------------------
     def create(self) -> None:
+        self.created_at = time.monotonic()
         facts = tasks.launcher_facts({"kind": "local", "agent_index": self.index,
-                                      "claude": self.claude})
+                                      "agent": self.opts.agent, "claude": self.claude,
+                                      **self.opts.facts})
         self.task = tasks.create_task(self.opts.run, self.opts.question, root=self.opts.root,
                                       model=self.opts.model, max_turns=self.opts.max_turns,
                                       launcher=facts)
@@ -230,6 +267,8 @@ class Investigation:
             f"# Question\n\n{self.opts.question}\n\n# Methodology (appended system prompt)\n\n"
             f"{system}\n"
         )
+        (self.path / "question.md").write_text(self.opts.question + "\n")
+        (self.path / "system.md").write_text(system + "\n")
         config = {"mcpServers": {"spd": {"type": "http", "url": self.url,
                                          "headers": {"Authorization": f"Bearer {self.token}"}}}}
         mcp = self.path / "mcp.json"
@@ -239,6 +278,16 @@ class Investigation:
         return mcp, system
 
     def agent_argv(self, mcp: Path, system: str) -> list[str]:
+        if self.opts.agent_kind == "cmd":
+            return ["/bin/sh", "-c", self.opts.agent[4:]]
+        if self.opts.agent_kind == "sdk":
+            argv = [sys.executable, "-m", "spd_mcp.sdkagent", "--mcp-config", str(mcp),
+                    "--max-turns", str(self.opts.max_turns), "--model", self.opts.model,
+                    "--append-system-prompt", system]
+            if self.opts.budget_usd is not None:
+                argv += ["--max-budget-usd", f"{self.opts.budget_usd:g}"]
+            return [*argv, "--", self.opts.question]
+        assert self.claude is not None
         argv = [self.claude, "-p", "--output-format", "stream-json", "--verbose",
                 "--max-turns", str(self.opts.max_turns), "--model", self.opts.model,
                 "--mcp-config", str(mcp), "--strict-mcp-config",
@@ -251,14 +300,25 @@ class Investigation:
     def start_agent(self) -> None:
         mcp, system = self.write_inputs()
         env = {**os.environ, **AGENT_ENV}
+        if self.opts.agent_kind == "cmd":
+            env.update({
+                "SPD_MCP_CONFIG": str(mcp), "SPD_MCP_URL": self.url or "",
+                "SPD_MCP_TOKEN": self.token,
+                "SPD_MCP_QUESTION_FILE": str(self.path / "question.md"),
+                "SPD_MCP_SYSTEM_FILE": str(self.path / "system.md"),
+                "SPD_MCP_TASK_DIR": str(self.path), "SPD_MCP_MAX_TURNS": str(self.opts.max_turns),
+                "SPD_MCP_MODEL": self.opts.model,
+                "SPD_MCP_BUDGET_USD": "" if self.opts.budget_usd is None
+                else f"{self.opts.budget_usd:g}"})
         with (open(self.path / "agent_output.jsonl", "ab") as out,
               open(self.path / "agent.stderr.log", "ab") as err):
             self.agent = subprocess.Popen(self.agent_argv(mcp, system), stdin=subprocess.DEVNULL,
                                           stdout=out, stderr=err, env=env, cwd=self.path,
                                           start_new_session=True)
         self.started = time.monotonic()
-        self.event("agent_started", f"claude pid {self.agent.pid}",
-                   {"pid": self.agent.pid, "model": self.opts.model,
+        self.event("agent_started", f"{self.opts.agent_kind} pid {self.agent.pid}",
+                   {"pid": self.agent.pid, "agent": self.opts.agent_kind,
+                    "model": self.opts.model,
                     "max_turns": self.opts.max_turns})
         self.phase = "running"
 
@@ -277,8 +337,8 @@ class Investigation:
                 "is_error": result.get("is_error"), "num_turns": result.get("num_turns"),
                 "total_cost_usd": result.get("total_cost_usd"),
                 "permission_denials": len(result.get("permission_denials") or [])}
-        self.event("agent_finished", f"claude exited {code} ({result.get('subtype', 'no result')})",
-                   data)
+        self.event("agent_finished", f"{self.opts.agent_kind} exited {code} "
+                   f"({result.get('subtype', 'no result')})", data)
         self.exit_code = code if code != 0 or result.get("is_error") is not True else 1
         self.finish()
 
@@ -311,24 +371,39 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def run_local(opts: LaunchOptions, *, echo: bool = True) -> int:
-    """Run `opts.agents` independent investigations; 0 when every agent finished cleanly."""
-    claude = find_claude(opts.claude)
-    runs = [Investigation(opts, claude, index=i) for i in range(opts.agents)]
+def make_investigations(opts: LaunchOptions) -> list[Investigation]:
+    """``opts.agents`` investigations (the claude executable is looked up only when used)."""
+    claude = find_claude(opts.claude) if opts.agent_kind == "claude" else None
+    return [Investigation(opts, claude, index=i) for i in range(opts.agents)]
+
+
+def drive(runs: Sequence[Investigation], *, parallel: int | None = None, echo: bool = True,
+          on_done: Callable[[Investigation], None] | None = None) -> Interrupted | None:
+    """Drive ``runs`` to completion, at most ``parallel`` at once (default all), calling
+    ``on_done`` as each ends; SIGINT / SIGTERM stop every child and are returned."""
+    limit = len(runs) if parallel is None else max(1, parallel)
+    pending, active = list(runs), []
     interrupted: Interrupted | None = None
     with _signals_raise():
         try:
-            for inv in runs:
-                inv.create()
-                if echo:
-                    print(f"task {inv.task.id if inv.task else '?'}: {inv.path}", file=sys.stderr)
-                inv.start_server()
-            while any(inv.phase != "done" for inv in runs):
-                for inv in runs:
+            while pending or active:
+                while pending and len(active) < limit:
+                    inv = pending.pop(0)
+                    inv.create()
+                    if echo:
+                        print(f"task {inv.task.id if inv.task else '?'}: {inv.path}",
+                              file=sys.stderr)
+                    inv.start_server()
+                    active.append(inv)
+                for inv in list(active):
                     if inv.phase == "serving":
                         inv.poll_server()
                     elif inv.phase == "running":
                         inv.poll_agent()
+                    if inv.phase == "done":
+                        active.remove(inv)
+                        if on_done is not None:
+                            on_done(inv)
                 time.sleep(0.1)
         except Interrupted as sig:
             interrupted = sig
@@ -337,12 +412,19 @@ def run_local(opts: LaunchOptions, *, echo: bool = True) -> int:
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, signal.SIG_IGN)
             for inv in runs:
-                if inv.phase != "done":
+                if inv.task is not None and inv.phase != "done":
                     if interrupted is not None:
                         inv.event("launcher_interrupted", f"received {interrupted}; stopping",
                                   {"signal": interrupted.signum})
                     inv.finish()
                     inv.exit_code = inv.exit_code if inv.exit_code is not None else 1
+    return interrupted
+
+
+def run_local(opts: LaunchOptions, *, echo: bool = True) -> int:
+    """Run `opts.agents` independent investigations; 0 when every agent finished cleanly."""
+    runs = make_investigations(opts)
+    interrupted = drive(runs, echo=echo)
     if echo:
         for inv in runs:
             state = inv.error.splitlines()[0] if inv.error else f"exit {inv.exit_code}"
@@ -365,13 +447,13 @@ def read_question(text: str) -> str:
 def launch_argv(opts: LaunchOptions, question_file: Path) -> Sequence[str]:
     """The ``spd-mcp investigate`` command line that repeats this launch locally (for SLURM)."""
     argv = [sys.executable, "-m", "spd_mcp.cli", "investigate", opts.run, f"@{question_file}",
-            "--max-turns", str(opts.max_turns), "--model", opts.model,
+            "--agent", opts.agent, "--max-turns", str(opts.max_turns), "--model", opts.model,
             "--ready-timeout", f"{opts.ready_timeout_s:g}"]
     if opts.budget_usd is not None:
         argv += ["--budget-usd", f"{opts.budget_usd:g}"]
     if opts.root is not None:
         argv += ["--root", str(opts.root.resolve())]
-    if opts.claude is not None:
+    if opts.claude is not None and opts.agent_kind == "claude":
         argv += ["--claude", find_claude(opts.claude)]
     if opts.server_threads is not None:
         argv += ["--server-threads", str(opts.server_threads)]

@@ -181,3 +181,27 @@ def slurm_env_ok() -> bool:
     return shutil.which("sbatch") is not None and (
         bool(os.environ.get("SLURM_CONF")) or Path("/etc/slurm/slurm.conf").is_file()
     )
+
+
+def submit_bench(argv: Sequence[str], n_runs: int, out: Path,
+                 slurm: SlurmOptions) -> tuple[str, str]:
+    """``spd-mcp bench run ARGV --shard I`` as an array of ``n_runs`` elements (each writes
+    ``out/shard-I``), then ``spd-mcp bench report out`` once all have ended (``afterany``: a
+    failed element must not hide the others' results)."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sub = submission_dir(out, "bench")
+    py = [sys.executable, "-m", "spd_mcp.cli"]
+    script = sub / "runs.sbatch"
+    text = sbatch_script("spd-bench", [*py, *argv, "--shard", "${SLURM_ARRAY_TASK_ID}"], sub,
+                         slurm, array=n_runs)
+    text = text.replace(shlex.quote("${SLURM_ARRAY_TASK_ID}"), '"${SLURM_ARRAY_TASK_ID}"')
+    script.write_text(text)
+    array_job = sbatch(script)
+    report_opts = slurm.model_copy(update={"dependency": f"afterany:{array_job}", "gpus": None})
+    report = sub / "report.sbatch"
+    report.write_text(sbatch_script("spd-bench-report", [*py, "bench", "report", str(out)], sub,
+                                    report_opts))
+    report_job = sbatch(report)
+    (sub / "job_id").write_text(f"{array_job}\n{report_job}\n")
+    return array_job, report_job
