@@ -12,6 +12,13 @@ the task's held-out seed. With ``drop = 1 - after / before`` of the task's metri
 
 ``success`` needs all four; a summary status ``inconclusive`` is its own outcome; an answer the
 grader cannot check (no explanation, an unknown key, a task for another run) is ``invalid``.
+
+Feature tasks (``feature: K`` on a toy with known features, :mod:`.toys`) are graded the same
+way on held-out inputs of the toy's data distribution with feature K active: each feature is a
+"behaviour" (``feature-K``; its score's ``prob_*`` hold the reconstruction ``recon`` and
+``acc_*`` the accuracy), the other features are the specificity set, the random sets come from
+the components alive on K's probes; a fifth criterion, match, needs every claimed component to
+be feature K's known piece (and, for ``complete`` tasks, one in every matrix that has pieces).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from spd_mcp.analysis.features import FeatureMatch, ablation_masks
 from spd_mcp.analysis.sweep import random_component_sets
 from spd_mcp.errors import SpdMcpError
 from spd_mcp.investigation.taskdir import Status, TaskDir
@@ -33,6 +41,7 @@ from spd_mcp.keys import ComponentKey
 from spd_mcp.model.session import RunSession
 from spd_mcp.model.text import Batch, prompt_batch
 
+from . import toys
 from .tasks import BenchTask
 
 Outcome = Literal["success", "wrong", "inconclusive", "invalid"]
@@ -93,6 +102,10 @@ class Scores(BaseModel):
     own: BehaviourScore
     others: list[BehaviourScore]
     random: ControlScore
+    match: Criterion | None = Field(
+        None, description="feature tasks: the claimed components are the feature's known pieces")
+    matches: list[FeatureMatch] | None = Field(
+        None, description="feature tasks: each claimed component's best-matching known piece")
 
 
 class GradeResult(BaseModel):
@@ -129,10 +142,15 @@ def _grade(session: RunSession, task: BenchTask, answer: Answer) -> GradeResult:
     if session.run.name != task.run:
         return _verdict(task, "invalid", f"task is for run {task.run!r}, the session holds "
                         f"{session.run.name!r}")
-    known = session.behaviours()
-    if task.behaviour not in known:
-        return _verdict(task, "invalid", f"run {task.run!r} has no planted behaviour "
-                        f"{task.behaviour!r}; known: {', '.join(known) or 'none'}")
+    if task.is_feature:
+        problem = toys.check_feature_task(session, task)
+        if problem is not None:
+            return _verdict(task, "invalid", problem)
+    else:
+        known = session.behaviours()
+        if task.behaviour not in known:
+            return _verdict(task, "invalid", f"run {task.run!r} has no planted behaviour "
+                            f"{task.behaviour!r}; known: {', '.join(known) or 'none'}")
     inconclusive = answer.status == "inconclusive"
     if answer.explanation is None:
         if inconclusive:
@@ -145,7 +163,8 @@ def _grade(session: RunSession, task: BenchTask, answer: Answer) -> GradeResult:
             return _verdict(task, "inconclusive", f"summary status is inconclusive; {comps}")
         return _verdict(task, "invalid", comps)
     names = [str(c) for c in comps]
-    scores = score(session, task, comps)
+    score_of = feature_score if task.is_feature else score
+    scores = score_of(session, task, comps)
     if inconclusive:
         return _verdict(task, "inconclusive", "summary status is inconclusive", names, scores)
     failed = [f"{k}: {c.detail}" for k, c in _criteria(scores) if not c.passed]
@@ -155,8 +174,9 @@ def _grade(session: RunSession, task: BenchTask, answer: Answer) -> GradeResult:
 
 
 def _criteria(s: Scores) -> list[tuple[str, Criterion]]:
+    extra = [("match", s.match)] if s.match is not None else []
     return [("necessity", s.necessity), ("specificity", s.specificity),
-            ("control", s.control), ("size", s.size)]
+            ("control", s.control), ("size", s.size), *extra]
 
 
 def claimed_components(session: RunSession,
@@ -203,22 +223,11 @@ def probe_batches(session: RunSession, behaviour: str, seed: int, n: int) -> Pro
     return out
 
 
-def _masks(session: RunSession, comps: Sequence[ComponentKey]) -> dict[str, Tensor]:
-    """Module path → (C,) mask, 0 on ``comps``; layers without one run the exact target."""
-    masks: dict[str, Tensor] = {}
-    for k in comps:
-        m = session.to_module[k.layer]
-        if m not in masks:
-            masks[m] = torch.ones(session.cm.Cs[m], device=session.device)
-        masks[m][k.c] = 0.0
-    return masks
-
-
 @torch.no_grad()
 def probe_metrics(session: RunSession, probes: ProbeBatches,
                   comps: Sequence[ComponentKey] = ()) -> tuple[float, float]:
     """(mean expected-token probability, top-1 accuracy) with ``comps`` ablated everywhere."""
-    masks = _masks(session, comps)
+    masks = ablation_masks(session, comps)
     delta: dict[str, Tensor | float] = {m: 1.0 for m in masks}
     prob = acc = 0.0
     n = 0
@@ -298,10 +307,15 @@ def score(session: RunSession, task: BenchTask, comps: Sequence[ComponentKey]) -
     others = [behaviour_score(session, task, b, comps)
               for b in session.behaviours() if b != task.behaviour]
     rnd = control_score(session, task, comps)
+    return _scores(task, len(comps), own, others, rnd)
+
+
+def _scores(task: BenchTask, n: int, own: BehaviourScore, others: list[BehaviourScore],
+            rnd: ControlScore) -> Scores:
+    """The four criteria from the measured scores of ``n`` claimed components."""
     worst = max(others, key=lambda o: o.drop, default=None)
     worst_drop = worst.drop if worst is not None else 0.0
     worst_name = worst.behaviour if worst is not None else "none"
-    n = len(comps)
     return Scores(
         necessity=Criterion(passed=own.drop >= task.threshold, value=own.drop,
                             limit=task.threshold,
@@ -318,3 +332,37 @@ def score(session: RunSession, task: BenchTask, comps: Sequence[ComponentKey]) -
         size=Criterion(passed=n <= task.budget, value=float(n), limit=float(task.budget),
                        detail=f"{n} components (budget {task.budget})"),
         own=own, others=others, random=rnd)
+
+
+# ----------------------------------------------------------------------------- feature tasks
+def _feature_behaviour(session: RunSession, task: BenchTask, feature: int,
+                       comps: Sequence[ComponentKey]) -> BehaviourScore:
+    """Feature ``feature`` on its held-out probes, before and after ablating ``comps``."""
+    probes = toys.feature_probes(session, task.probe_seed, task.n_probes)[feature]
+    rb, ab = toys.baseline(session, task, feature)
+    ra, aa = toys.recon_metrics(session, probes, feature, comps)
+    drop = _drop(ab, aa) if task.metric == "accuracy" else _drop(rb, ra)
+    return BehaviourScore(behaviour=f"feature-{feature}", n=len(probes), prob_before=round(rb, 5),
+                          prob_after=round(ra, 5), acc_before=round(ab, 4),
+                          acc_after=round(aa, 4), drop=round(drop, 5))
+
+
+def feature_score(session: RunSession, task: BenchTask, comps: Sequence[ComponentKey]) -> Scores:
+    """Every criterion of a feature task, the ground-truth match included."""
+    assert task.feature is not None
+    n_features = toys.feature_probes(session, task.probe_seed, task.n_probes).shape[0]
+    own = _feature_behaviour(session, task, task.feature, comps)
+    others = [_feature_behaviour(session, task, f, comps)
+              for f in range(n_features) if f != task.feature]
+    claimed = set(comps)
+    pool = [a for a in toys.alive_on_feature(session, task) if a not in claimed]
+    sets = random_component_sets(comps, pool, task.n_random,
+                                 torch.Generator().manual_seed(task.probe_seed))
+    drops = [_feature_behaviour(session, task, task.feature, s).drop for s in sets]
+    rnd = ControlScore(n_sets=len(sets), pool=len(pool),
+                       mean_drop=round(sum(drops) / len(drops), 5), max_drop=round(max(drops), 5),
+                       n_passing=sum(d >= task.threshold for d in drops))
+    passed, worst, detail, matches = toys.match_verdict(session, task, comps)
+    match = Criterion(passed=passed, value=worst, limit=task.match_threshold, detail=detail)
+    return _scores(task, len(comps), own, others, rnd).model_copy(
+        update={"match": match, "matches": matches})

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -13,11 +13,17 @@ from spd_mcp.errors import InputError
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 """The shipped tasks."""
+TOY_TASKS_DIR = TASKS_DIR / "toys"
+"""The shipped tasks on toys with known features (``feature`` tasks; a suite of their own, run
+with ``spd-mcp bench run --task-dir``)."""
 
 RESERVED_SEEDS = frozenset({0, 1, 7, 99, 12345, 424_242})
 """Corpus seeds something else reads, so never held out: the target's (0) and SPD's (1) training
 streams, the demo's probe (7), the editing probes (99), the behaviour evaluation (12345) and the
 held-out KL text (424242)."""
+
+TOY_RESERVED_SEEDS = frozenset({1234})
+"""Seeds a toy's evaluation reads (``spd-mcp evaluate``), so never held out for feature tasks."""
 
 MIN_DISTRIBUTED_BUDGET = 16
 """A distributed mechanism is many components: such tasks allow at least this many."""
@@ -35,9 +41,11 @@ class BenchTask(BaseModel):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="the file's stem")
     run: str = Field(min_length=1, description="the run the agent investigates, e.g. tales")
     question: str = Field(min_length=1, description="what the agent is asked")
-    behaviour: str = Field(min_length=1, description="a planted behaviour of the run")
-    metric: Literal["prob", "accuracy"] = Field(
-        "prob", description="mean expected-token probability, or top-1 accuracy, on the probes")
+    behaviour: str = Field(min_length=1, description="a planted behaviour of the run (feature "
+                           "tasks: 'feature-K', filled in)")
+    metric: Literal["prob", "accuracy", "recon"] = Field(
+        "prob", description="mean expected-token probability, or top-1 accuracy, on the probes; "
+        "feature tasks: recon (default) or accuracy")
     threshold: float = Field(gt=0, le=1, description="min relative drop of the behaviour's "
                              "metric with the claimed components ablated everywhere")
     tolerance: float = Field(ge=0, lt=1, description="max relative drop of each other behaviour")
@@ -46,6 +54,25 @@ class BenchTask(BaseModel):
     probe_seed: int = Field(ge=0, description="corpus seed of the held-out probes")
     n_random: int = Field(10, ge=1, le=100, description="random same-size control sets")
     distributed: bool = Field(False, description="the honest answer is a distributed mechanism")
+    feature: int | None = Field(None, ge=0, strict=True, description="toys with known "
+                                "features: the input feature asked about (its index); makes "
+                                "this a feature task")
+    complete: bool = Field(False, description="feature tasks: the answer must name the "
+                           "feature's component in every matrix with known pieces")
+    match_threshold: float = Field(0.9, gt=0, le=1, description="feature tasks: min |cosine| "
+                                   "between a claimed component and the feature's known piece")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _feature_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("feature") is not None:
+            data = {"behaviour": f"feature-{data['feature']}", "metric": "recon", **data}
+        return data
+
+    @property
+    def is_feature(self) -> bool:
+        """A question about a toy's known input feature (graded against ground truth)."""
+        return self.feature is not None
 
     @model_validator(mode="after")
     def _consistent(self) -> BenchTask:
@@ -57,6 +84,20 @@ class BenchTask(BaseModel):
                              f"{sorted(RESERVED_SEEDS)})")
         if self.distributed and self.budget < MIN_DISTRIBUTED_BUDGET:
             raise ValueError(f"a distributed task needs budget >= {MIN_DISTRIBUTED_BUDGET}")
+        if self.feature is None:
+            toy_only = {"complete", "match_threshold"} & self.model_fields_set
+            if toy_only or self.metric == "recon":
+                what = ", ".join(sorted(toy_only)) or "metric 'recon'"
+                raise ValueError(f"{what}: only for feature tasks (give 'feature')")
+            return self
+        if self.behaviour != f"feature-{self.feature}":
+            raise ValueError(f"a feature task's behaviour is 'feature-{self.feature}' (or "
+                             f"omitted), got {self.behaviour!r}")
+        if self.metric == "prob":
+            raise ValueError("a feature task's metric is 'recon' or 'accuracy'")
+        if self.probe_seed in TOY_RESERVED_SEEDS:
+            raise ValueError(f"probe_seed {self.probe_seed} is not held out (a toy's evaluation "
+                             f"reads {sorted(TOY_RESERVED_SEEDS)})")
         return self
 
 

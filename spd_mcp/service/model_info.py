@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from spd_mcp.analysis.features import feature_toy
 from spd_mcp.model.validity import Validity, ensure_validity
 
 from .labels import best_labels
@@ -62,6 +63,16 @@ class ValiditySummary(BaseModel):
     data: str
 
 
+class FeatureInfo(BaseModel):
+    """A toy with known input features: inputs are feature vectors, not text."""
+
+    n_features: int
+    how: str = ("input x has one value per feature (sparse; the rest 0) and output i "
+                "reconstructs feature i. Text tools do not apply: get_ci(features={'3': 1.0}) "
+                "lists the components that fire on an input; get_component_vectors shows the "
+                "features a component reads and the outputs it writes")
+
+
 class ModelInfo(BaseModel):
     run: str
     run_id: str
@@ -76,6 +87,8 @@ class ModelInfo(BaseModel):
     planted_behaviours: list[BehaviourInfo] = Field(
         description="ground-truth behaviours of the target (zoo language models)"
     )
+    input_features: FeatureInfo | None = Field(
+        None, description="toys with known input features (e.g. TMS): how to give inputs")
     device: str
     compute_queue: dict[str, Any]
     validity: ValiditySummary = Field(
@@ -172,6 +185,8 @@ async def model_info(st: AppState) -> ModelInfo:
                   d_out=s.cm.component(m).d_out)
         for m, c in s.to_canonical.items()
     ]
+    toy = None if s.is_language_model else await compute(st, "features",
+                                                         lambda: feature_toy(s))
     behaviours = [BehaviourInfo(name=b.name, rule=b.rule, example_prompt=b.example_prompt,
                                 expected_next_token=b.example_expected)
                   for b in s.behaviours().values()]
@@ -182,6 +197,7 @@ async def model_info(st: AppState) -> ModelInfo:
                   "labels": bool(labels)},
         analyses_note=_analyses_note(st, h is None, attr is None),
         planted_behaviours=behaviours, device=str(s.device),
+        input_features=FeatureInfo(n_features=toy.n_features) if toy is not None else None,
         compute_queue={"running": st.executor.running, "estimated_wait_s":
                        round(st.executor.estimated_wait(), 2)},
         validity=summarize_validity(await validity(st)),

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spd_mcp.analysis.components import (
     CIResult,
-    ComponentVectors,
     ExamplesResult,
     ProbeResult,
     SignStats,
@@ -19,6 +18,7 @@ from spd_mcp.analysis.components import (
     find_by_examples,
     probe_component,
 )
+from spd_mcp.analysis.features import ComponentFeatures, feature_ci, feature_input, with_features
 from spd_mcp.errors import InputError
 from spd_mcp.harvest.stats import component_summary
 from spd_mcp.service.prompts import check_position, resolve_prompt
@@ -35,12 +35,20 @@ async def get_ci(
     layers: LayersArg = None,
     positions: list[int] | None = None,
     top_per_position: Annotated[int, Field(ge=1, le=100)] = 10,
+    features: Annotated[dict[str, float] | None, Field(
+        description="toy runs: {feature index: value} instead of text")] = None,
 ) -> CIResult:
     """Natural causal importance (CI) per position: which components the model needs where."""
     st = state(ctx)
-    ids, _ = await resolve_prompt(st, text, prompt_id)
     if layers is not None:
         layers = [st.session.keys.layer(n) for n in layers]
+    if features is not None:
+        if text is not None or prompt_id is not None or positions is not None:
+            raise InputError("features replaces text / prompt_id / positions; give only it")
+        return await compute(st, "get_ci", lambda: feature_ci(
+            st.session, feature_input(st.session, features), threshold=threshold,
+            layers=layers, top=top_per_position))
+    ids, _ = await resolve_prompt(st, text, prompt_id)
     if positions is not None:
         positions = [check_position(p, len(ids), "positions[]") for p in positions]
     return await compute(st, "get_ci", lambda: active_components(
@@ -69,16 +77,18 @@ async def get_component_vectors(
     component: ComponentArg,
     top_k: Annotated[int, Field(ge=1, le=50)] = 10,
     include_vectors: Annotated[bool, Field(description="also the raw vectors")] = False,
-) -> ComponentVectors:
+) -> ComponentFeatures:
     """A component's read (V column) and write (U row) vectors: norms; tokens a positive
     activation boosts / suppresses via the unembedding (reversed if negative); tokens and
     upstream components that most raise / lower its activation; its typical sign. The output
-    changes by activation × U[c]; direct paths only."""
+    changes by activation × U[c]; direct paths only. Toy runs: the input features it reads
+    and the outputs it writes."""
     st = state(ctx)
     key = st.session.keys.component(component)
     sign = await _harvest_sign(st, str(key))
-    return await compute(st, "get_component_vectors", lambda: component_vectors(
-        st.session, key, top_k=top_k, include_vectors=include_vectors, sign=sign))
+    return await compute(st, "get_component_vectors", lambda: with_features(
+        st.session, key, component_vectors(
+            st.session, key, top_k=top_k, include_vectors=include_vectors, sign=sign), top_k))
 
 
 async def _harvest_sign(st: AppState, key: str) -> SignStats | None:
