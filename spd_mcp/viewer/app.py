@@ -3,9 +3,9 @@ executor as the MCP tools, plus the static single-page front end (no external as
 
 Every handler goes through the service layer (``spd_mcp.service``: ``natural_graph``,
 ``optimized_graph``, ``intervention``, ``component_info``, ``model_info``, ``graph_artifact``), so
-the viewer has no computation of its own and nothing of the MCP face. Bad input (any
-:class:`~spd_mcp.errors.InputError`) answers 400 ``{"error": ...}``; an overloaded compute queue
-answers 503.
+the viewer has no computation of its own and nothing of the MCP face; benchmark results are read
+with ``spd_mcp.bench.results``. Bad input (any :class:`~spd_mcp.errors.InputError`) answers 400
+``{"error": ...}``, an unknown benchmark 404, an overloaded compute queue 503.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,11 +29,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from spd_mcp.analysis.optimize import OptimizeSettings
+from spd_mcp.bench.results import RunRecord, read_results, summarize
 from spd_mcp.errors import InputError
 from spd_mcp.investigation.taskdir import TaskDir, list_tasks
 from spd_mcp.keys import is_special_layer
 from spd_mcp.model.session import RunSession
-from spd_mcp.paths import investigations_root
+from spd_mcp.paths import investigations_root, spd_home
 from spd_mcp.service.executor import Busy, ComputeExecutor
 from spd_mcp.service.state import AppState, open_state
 from spd_mcp.viewer.jobs import Job, Jobs
@@ -49,6 +50,10 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 class BadRequest(InputError):
     """A request the viewer refuses; the message is shown to the user."""
+
+
+class NotFound(BadRequest):
+    """A well-formed request for something that is not there (answers 404)."""
 
 
 def describe_error(exc: BaseException) -> str | None:
@@ -105,6 +110,7 @@ class Viewer:
     jobs: Jobs = field(default_factory=lambda: Jobs(describe_error))
     launch_mode: Literal["claude", "scripted"] | None = None
     launch_argv: list[str] | None = None
+    bench_dirs: dict[str, Path] = field(default_factory=dict)  # extra results dirs, by name
 
     async def state(self, run: str) -> AppState:
         """The AppState of ``run`` (loaded on first use; the same DB path as ``spd-mcp serve``)."""
@@ -148,6 +154,8 @@ def api(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
             out = await fn(request)
         except Busy as exc:
             return _error(str(exc), 503)
+        except NotFound as exc:
+            return _error(str(exc), 404)
         except Exception as exc:
             msg = describe_error(exc)
             if msg is None:
@@ -420,12 +428,15 @@ async def investigation(request: Request) -> Any:
     return await asyncio.to_thread(_detail, td)
 
 
-async def artifact(request: Request) -> Any:
-    td = _task(str(request.path_params["task_id"]))
-    aid = str(request.path_params["artifact_id"])
+async def _artifact(td: TaskDir, aid: str) -> Any:
     if not SAFE_ID.match(aid) or aid not in td.artifacts():
         raise BadRequest(f"no artifact {aid!r} in investigation {td.path.name}")
     return await asyncio.to_thread(td.artifact, aid)
+
+
+async def artifact(request: Request) -> Any:
+    td = _task(str(request.path_params["task_id"]))
+    return await _artifact(td, str(request.path_params["artifact_id"]))
 
 
 async def launch_investigation(request: Request) -> Any:
@@ -438,6 +449,149 @@ async def launch_investigation(request: Request) -> Any:
     return await asyncio.to_thread(launch, body.run, body.question.strip(),
                                    investigations_root(), mode=v.launch_mode,
                                    argv=v.launch_argv)
+
+
+# -- benchmark results -------------------------------------------------------------------------
+def bench_root() -> Path:
+    """Where ``spd-mcp bench run`` writes its result directories by default."""
+    return spd_home() / "bench"
+
+
+def extra_bench_dirs(paths: Sequence[Path]) -> dict[str, Path]:
+    """Result directories given by hand (``spd-mcp view --bench DIR``), keyed by a safe name."""
+    out: dict[str, Path] = {}
+    for p in paths:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.resolve().name).strip("-.")[:100] or "bench"
+        if name in out:
+            raise ValueError(f"two benchmark directories are both named {name!r}: "
+                             f"{out[name]} and {p}")
+        out[name] = p
+    return out
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _results_files(path: Path) -> list[Path]:
+    return [f for f in [path / "results.jsonl", *sorted(path.glob("shard-*/results.jsonl"))]
+            if f.is_file()]
+
+
+def _bench_path(extra: dict[str, Path], name: str) -> Path | None:
+    """Results directory ``name``: an extra one, else one under the bench root that is not a link
+    leading out of it."""
+    if name in extra:
+        return extra[name]
+    p = bench_root() / name
+    return p if SAFE_ID.match(name) and p.is_dir() and _inside(p, bench_root()) else None
+
+
+def _bench_dirs(extra: dict[str, Path]) -> dict[str, Path]:
+    """Every results directory by name (an extra one wins a clash)."""
+    root = bench_root()
+    names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    found = {n: p for n in [*names, *extra] if (p := _bench_path(extra, n)) is not None}
+    return found
+
+
+def _updated(files: list[Path]) -> str:
+    ts = max(f.stat().st_mtime for f in files)
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _read(name: str, path: Path) -> list[RunRecord]:
+    try:
+        return read_results(path)
+    except (OSError, ValueError) as err:
+        raise BadRequest(f"cannot read the results in {name}: {err}") from None
+
+
+def _bench_rows(extra: dict[str, Path]) -> list[dict[str, Any]]:
+    rows = []
+    for name, path in _bench_dirs(extra).items():
+        if not (files := _results_files(path)):
+            continue
+        row: dict[str, Any] = {"name": name, "path": str(path), "updated": _updated(files)}
+        try:
+            records = _read(name, path)
+        except BadRequest as err:  # a broken directory is listed, not fatal
+            rows.append({**row, "error": str(err)})
+            continue
+        if not records:
+            continue
+        s = summarize(records)
+        rows.append({**row, "agents": sorted({r.agent for r in records}),
+                     **{k: s[k] for k in ("n_runs", "successes", "success_rate", "ci95",
+                                          "cost_usd", "agent_seconds", "grade_seconds")}})
+    return sorted(rows, key=lambda r: (r["updated"], r["name"]), reverse=True)
+
+
+async def bench_list(request: Request) -> Any:
+    rows = await asyncio.to_thread(_bench_rows, _viewer(request).bench_dirs)
+    return {"root": str(bench_root()), "results": rows}
+
+
+def _bench_dir(request: Request) -> tuple[str, Path]:
+    name = str(request.path_params["name"])
+    if not SAFE_ID.match(name):
+        raise BadRequest(f"bad benchmark results name {name!r}")
+    path = _bench_path(_viewer(request).bench_dirs, name)
+    if path is None or not _results_files(path):
+        raise NotFound(f"no benchmark results {name!r} under {bench_root()}")
+    return name, path
+
+
+def _bench_task(bench_dir: Path, task_id: str) -> TaskDir | None:
+    """Task directory ``task_id`` of a results directory (``tasks/``, or a shard's ``tasks/``)."""
+    if not SAFE_ID.match(task_id):
+        return None
+    for p in [bench_dir / "tasks" / task_id, *sorted(bench_dir.glob(f"shard-*/tasks/{task_id}"))]:
+        if TaskDir(p).exists() and _inside(p, bench_dir):
+            return TaskDir(p)
+    return None
+
+
+def _task_link(bench_dir: Path, task_dir: str) -> dict[str, str] | None:
+    """Where the viewer shows a record's task directory: in its results directory (found by name,
+    so moved or sharded results still link), among the investigations, or nowhere (None)."""
+    name = Path(task_dir).name
+    if not task_dir or not SAFE_ID.match(name):
+        return None
+    if _bench_task(bench_dir, name) is not None:
+        return {"kind": "bench", "id": name}
+    if Path(task_dir).parent == investigations_root() and TaskDir(Path(task_dir)).exists():
+        return {"kind": "investigation", "id": name}
+    return None
+
+
+def _bench_detail(name: str, path: Path) -> dict[str, Any]:
+    records = _read(name, path)
+    return {"name": name, "path": str(path), "updated": _updated(_results_files(path)),
+            "summary": summarize(records),
+            "records": [{**r.model_dump(mode="json"), "task_link": _task_link(path, r.task_dir)}
+                        for r in records]}
+
+
+async def bench_detail(request: Request) -> Any:
+    return await asyncio.to_thread(_bench_detail, *_bench_dir(request))
+
+
+def _bench_task_of(request: Request) -> TaskDir:
+    name, path = _bench_dir(request)
+    tid = str(request.path_params["task_id"])
+    td = _bench_task(path, tid)
+    if td is None:
+        raise NotFound(f"no task directory {tid!r} in benchmark results {name}")
+    return td
+
+
+async def bench_task(request: Request) -> Any:
+    return await asyncio.to_thread(_detail, _bench_task_of(request))
+
+
+async def bench_artifact(request: Request) -> Any:
+    return await _artifact(_bench_task_of(request), str(request.path_params["artifact_id"]))
 
 
 # -- app ---------------------------------------------------------------------------------------
@@ -471,11 +625,12 @@ def security_headers(app: Any) -> Callable[..., Awaitable[None]]:
 def create_app(
     run: str = "tales", *, device: str = "cpu", session: RunSession | None = None,
     launch_mode: Literal["claude", "scripted"] | None = None,
-    launch_argv: list[str] | None = None,
+    launch_argv: list[str] | None = None, bench_dirs: Sequence[Path] = (),
 ) -> Any:
-    """The viewer ASGI app (``session`` reuses a loaded run as ``run``, e.g. in tests)."""
+    """The viewer ASGI app (``session`` reuses a loaded run as ``run``, e.g. in tests;
+    ``bench_dirs`` are benchmark result directories to list besides those under the bench root)."""
     viewer = Viewer(default_run=run, device=device, launch_mode=launch_mode,
-                    launch_argv=launch_argv)
+                    launch_argv=launch_argv, bench_dirs=extra_bench_dirs(bench_dirs))
     if session is not None:
         viewer.sessions[run] = session
 
@@ -500,6 +655,10 @@ def create_app(
         Route("/api/investigations", api(launch_investigation), methods=["POST"]),
         Route("/api/investigations/{task_id}", api(investigation)),
         Route("/api/investigations/{task_id}/artifacts/{artifact_id}", api(artifact)),
+        Route("/api/bench", api(bench_list)),
+        Route("/api/bench/{name}", api(bench_detail)),
+        Route("/api/bench/{name}/tasks/{task_id}", api(bench_task)),
+        Route("/api/bench/{name}/tasks/{task_id}/artifacts/{artifact_id}", api(bench_artifact)),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

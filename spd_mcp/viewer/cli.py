@@ -1,4 +1,4 @@
-"""``spd-mcp view [--run RUN] [--port P]``: serve the viewer on 127.0.0.1 (light imports here).
+"""``spd-mcp view [--run RUN] [--port P] [--bench DIR]``: the viewer on 127.0.0.1 (light imports).
 
 The viewer binds loopback only: it can launch investigations and run computations, and it has no
 authentication, so ``--host`` accepts only loopback addresses. To look at it from another machine,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from spd_mcp.http import LOOPBACK
 
@@ -21,6 +22,9 @@ def add_view_parser(sub: argparse._SubParsersAction) -> None:
                    help="loopback address to bind (127.0.0.1, localhost or ::1 only)")
     v.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    v.add_argument("--bench", type=Path, action="append", default=[], metavar="DIR",
+                   help="a `spd-mcp bench run` results directory to show besides those under "
+                        "$SPD_MCP_HOME/bench (repeatable)")
 
 
 def view_command(args: argparse.Namespace) -> int:
@@ -31,9 +35,20 @@ def view_command(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         print(f"spd-mcp: error: --port must be 0..65535, got {args.port}", file=sys.stderr)
         return 2
+    for d in args.bench:
+        if not (d / "results.jsonl").is_file() and not any(d.glob("shard-*/results.jsonl")):
+            print(f"spd-mcp: error: --bench {d}: no results.jsonl there", file=sys.stderr)
+            return 2
     import asyncio
 
+    from spd_mcp.viewer.app import extra_bench_dirs
     from spd_mcp.viewer.server import serve
+
+    try:
+        extra_bench_dirs(args.bench)
+    except ValueError as err:
+        print(f"spd-mcp: error: {err}", file=sys.stderr)
+        return 2
 
     if args.threads:
         import torch
@@ -42,5 +57,5 @@ def view_command(args: argparse.Namespace) -> int:
     from spd_mcp.model.decompose import resolve_device
 
     asyncio.run(serve(args.run, host=args.host, port=args.port,
-                      device=resolve_device(args.device)))
+                      device=resolve_device(args.device), bench_dirs=args.bench))
     return 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from spd_mcp.http import bind_socket, serve_announced, uvicorn_server
@@ -12,10 +13,10 @@ from spd_mcp.viewer.app import create_app
 
 
 async def serve(run: str, *, host: str = "127.0.0.1", port: int = 8780,
-                device: str = "cpu") -> None:
+                device: str = "cpu", bench_dirs: Sequence[Path] = ()) -> None:
     """Serve until interrupted; prints ``spd-mcp viewer: URL`` once listening."""
     sock, base = bind_socket(host, port)
-    server = uvicorn_server(create_app(run, device=device))
+    server = uvicorn_server(create_app(run, device=device, bench_dirs=bench_dirs))
     await serve_announced(server, sock, f"spd-mcp viewer: {base}/  (run {run}; Ctrl-C to stop)")
 
 

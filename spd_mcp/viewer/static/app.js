@@ -1,4 +1,5 @@
-/* spd-mcp viewer: a hash-routed single page (runs, graph explorer, interventions, investigations).
+/* spd-mcp viewer: a hash-routed single page (runs, graph explorer, interventions, investigations,
+   benchmark results).
    Everything is fetched from this origin; text goes into the DOM as text, except the research log
    and summary, which the server renders from markdown with raw HTML disabled. */
 "use strict";
@@ -379,13 +380,14 @@ async function pageInvestigations(view) {
   S.timers.push(setInterval(refresh, 3000));
 }
 
-async function pageInvestigation(view, id) {
+/* A task directory: an investigation (base /api/investigations/ID) or a benchmark run's task. */
+async function pageInvestigation(view, id, base = `/api/investigations/${encodeURIComponent(id)}`, back = ["#/investigations", "← investigations"]) {
   try { await ensureRun(); } catch { /* the log does not need the run */ }
   let lastStamp = null;
   const artifacts = new Map();
   async function refresh() {
     let d;
-    try { d = await api(`/api/investigations/${encodeURIComponent(id)}`); } catch (e) { view.replaceChildren(errorBox(e.message)); clearTimers(); return; }
+    try { d = await api(base); } catch (e) { view.replaceChildren(errorBox(e.message)); clearTimers(); return; }
     const stamp = `${d.log_chars}|${d.events.length}|${d.summary.status}|${d.explanations.length}|${d.summary.updated}`;
     if (stamp === lastStamp) return;
     lastStamp = stamp;
@@ -395,24 +397,24 @@ async function pageInvestigation(view, id) {
     summary.innerHTML = d.summary_html;
     const scroll = window.scrollY;
     view.replaceChildren(
-      h("p", {}, h("a", { href: "#/investigations" }, "← investigations")),
+      h("p", {}, h("a", { href: back[0] }, back[1])),
       h("h1", {}, d.summary.title || "(untitled investigation)", " ", h("span", { class: `status-badge ${d.summary.status}`, id: "inv-status" }, d.summary.status.replace("_", " "))),
       h("p", { class: "question" }, h("b", {}, "Question: "), d.info.question),
       h("p", { class: "muted small" }, `run ${d.info.run} · ${d.id} · created ${d.info.created} · ${d.info.launcher ? `launcher ${d.info.launcher.kind || ""}` : ""}`),
-      d.summary.summary ? h("section", { class: "card" }, h("h2", {}, "Summary"), summary) : null,
-      d.explanations.length ? h("section", {}, h("h2", {}, "Explanations"), d.explanations.map(explanationCard)) : null,
+      d.summary.summary ? h("section", { class: "card" }, h("h2", {}, "Summary"), summary) : "",
+      d.explanations.length ? h("section", {}, h("h2", {}, "Explanations"), d.explanations.map(explanationCard)) : "",
       h("div", { class: "inv-layout" },
         h("section", { class: "log-col" }, h("h2", {}, "Research log"), log),
         h("aside", { class: "timeline" }, h("h2", {}, `Events (${d.events.length})`),
           h("ol", { id: "timeline" }, d.events.slice().reverse().map((e) => h("li", {}, h("span", { class: "ts" }, e.ts.slice(11, 19)), " ", h("b", {}, e.type), ` ${e.source}: ${e.message}`))))));
     for (const slot of summary.querySelectorAll(".artifact-slot")) {
-      slot.replaceChildren(h("a", { href: `#/investigation/${encodeURIComponent(id)}`, onclick: (ev) => {
+      slot.replaceChildren(h("a", { href: location.hash, onclick: (ev) => {
         ev.preventDefault();
         const target = log.querySelector(`.artifact-slot[data-artifact="${CSS.escape(slot.dataset.artifact)}"]`);
         if (target) target.scrollIntoView({ behavior: "smooth" });
       } }, `[graph ${slot.dataset.artifact}]`));
     }
-    for (const slot of log.querySelectorAll(".artifact-slot")) await fillArtifact(slot, id, artifacts);
+    for (const slot of log.querySelectorAll(".artifact-slot")) await fillArtifact(slot, base, artifacts);
     window.scrollTo(0, scroll);
     if (d.summary.status !== "in_progress") clearTimers();
   }
@@ -420,10 +422,10 @@ async function pageInvestigation(view, id) {
   S.timers.push(setInterval(refresh, 2000));
 }
 
-async function fillArtifact(slot, taskId, cache) {
+async function fillArtifact(slot, base, cache) {
   const aid = slot.dataset.artifact;
   try {
-    if (!cache.has(aid)) cache.set(aid, await api(`/api/investigations/${encodeURIComponent(taskId)}/artifacts/${encodeURIComponent(aid)}`));
+    if (!cache.has(aid)) cache.set(aid, await api(`${base}/artifacts/${encodeURIComponent(aid)}`));
     const art = cache.get(aid);
     const canvas = h("div", { class: "graph-wrap inline" });
     const signed = h("button", { class: "ghost", onclick: () => ctl.setEdgeKind("signed") }, "signed");
@@ -446,19 +448,96 @@ function explanationCard(x) {
     (x.limitations || []).length ? h("p", { class: "small" }, h("b", {}, "Limitations: "), x.limitations.join("; ")) : null);
 }
 
+// -- benchmark results -----------------------------------------------------------------------------
+const OUTCOMES = ["success", "wrong", "inconclusive", "invalid"];
+const pct = (x) => `${Math.round(100 * x)}%`;
+const fmtNum = (x, digits = 2) => (x === null || x === undefined ? "—" : Number(x).toFixed(digits));
+const fmtCost = (x) => (x === null || x === undefined ? "—" : `$${Number(x).toFixed(x < 0.1 ? 4 : 2)}`);
+const fmtInt = (x) => (x === null || x === undefined ? "—" : Number(x).toLocaleString("en"));
+const rateText = (s) => `${s.successes}/${s.n_runs} = ${pct(s.success_rate)} (95% CI ${pct(s.ci95[0])}–${pct(s.ci95[1])})`;
+const outcomeBadge = (o, text) => h("span", { class: `outcome ${o}` }, text ?? o);
+
+async function pageBenchList(view) {
+  const data = await api("/api/bench");
+  const rows = data.results.map((b) => h("tr", {},
+    h("td", {}, h("a", { href: `#/bench/${encodeURIComponent(b.name)}` }, b.name), b.error ? errorBox(b.error) : null),
+    h("td", {}, (b.agents || []).join(", ")),
+    h("td", {}, b.error ? "" : rateText(b)),
+    h("td", { class: "num" }, fmtCost(b.cost_usd)),
+    h("td", { class: "num" }, b.error ? "" : fmtAge(b.agent_seconds + b.grade_seconds)),
+    h("td", {}, b.updated.slice(0, 19).replace("T", " "))));
+  view.replaceChildren(
+    h("h1", {}, "Bench"),
+    h("p", { class: "muted" }, "Results of ", h("code", {}, "spd-mcp bench run"), " under ", h("code", {}, data.root), " (and any ", h("code", {}, "spd-mcp view --bench DIR"), "), most recently updated first."),
+    rows.length ? h("table", { class: "grid", id: "bench-table" },
+      h("thead", {}, h("tr", {}, ["results", "agents", "success (95% CI)", "cost", "time", "updated (UTC)"].map((c) => h("th", {}, c)))),
+      h("tbody", {}, rows))
+      : h("p", { class: "muted" }, "No benchmark results yet."));
+}
+
+async function pageBench(view, name) {
+  let lastStamp = null;
+  const taskHref = (l) => (l.kind === "investigation" ? `#/investigation/${encodeURIComponent(l.id)}` : `#/bench-task/${encodeURIComponent(name)}/${encodeURIComponent(l.id)}`);
+  async function refresh() {
+    let d;
+    try { d = await api(`/api/bench/${encodeURIComponent(name)}`); } catch (e) { view.replaceChildren(errorBox(e.message)); clearTimers(); return; }
+    const stamp = `${d.updated}|${d.records.length}`;
+    if (stamp === lastStamp) return;
+    lastStamp = stamp;
+    const s = d.summary;
+    const runs = d.records.map((r) => h("tr", { dataset: { outcome: r.outcome } },
+      h("td", {}, r.task_link ? h("a", { href: taskHref(r.task_link) }, r.task_id) : [r.task_id, r.task_dir ? h("div", { class: "muted small" }, r.task_dir) : null]),
+      h("td", { class: "num" }, r.repeat), h("td", {}, r.agent),
+      h("td", {}, outcomeBadge(r.outcome)),
+      h("td", { class: "num" }, fmtNum(r.own_drop)), h("td", { class: "num" }, fmtNum(r.max_other_drop)), h("td", { class: "num" }, fmtNum(r.random_drop)),
+      h("td", { class: "num", title: r.components.join(", ") }, r.components.length),
+      h("td", { class: "num" }, fmtInt(r.tool_calls), r.tool_errors ? h("span", { class: "muted" }, ` (${r.tool_errors} err)`) : null),
+      h("td", { class: "num" }, fmtCost(r.cost_usd)),
+      h("td", { class: "reason" }, r.reason)));
+    const tasks = Object.entries(s.tasks).map(([t, x]) => h("tr", {},
+      h("td", {}, t), h("td", {}, `${pct(x.success_rate)} (${pct(x.ci95[0])}–${pct(x.ci95[1])})`),
+      h("td", {}, x.outcomes.map((o) => outcomeBadge(o))), h("td", { class: "num" }, fmtInt(x.tool_calls)), h("td", { class: "num" }, fmtCost(x.cost_usd))));
+    view.replaceChildren(
+      h("p", {}, h("a", { href: "#/bench" }, "← bench")),
+      h("h1", {}, name),
+      h("p", { class: "muted small" }, d.path),
+      h("section", { class: "card", id: "bench-summary" },
+        h("p", {}, h("b", {}, `Success ${rateText(s)}`)),
+        h("p", { class: "outcomes" }, OUTCOMES.map((o) => outcomeBadge(o, `${o} ${s.outcomes[o]}`))),
+        h("p", { class: "muted" }, `${fmtInt(s.tool_calls)} tool calls · ${fmtInt(s.tool_errors)} errors · tokens ${fmtInt(s.input_tokens)} in, ${fmtInt(s.output_tokens)} out · cost ${fmtCost(s.cost_usd)} · agents ${fmtAge(s.agent_seconds)} · grading ${fmtAge(s.grade_seconds)}`)),
+      h("h2", {}, "Tasks"),
+      h("table", { class: "grid compact", id: "bench-tasks" },
+        h("thead", {}, h("tr", {}, ["task", "success (95% CI)", "outcomes", "tool calls", "cost"].map((c) => h("th", {}, c)))),
+        h("tbody", {}, tasks)),
+      h("h2", {}, `Runs (${d.records.length})`),
+      h("table", { class: "grid", id: "bench-runs" },
+        h("thead", {}, h("tr", {}, ["task", "repeat", "agent", "outcome", "own drop", "max other drop", "random drop", "components", "tool calls", "cost", "reason"].map((c) => h("th", {}, c)))),
+        h("tbody", {}, runs)));
+  }
+  await refresh();
+  S.timers.push(setInterval(refresh, 5000)); // a run still in progress appends results
+}
+
 // -- router --------------------------------------------------------------------------------------
 async function route() {
   clearTimers();
   const view = document.getElementById("view");
   const hash = location.hash || "#/runs";
   const [, page, arg] = hash.match(/^#\/([^/]*)\/?(.*)$/) || [null, "runs", ""];
-  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.nav === page || (page === "investigation" && a.dataset.nav === "investigations"));
+  const nav = { investigation: "investigations", "bench-task": "bench" }[page] || page;
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.nav === nav);
   view.replaceChildren(h("p", { class: "muted" }, "loading…"));
   try {
     if (page === "graph") await pageGraph(view);
     else if (page === "interventions") await pageInterventions(view);
     else if (page === "investigations") await pageInvestigations(view);
     else if (page === "investigation") await pageInvestigation(view, decodeURIComponent(arg));
+    else if (page === "bench" && arg) await pageBench(view, decodeURIComponent(arg));
+    else if (page === "bench") await pageBenchList(view);
+    else if (page === "bench-task") {
+      const [name, id] = arg.split("/").map(decodeURIComponent);
+      await pageInvestigation(view, id, `/api/bench/${encodeURIComponent(name)}/tasks/${encodeURIComponent(id)}`, [`#/bench/${encodeURIComponent(name)}`, `← bench ${name}`]);
+    }
     else await pageRuns(view);
   } catch (e) { view.replaceChildren(errorBox(e.message)); }
   document.body.dataset.page = page || "runs";
