@@ -38,7 +38,7 @@ def test_scripted_runs_are_graded_and_recorded(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_runs"] == 2 and summary["outcomes"]["invalid"] == 1
     md = report(out)
-    assert "| count-next-number | scripted |" in md and (out / "results.md").is_file()
+    assert "| count-next-number | 0 | scripted |" in md and (out / "results.md").is_file()
 
 
 def test_wilson_interval() -> None:

@@ -25,8 +25,8 @@ class RunRecord(BaseModel):
     own_drop: float | None = None
     max_other_drop: float | None = None
     random_drop: float | None = None
-    tool_calls: int = 0
-    tool_errors: int = 0
+    tool_calls: int | None = Field(0, description="None: the agent left no transcript")
+    tool_errors: int | None = 0
     turns: int | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
@@ -66,8 +66,8 @@ def summarize(records: list[RunRecord]) -> dict[str, Any]:
         "ci95": wilson(k, len(records)),
         "outcomes": {o: sum(r.outcome == o for r in records)
                      for o in ("success", "wrong", "inconclusive", "invalid")},
-        "tool_calls": sum(r.tool_calls for r in records),
-        "tool_errors": sum(r.tool_errors for r in records),
+        "tool_calls": _total([r.tool_calls for r in records]),
+        "tool_errors": _total([r.tool_errors for r in records]),
         "input_tokens": _total([r.input_tokens for r in records]),
         "output_tokens": _total([r.output_tokens for r in records]),
         "cost_usd": _total([r.cost_usd for r in records]),
@@ -76,7 +76,7 @@ def summarize(records: list[RunRecord]) -> dict[str, Any]:
         "tasks": {t: {"success_rate": round(sum(r.success for r in rs) / len(rs), 4),
                       "ci95": wilson(sum(r.success for r in rs), len(rs)),
                       "outcomes": [r.outcome for r in rs],
-                      "tool_calls": round(sum(r.tool_calls for r in rs) / len(rs), 1),
+                      "tool_calls": _total([r.tool_calls for r in rs]),
                       "cost_usd": _total([r.cost_usd for r in rs])}
                   for t, rs in per.items()},
     }
