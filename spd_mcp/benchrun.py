@@ -88,6 +88,43 @@ async def _example(call: _Calls, behaviour: str) -> tuple[str, str]:
     raise BenchError(f"the run has no planted behaviour {behaviour!r}")
 
 
+async def _feature_ci(call: _Calls, task: BenchTask) -> list[dict[str, Any]]:
+    """The components firing on the task's feature alone (a toy), highest CI first."""
+    r = await call("get_ci", {"features": {str(task.feature): 1.0}})
+    return sorted(r["positions"][0]["top"], key=lambda t: -t["ci"])
+
+
+async def _answer(call: _Calls, task: BenchTask, comps: list[str], role: str, how: str,
+                  evidence: dict[str, Any]) -> None:
+    await call("save_explanation", {
+        "behaviour": f"{task.behaviour} ({how})",
+        "components": [{"key": k, "role": role} for k in comps], "evidence": [evidence],
+        "confidence": 0.3})
+    await call("set_investigation_summary", {"title": f"{task.id} ({how})", "summary": how,
+                                             "status": "completed"})
+
+
+async def toy_agent(call: _Calls, task: BenchTask, how: str, seed: int) -> None:
+    """The built-in agents on a feature task: scripted takes each layer's top-CI component on
+    the feature's one-hot input, topk the top 8 overall, random ``budget`` of the firing ones."""
+    import random
+
+    top = await _feature_ci(call, task)
+    if how == "scripted":
+        best: dict[str, str] = {}  # layer -> its highest-CI component (top is sorted)
+        for t in top:
+            best.setdefault(t["key"].rsplit(":", 1)[0], t["key"])
+        comps = list(best.values())
+    elif how == "topk":
+        comps = [t["key"] for t in top[:TOPK]]
+    else:
+        keys = sorted(t["key"] for t in top)
+        comps = random.Random(f"{task.id}/{seed}").sample(keys, min(task.budget, len(keys)))
+    await _answer(call, task, comps, f"fires on feature {task.feature}", how,
+                  {"type": "probe", "description": f"CI on the one-hot input of feature "
+                                                   f"{task.feature}"})
+
+
 async def scripted_agent(call: _Calls, task: BenchTask) -> None:
     """The behaviour's example → a greedy necessary set (sweep_ablation) → explanation."""
     prompt, label = await _example(call, task.behaviour)
@@ -155,7 +192,9 @@ async def _investigate(task: BenchTask, agent: str, task_dir: Path, threads: int
             await session.initialize()
             calls = _Calls(session)
             try:
-                if agent == "scripted":
+                if task.is_feature:
+                    await toy_agent(calls, task, agent, repeat)
+                elif agent == "scripted":
                     await scripted_agent(calls, task)
                 elif agent == "topk":
                     await topk_agent(calls, task)
@@ -439,6 +478,8 @@ def add_bench_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmark tasks: run agents, grade by causal re-check")
     bs = b.add_subparsers(dest="bench_command", required=True)
     r = bs.add_parser("run", help="run and grade tasks")
+    r.add_argument("suite", nargs="?", default=None,
+                   help="a shipped suite (spd-mcp bench list shows them; default: all)")
     r.add_argument("--agent", default="scripted",
                    help=f"built in: {', '.join(BUILT_IN)}; launched: claude (Claude Code), sdk "
                         "(the Messages-API agent: ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY), "
@@ -468,7 +509,8 @@ def add_bench_parser(sub: Any) -> None:
     r.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
     rep = bs.add_parser("report", help="print results and write results.md")
     rep.add_argument("out", type=Path)
-    ls = bs.add_parser("list", help="the task suite")
+    ls = bs.add_parser("list", help="the shipped suites and their tasks")
+    ls.add_argument("suite", nargs="?", default=None)
     ls.add_argument("--task-dir", type=Path, default=None)
 
 
@@ -478,20 +520,25 @@ def _err(msg: str) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from spd_mcp.bench.tasks import TaskError, load_tasks
+    from spd_mcp.bench.tasks import TaskError, load_tasks, suites
 
     if args.bench_command == "report":
         if not read_results(args.out):
             return _err(f"no results.jsonl in {args.out}")
         print(report(args.out), end="")
         return 0
+    if args.suite is not None and args.task_dir is not None:
+        return _err("give a suite or --task-dir, not both")
     try:
-        tasks = load_tasks(args.task_dir)
+        tasks = load_tasks(args.task_dir, suite=args.suite)
     except TaskError as e:
         return _err(str(e))
     if args.bench_command == "list":
+        if args.task_dir is None and args.suite is None:
+            print(f"suites: {', '.join(suites())}")
         for t in tasks:
-            print(f"{t.id:28s} {t.run:12s} {t.behaviour:10s} budget {t.budget:3d}  {t.question}")
+            q = " ".join(t.question.split())
+            print(f"{t.id:34s} {t.run:12s} {t.behaviour:10s} budget {t.budget:3d}  {q[:70]}")
         return 0
     if args.tasks:
         want = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -549,7 +596,8 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def _shard_argv(args: argparse.Namespace, out: Path) -> list[str]:
     """The ``spd-mcp bench run`` command of one array element (``--shard`` added by SLURM)."""
-    argv = ["bench", "run", "--agent", args.agent, "--repeats", str(args.repeats),
+    argv = ["bench", "run", *([args.suite] if args.suite else []), "--agent", args.agent,
+            "--repeats", str(args.repeats),
             "--out", str(out.resolve()), "--threads", str(args.threads), "--model", args.model,
             "--max-turns", str(args.max_turns), "--agent-timeout", f"{args.agent_timeout:g}"]
     for flag, value in (("--tasks", args.tasks), ("--budget-usd", args.budget_usd),

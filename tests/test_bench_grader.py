@@ -51,7 +51,7 @@ def session() -> RunSession:
 
 @pytest.fixture(scope="module")
 def tasks() -> dict[str, BenchTask]:
-    return {t.id: t for t in load_tasks()}
+    return {t.id: t for t in load_tasks(suite="tales")}
 
 
 def _answer(keys: list[str], status: str = "completed") -> Answer:

@@ -50,7 +50,15 @@ def test_wilson_interval() -> None:
 def test_cli_lists_tasks_and_rejects_unknown_ones(tmp_path: Path) -> None:
     run = [sys.executable, "-m", "spd_mcp.cli", "bench"]
     listed = subprocess.run([*run, "list"], capture_output=True, text=True, check=True)
-    assert len(listed.stdout.splitlines()) == len(load_tasks()) >= 12
+    lines = listed.stdout.splitlines()
+    assert lines[0] == "suites: tales, toys" or lines[0].startswith("suites: tales, tales-llama")
+    assert len(lines) - 1 == len(load_tasks()) >= 12
+    toys = subprocess.run([*run, "list", "toys"], capture_output=True, text=True, check=True)
+    assert [x.split()[0] for x in toys.stdout.splitlines()] == [
+        t.id for t in load_tasks(suite="toys")]
+    bad_suite = subprocess.run([*run, "run", "nosuite", "--out", str(tmp_path / "o")],
+                               capture_output=True, text=True)
+    assert bad_suite.returncode == 2 and "unknown suite 'nosuite'" in bad_suite.stderr
     bad = subprocess.run([*run, "run", "--tasks", "nope", "--out", str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown task(s) nope" in bad.stderr

@@ -14,8 +14,7 @@ from spd_mcp.errors import InputError
 TASKS_DIR = Path(__file__).with_name("tasks")
 """The shipped tasks."""
 TOY_TASKS_DIR = TASKS_DIR / "toys"
-"""The shipped tasks on toys with known features (``feature`` tasks; a suite of their own, run
-with ``spd-mcp bench run --task-dir``)."""
+"""The shipped tasks on toys with known features (``feature`` tasks)."""
 
 RESERVED_SEEDS = frozenset({0, 1, 7, 99, 12345, 424_242})
 """Corpus seeds something else reads, so never held out: the target's (0) and SPD's (1) training
@@ -128,10 +127,27 @@ def load_task(path: Path | str) -> BenchTask:
     return task
 
 
-def load_tasks(directory: Path | str | None = None) -> list[BenchTask]:
-    """Every ``*.yaml`` task of ``directory`` (default: the shipped tasks), sorted by id."""
-    root = Path(directory) if directory is not None else TASKS_DIR
-    files = sorted(root.glob("*.yaml"))
+def suites() -> list[str]:
+    """The shipped suites: one folder of task files each (``tales``, ``tales-llama``, ...)."""
+    return sorted(p.name for p in TASKS_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+
+
+def load_tasks(directory: Path | str | None = None, suite: str | None = None) -> list[BenchTask]:
+    """Every ``*.yaml`` task of ``directory`` (its sub-folders too), else of the shipped
+    ``suite``, else of every shipped suite; sorted by id, ids unique."""
+    if directory is not None:
+        root = Path(directory)
+    elif suite is not None:
+        if suite not in suites():
+            raise TaskError(f"unknown suite {suite!r}; shipped: {', '.join(suites())}")
+        root = TASKS_DIR / suite
+    else:
+        root = TASKS_DIR
+    files = sorted(root.rglob("*.yaml"))
     if not files:
         raise TaskError(f"{root}: no *.yaml task files")
-    return [load_task(f) for f in files]
+    tasks = sorted((load_task(f) for f in files), key=lambda t: t.id)
+    ids = [t.id for t in tasks]
+    if dup := sorted({i for i in ids if ids.count(i) > 1}):
+        raise TaskError(f"{root}: task id(s) {', '.join(dup)} defined more than once")
+    return tasks
