@@ -44,14 +44,17 @@ BUILT_IN = ("scripted", "topk", "random")
 PROCESS_AGENTS = ("claude", "sdk")
 """Agents run through the investigation launcher (plus ``cmd:COMMAND``)."""
 TOPK = 8
-ANSWER_FORMAT = (
-    "\n\nAnswer through the tools: save one explanation with `save_explanation` whose "
-    "`components` list the component keys (LAYER:C) you claim carry this behaviour, with their "
-    "roles and your evidence, then call `set_investigation_summary` with status `completed` "
-    "(or `inconclusive` if you could not establish an answer). The answer is graded by ablating "
-    "the claimed components on held-out prompts: they must be necessary for this behaviour, not "
-    "for the model's other behaviours, and few.")
-"""Appended to every task's question: how the answer is handed in (and how it is judged)."""
+def answer_format(task: BenchTask) -> str:
+    """Appended to every task's question: how the answer is handed in and how it is judged."""
+    inputs = "inputs" if task.is_feature else "prompts"
+    return (
+        "\n\nAnswer through the tools: save one explanation with `save_explanation` whose "
+        "`components` list the component keys (LAYER:C) you claim carry this, with their roles "
+        "and your evidence, then call `set_investigation_summary` with status `completed` (or "
+        f"`inconclusive` if you could not establish an answer). At most {task.budget} "
+        f"components. The answer is graded by ablating them on held-out {inputs}: they must be "
+        "necessary for this, not for the model's other behaviours, and a random set of the "
+        "same size must not do the same.")
 
 
 def agent_ok(agent: str) -> bool:
@@ -392,7 +395,7 @@ async def _run_built_in(todo: list[tuple[BenchTask, int]], opts: BenchOptions, o
 
     async def one(task: BenchTask, rep: int) -> None:
         async with gate:
-            td = create_task(task.run, task.question + ANSWER_FORMAT, root=out / "tasks",
+            td = create_task(task.run, task.question + answer_format(task), root=out / "tasks",
                              launcher={"kind": "bench", "agent": opts.agent, "task": task.id,
                                        "repeat": rep})
             t0 = time.perf_counter()
@@ -419,7 +422,7 @@ def _run_launched(todo: list[tuple[BenchTask, int]], opts: BenchOptions, out: Pa
     runs: list[Investigation] = []
     meta: dict[int, tuple[BenchTask, int]] = {}
     for task, rep in todo:
-        lo = LaunchOptions(run=task.run, question=task.question + ANSWER_FORMAT,
+        lo = LaunchOptions(run=task.run, question=task.question + answer_format(task),
                            agent=opts.agent, max_turns=opts.max_turns, model=opts.model,
                            budget_usd=opts.budget_usd, root=out / "tasks", claude=opts.claude,
                            server_threads=opts.threads, agent_timeout_s=opts.agent_timeout_s,
