@@ -183,6 +183,8 @@ def test_an_agent_answers_through_the_tools(tmp_path: Path, session: RunSession,
             out["ci"] = await call("get_ci", {"features": {"4": 1.0}})
             out["bad"] = await call("get_ci", {"features": {"5": 1.0}})
             out["both"] = await call("get_ci", {"features": {"4": 1.0}, "text": "a"})
+            out["edit"] = await call("edit_components", {
+                "components": [{"component": "linear1:3", "scale": 0}]})
             top = out["ci"]["positions"][0]["top"]
             picked = [max((t for t in top if t["key"].startswith(la + ":")),
                           key=lambda t: t["ci"])["key"] for la in ("linear1", "linear2")]
@@ -203,6 +205,8 @@ def test_an_agent_answers_through_the_tools(tmp_path: Path, session: RunSession,
     assert out["picked"] == _truth(session, 4)
     assert "feature 5 out of range" in out["bad"] and "0..4" in out["bad"]
     assert "features replaces text" in out["both"]
+    assert "no tokenizer (a toy model)" in out["edit"]  # an edit nothing could use: refused
+    assert "do not apply" in out["info"]["input_features"]["how"]
     for v in out["vectors"]:
         f = v["features"]
         assert f["reads"][0]["feature"] == 4 and f["reads"][0]["ci"] > 0.5

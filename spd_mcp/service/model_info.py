@@ -70,7 +70,9 @@ class FeatureInfo(BaseModel):
     how: str = ("input x has one value per feature (sparse; the rest 0) and output i "
                 "reconstructs feature i. Text tools do not apply: get_ci(features={'3': 1.0}) "
                 "lists the components that fire on an input; get_component_vectors shows the "
-                "features a component reads and the outputs it writes")
+                "features a component reads and how each output changes when it alone is "
+                "ablated. The other analysis, intervention and edit tools take text and do not "
+                "apply; save_explanation and the investigation tools do")
 
 
 class ModelInfo(BaseModel):

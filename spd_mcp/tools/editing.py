@@ -36,6 +36,7 @@ async def edit_components(
     the edit changes only what it names. Pass its edit_id to measure_edit, generate / create_prompt
     (edit=ID) and export_edit. Example: edit_components(components=[{"component":
     "1.mlp.down:17", "scale": 0}])."""
+    state(ctx).session.require_lm()  # nothing can use an edit of a toy: say so now
     info, cached = await state(ctx).edits.scale(components, name=name)
     return EditCreated(**info.model_dump(), cached=cached)
 
