@@ -133,6 +133,9 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("find_components_by_examples", {"examples": [{"text": PROMPT, "position": 30}]},
      "examples[0].position 30 out of range"),
     ("find_components_by_examples", {"examples": [{"text": "qqq"}]}, "examples[0].text"),
+    ("find_components_by_examples",  # every bad example in one error
+     {"examples": [{"text": "the qqq"}, {"text": "a ball"}, {"text": "zzz"}]},
+     "examples[2].text: words not in the vocabulary: ['zzz']"),
     ("compute_graph", {"text": PROMPT, "output_position": 12}, "output_position 12 out of range"),
     ("compute_graph", {"text": PROMPT, "label_token": "qqq"}, "token 'qqq' is not in the vocab"),
     ("optimize_graph", {"text": PROMPT}, "needs label_token"),

@@ -134,13 +134,20 @@ async def find_components_by_examples(
 
 
 def _parse_examples(st: AppState, examples: list[Example], arg: str) -> list[tuple[list[int], int]]:
-    out = []
+    """Encoded examples; every bad one is named in one error (not only the first)."""
+    out, bad = [], []
     for i, ex in enumerate(examples):
         try:
             ids = st.session.encode(ex.text)
         except InputError as e:
-            raise InputError(f"{arg}[{i}].text: {e}") from None
-        out.append((ids, check_position(ex.position, len(ids), f"{arg}[{i}].position")))
+            bad.append(f"{arg}[{i}].text: {e}")
+            continue
+        try:
+            out.append((ids, check_position(ex.position, len(ids), f"{arg}[{i}].position")))
+        except InputError as e:
+            bad.append(str(e))
+    if bad:
+        raise InputError("; ".join(bad))
     return out
 
 
