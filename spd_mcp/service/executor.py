@@ -5,6 +5,10 @@ cheap calls never touch it. A bounded queue and a bounded wait turn overload int
 :class:`Busy` error ("retry in ~N s") instead of a hang. A job whose caller went away before it
 started is skipped; a job that started runs to the end (the lock is released when the computation
 ends, not when a client disconnects).
+
+Given a device (:meth:`ComputeExecutor.use_device`), the worker also holds that device's
+machine-wide lock (:mod:`.devlock`) around each job, so the executors of several processes on one
+machine take turns too (FIFO across them); the job's wait bound covers that wait as well.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from spd_mcp.errors import SpdMcpError
+
+from .devlock import DeviceBusy, DeviceLock, enabled
 
 T = TypeVar("T")
 
@@ -39,6 +46,8 @@ class JobRecord:
     started: float
     ended: float
     ok: bool
+    lock_wait_s: float = 0.0
+    """Time spent waiting for the machine-wide device lock (inside ``started - queued``)."""
 
 
 @dataclass
@@ -53,7 +62,8 @@ class ComputeExecutor:
     """FIFO single-worker executor with a queue bound and a wait bound."""
 
     def __init__(
-        self, *, max_queue: int = 16, max_wait_s: float = 120.0, history: int = 256
+        self, *, max_queue: int = 16, max_wait_s: float = 120.0, history: int = 256,
+        device: str | None = None,
     ) -> None:
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
@@ -63,6 +73,13 @@ class ComputeExecutor:
         self._durations: deque[float] = deque(maxlen=32)
         self.history: deque[JobRecord] = deque(maxlen=history)
         self.running: str | None = None
+        self.devices: tuple[DeviceLock, ...] = ()
+        """Device locks held around each job (sorted by name: several are taken in one order)."""
+        self.waiting_for: DeviceLock | None = None
+        """The device lock the worker is waiting for, if any."""
+        if device is not None:
+            self.use_device(device)
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._work, name="spd-compute", daemon=True)
         self._thread.start()
 
@@ -73,27 +90,70 @@ class ComputeExecutor:
             if job is None:
                 return
             try:
-                if not job.future.set_running_or_notify_cancel():
-                    continue  # the caller gave up before the job started
-                self.running = job.name
-                started = time.monotonic()
-                ok = False
-                try:
-                    result = job.fn()
-                    ok = True
-                    job.future.set_result(result)
-                except BaseException as exc:  # handed to the caller
-                    job.future.set_exception(exc)
-                finally:
-                    ended = time.monotonic()
-                    self.running = None
-                    self._durations.append(ended - started)
-                    self.history.append(JobRecord(job.name, job.queued, started, ended, ok))
+                with ExitStack() as held:
+                    t0 = time.monotonic()
+                    if job.future.cancelled() or not self._take_devices(job, held):
+                        continue
+                    if not job.future.set_running_or_notify_cancel():
+                        continue  # the caller gave up before the job started
+                    ok, out = self._run_job(job, time.monotonic() - t0)
+                # the device is free again before the caller hears back
+                if ok:
+                    job.future.set_result(out)
+                else:
+                    job.future.set_exception(out)
             finally:
                 with self._lock:
                     self._pending -= 1
 
+    def _take_devices(self, job: _Job, held: ExitStack) -> bool:
+        """Hold every device lock (within the job's wait bound); False if the job is off."""
+        if not self.devices or not enabled():
+            return True
+        for lock in self.devices:
+            self.waiting_for = lock
+            try:
+                hold = lock.acquire(
+                    job.name, deadline=job.queued + self.max_wait_s,
+                    estimate_s=self.mean_duration(),
+                    abandon=lambda: job.future.cancelled() or self._closing.is_set())
+            except (DeviceBusy, OSError) as exc:  # OSError: the lock directory is unusable
+                fail = Busy(str(exc), exc.retry_after_s) if isinstance(exc, DeviceBusy) else exc
+                with suppress(cf.InvalidStateError):  # unless the caller withdrew it meanwhile
+                    job.future.set_exception(fail)
+                return False
+            finally:
+                self.waiting_for = None
+            if hold is None:  # withdrawn, or shutting down, while waiting
+                job.future.cancel()
+                return False
+            held.callback(hold.release)
+        return True
+
+    def _run_job(self, job: _Job, lock_wait_s: float) -> tuple[bool, Any]:
+        """Run it and record it; (True, result) or (False, the exception for the caller)."""
+        self.running = job.name
+        started = time.monotonic()
+        ok = False
+        try:
+            out, ok = job.fn(), True
+            return True, out
+        except BaseException as exc:  # handed to the caller
+            return False, exc
+        finally:
+            ended = time.monotonic()
+            self.running = None
+            self._durations.append(ended - started)
+            self.history.append(JobRecord(job.name, job.queued, started, ended, ok, lock_wait_s))
+
     # ----------------------------------------------------------------------------- API
+    def use_device(self, device: str) -> None:
+        """Also hold ``device``'s machine-wide lock around each job (a device added twice is
+        held once)."""
+        lock = DeviceLock(device)
+        if all(d.device != lock.device for d in self.devices):
+            self.devices = tuple(sorted((*self.devices, lock), key=lambda d: d.device))
+
     def mean_duration(self) -> float:
         return sum(self._durations) / len(self._durations) if self._durations else 1.0
 
@@ -135,6 +195,9 @@ class ComputeExecutor:
                 if done:
                     break
             if not (fut.running() or fut.done()) and fut.cancel():
+                if (lock := self.waiting_for) is not None:
+                    exc = lock.busy()
+                    raise Busy(str(exc), exc.retry_after_s)
                 wait = self.estimated_wait()
                 raise Busy(
                     f"busy: the job did not start within {self.max_wait_s:.0f} s; "
@@ -147,5 +210,7 @@ class ComputeExecutor:
             raise
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop after the queued jobs (one waiting for a device lock gives up)."""
+        self._closing.set()
         self._q.put(None)
         self._thread.join(timeout)

@@ -86,7 +86,9 @@ async def open_state(
     session: RunSession, executor: ComputeExecutor, *, db_path: Path | None = None,
     auto_prepare: bool = True,
 ) -> AppState:
-    """An AppState over the run's app database (``db_path``, default the run's own)."""
+    """An AppState over the run's app database (``db_path``, default the run's own); the
+    executor then also holds the machine-wide lock of the run's device around each job."""
+    executor.use_device(str(session.device))
     store = await AppStore.open(db_path or app_db_path(session.run_id))
     return AppState(session=session, executor=executor, store=store, auto_prepare=auto_prepare)
 
