@@ -208,7 +208,7 @@ async def _investigate(task: BenchTask, agent: str, task_dir: Path, threads: int
             return calls
 
 
-def _record(task: BenchTask, repeat: int, agent: str, g: GradeResult, task_dir: Path,
+def _record(task: BenchTask, repeat: int, agent: str, g: GradeResult, task_dir: Path | None,
             agent_s: float, usage: AgentUsage) -> RunRecord:
     sc = g.scores
     return RunRecord(
@@ -218,7 +218,7 @@ def _record(task: BenchTask, repeat: int, agent: str, g: GradeResult, task_dir: 
         max_other_drop=round(max((o.drop for o in sc.others), default=0.0), 4) if sc else None,
         random_drop=round(sc.random.mean_drop, 4) if sc else None,
         **usage.model_dump(), agent_seconds=round(agent_s, 2), grade_seconds=g.seconds,
-        task_dir=str(task_dir))
+        task_dir="" if task_dir is None else str(task_dir))
 
 
 class AgentUsage(BaseModel):
@@ -309,7 +309,7 @@ class _Grader:
 
         g = GradeResult(task_id=task.id, outcome="invalid", success=False, reason=reason,
                         distributed=task.distributed)
-        return self._add(_record(task, rep, agent, g, Path(""), 0.0,
+        return self._add(_record(task, rep, agent, g, None, 0.0,
                                  AgentUsage(tool_calls=None, tool_errors=None)), g)
 
     def _add(self, rec: RunRecord, g: GradeResult) -> RunRecord:

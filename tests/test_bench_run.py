@@ -24,11 +24,15 @@ def test_scripted_runs_are_graded_and_recorded(tmp_path: Path) -> None:
     tasks = {t.id: t for t in load_tasks()}
     count = tasks["count-next-number"]
     broken = count.model_copy(update={"id": "broken", "behaviour": "juggling"})
+    no_run = count.model_copy(update={"id": "no-run", "run": "nosuchrun"})
     out = tmp_path / "bench"
-    records = run_bench([count, broken], "scripted", out, log=lambda _m: None)
+    records = run_bench([count, broken, no_run], "scripted", out, log=lambda _m: None)
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert [json.loads(x)["task_id"] for x in lines] == ["count-next-number", "broken"]
-    ok, bad = records
+    assert [json.loads(x)["task_id"] for x in lines] == ["count-next-number", "broken", "no-run"]
+    ok, bad, missing = records
+    # A task naming a run that does not exist: no agent starts, graded invalid with the reason.
+    assert missing.outcome == "invalid" and "'nosuchrun', which cannot be loaded" in missing.reason
+    assert missing.tool_calls is None and missing.task_dir == ""
     # The scripted agent answered through the tools; the grader re-checked it causally.
     assert ok.outcome in ("success", "wrong") and ok.components and ok.tool_calls == 4
     assert ok.own_drop is not None and ok.own_drop > 0.5  # its set is necessary for counting
@@ -36,7 +40,7 @@ def test_scripted_runs_are_graded_and_recorded(tmp_path: Path) -> None:
     # A task naming an unknown behaviour: the agent fails, the run is graded invalid.
     assert bad.outcome == "invalid" and "juggling" in bad.reason and bad.tool_errors == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_runs"] == 2 and summary["outcomes"]["invalid"] == 1
+    assert summary["n_runs"] == 3 and summary["outcomes"]["invalid"] == 2
     md = report(out)
     assert "| count-next-number | 0 | scripted |" in md and (out / "results.md").is_file()
 
