@@ -1,9 +1,9 @@
 """Per-batch accumulation: one forward + CI pass updates every statistic and the reservoirs.
 
-Everything is vectorised over the batch: bincounts / index_add for token statistics, a sparse
-matmul of the 0/1 firing matrix for co-firing (exact: fp32 holds integers below 2**24, and a
-batch has far fewer tokens), priority keys and window gathers for the examples. Per-batch float
-sums are fp32 (torch's cascaded summation), accumulated across batches in fp64.
+Everything is vectorised over the batch: bincounts / index_add for token statistics, priority
+keys and window gathers for the examples; the firing events go to the co-firing log (counted when
+the harvest is merged, see ``cofire.py``). Per-batch float sums are fp32 (torch's cascaded
+summation), accumulated across batches in fp64.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import Tensor
 from spd_mcp.model.session import RunSession
 from spd_mcp.model.text import encode_document
 
+from .cofire import FiringLog
 from .config import HarvestConfig, HarvestError
 from .reservoir import Examples, Reservoir, key_bits, priority_keys
 from .stats import HarvestStats
@@ -63,69 +64,12 @@ class Workspace:
         return buf[:n].view(shape)
 
 
-_GEMM_SPEEDUP = 16.0  # dense GEMM flops per sparse-matmul flop at equal time (CPU, measured)
-
-
-def cofire_update(acc: Tensor, rows: Tensor, comps: Tensor, n_rows: int, counts: Tensor,
-                  ws: Workspace) -> None:
-    """Add FᵀF into ``acc`` (S, S) int64; F is the batch's 0/1 firing matrix (n_rows, S).
-
-    ``rows`` (0..n_rows-1) and ``comps`` list F's nonzeros; ``counts`` (S,) are its column
-    sums. Only firing components take part. The d densest columns D are multiplied as a dense
-    GEMM (D x D); every other column's events form a sparse matrix multiplied by the dense F
-    (rest x all), cost ∝ its events x active components; d minimises the estimated cost.
-    D x rest is written transposed too, so ``acc`` stays symmetric. Exact: fp32 holds the
-    integer counts (at most n_rows < 2**24). On GPUs: one dense GEMM.
-    """
-    active = counts > 0
-    cols = active.nonzero().squeeze(1)
-    n = len(cols)
-    if n == 0:
-        return
-    if n_rows >= 1 << 24:
-        raise HarvestError("batch too large for exact fp32 co-firing counts")
-    if acc.device.type == "cpu":
-        cnt = counts[cols]
-        order = torch.argsort(cnt, descending=True, stable=True)
-        rest = int(cnt.sum()) - torch.cat([cnt.new_zeros(1), torch.cumsum(cnt[order], 0)])
-        d_all = torch.arange(n + 1, device=acc.device)
-        cost = n_rows * d_all.double() ** 2 / _GEMM_SPEEDUP + rest.double() * n
-        d = int(torch.argmin(cost))
-        # D = the d densest, then the rest; each ascending (for cache-friendly writes into acc)
-        cols = torch.cat([cols[order[:d]].sort().values, cols[order[d:]].sort().values])
-    else:
-        d = n
-    colmap = torch.empty(acc.shape[0], dtype=torch.long, device=acc.device)
-    colmap[cols] = torch.arange(n, device=acc.device)
-    cc = colmap[comps]
-    f = ws.get("cofire_f", (n_rows, n), torch.float32).zero_()
-    f[rows, cc] = 1.0
-    S = acc.shape[0]
-    flat = acc.view(-1)
-
-    def add(r: Tensor, c: Tensor, block: Tensor) -> None:
-        flat.index_add_(0, (r[:, None] * S + c[None, :]).reshape(-1),
-                        block.reshape(-1).to(torch.int64))
-
-    if d:
-        fd = f[:, :d]
-        add(cols[:d], cols[:d], fd.T @ fd)
-    if d < n:
-        sp = (cc >= d).nonzero().squeeze(1)
-        ft = torch.sparse_coo_tensor(
-            torch.stack([cc[sp] - d, rows[sp]]), torch.ones(len(sp), device=acc.device),
-            (n - d, n_rows), check_invariants=False,
-        )
-        prod = torch.mm(ft, f, out=ws.get("cofire_prod", (n - d, n), torch.float32))
-        add(cols[d:], cols, prod)  # rest x all
-        if d:
-            add(cols[:d], cols[d:], prod[:, :d].T)  # D x rest, the transpose of rest x D
-
-
 class Accumulator:
-    """Streaming harvest state for one run and config: statistics plus example reservoirs."""
+    """Streaming harvest state for one run and config: statistics plus example reservoirs; the
+    firing events go to ``log`` when one is given (a shard's co-firing needs it)."""
 
-    def __init__(self, session: RunSession, config: HarvestConfig) -> None:
+    def __init__(self, session: RunSession, config: HarvestConfig,
+                 log: FiringLog | None = None) -> None:
         if config.fire_threshold is None:
             raise HarvestError("resolve the config (fire_threshold) before harvesting")
         self.session = session
@@ -141,6 +85,7 @@ class Accumulator:
         self.bits = key_bits(self.S)
         self.reservoir = Reservoir(self.S, config.n_examples, config.window_len, dev)
         self.ws = Workspace(dev)
+        self.log = log
 
     @property
     def examples(self) -> Examples:
@@ -215,7 +160,8 @@ class Accumulator:
         ones = torch.ones_like(c)
         st["fire_token"].view(-1).index_add_(0, c * V + tok[rf], ones)
         st["fire_pred"].view(-1).index_add_(0, c * V + pred[rf], ones)
-        cofire_update(st["cofire"], start[b_ev] + t_ev, c, N, fire_batch, self.ws)
+        if self.log is not None:
+            self.log.append(N, start[b_ev] + t_ev, c)
 
         doc_ev = docs[b_ev]
         key = priority_keys(cfg.seed, doc_ev, t_ev, c, self.bits)

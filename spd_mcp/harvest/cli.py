@@ -63,21 +63,21 @@ def harvest_command(args: argparse.Namespace) -> int:
         raise HarvestError("--checkpoint-every must be >= 1")
     shard = ShardSpec.parse(args.shard) if args.shard else None
     config = config_from_args(args)
-    if merge:
-        from .runner import merge_shards
-
-        print(merge_shards(run, config, args.shards).message)
-        return 0
 
     import torch
 
     from spd_mcp.model.decompose import resolve_device
-    from spd_mcp.model.session import RunSession
 
-    from .runner import harvest, run_shard
+    from .runner import harvest, merge_shards, run_shard
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if merge:  # co-firing is counted here, on --device
+        print(merge_shards(run, config, args.shards, device=resolve_device(args.device)).message)
+        return 0
+
+    from spd_mcp.model.session import RunSession
+
     session = RunSession.load(run, device=resolve_device(args.device))
     label = "harvest" if shard is None else f"shard {shard.index}/{shard.count}"
     with token_progress(label) as cb:

@@ -25,7 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spd_mcp.errors import InputError
 
-HARVEST_FORMAT = 1
+HARVEST_FORMAT = 2
+"""Stored layout (manifest ``format``): 2 keeps co-firing as a per-component table and shards
+keep a firing log; format-1 stages (a dense S x S matrix) still load, converted on reading."""
+RESULTS_VERSION = 1
+"""What a harvest computes, in its config hash: format 2 serves format 1's answers exactly, so
+stages and the labels that cite their hashes stay valid."""
 
 
 class HarvestError(InputError):
@@ -57,10 +62,11 @@ class HarvestConfig(BaseModel):
 
 
 def config_hash(run_id: str, config: HarvestConfig) -> str:
-    """Short sha256 of the canonical JSON of (format, run id, resolved config)."""
+    """Short sha256 of the canonical JSON of (results version, run id, resolved config)."""
     if config.fire_threshold is None:
         raise HarvestError("resolve the config (fire_threshold) before hashing it")
-    payload = {"format": HARVEST_FORMAT, "run_id": run_id, "config": config.model_dump(mode="json")}
+    payload = {"format": RESULTS_VERSION, "run_id": run_id,
+               "config": config.model_dump(mode="json")}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -1,4 +1,8 @@
-"""Run a harvest (whole or one shard) with checkpoints, and merge shards into the stage."""
+"""Run a harvest (whole or one shard) with checkpoints, and merge shards into the stage.
+
+A shard writes its statistics, examples and co-firing log; the merge sums the statistics, keeps
+the smallest example keys and counts co-firing from every shard's log (``cofire.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -25,6 +30,7 @@ from spd_mcp.model.session import RunSession
 from spd_mcp.paths import package_version
 
 from .accumulate import Accumulator, encode_doc, pad_batch
+from .cofire import BLOCK_ROWS, FIRINGS, FiringLog, table_from_logs
 from .config import (
     HARVEST_FORMAT,
     HarvestConfig,
@@ -211,37 +217,45 @@ def run_shard(
     plan = read_plan(run_id, chash)
     if plan is None and shard.count > 1:
         plan = get_plan(session, run_id, chash, config)
-    acc = Accumulator(session, config)
-    ckpt = out / CHECKPOINT
-    done, tokens, seen = 0, 0, []  # batches done, tokens done, tokens per batch done
+    ckpt, log_path = out / CHECKPOINT, out / FIRINGS
+    meta: dict[str, str] = {}
     if ckpt.exists():
         with safe_open(str(ckpt), "pt") as f:
             meta = f.metadata() or {}
-        if meta.get("config_hash") == chash and meta.get("shard") == shard.name:
+    # resume only a checkpoint of this shard whose co-firing log is still there (format 2)
+    keep = int(meta.get("log_bytes", -1))
+    if not (meta.get("config_hash") == chash and meta.get("shard") == shard.name
+            and 0 <= keep <= (log_path.stat().st_size if log_path.exists() else -1)):
+        meta, keep = {}, 0
+    out.mkdir(parents=True, exist_ok=True)
+    with FiringLog(log_path, keep) as log:
+        acc = Accumulator(session, config, log)
+        done, tokens, seen = 0, 0, []  # batches done, tokens done, tokens per batch done
+        if meta:
             acc.load_state(load_file(str(ckpt)))
             done, seen = int(meta["batches_done"]), json.loads(meta["batch_tokens"])
             tokens = sum(seen)
-    out.mkdir(parents=True, exist_ok=True)
-    if plan is not None:
-        mine = plan.shard_batches(shard)
-        total, source = plan.shard_tokens(shard), _planned(session, plan, mine[done:])
-    else:
-        total, source = config.n_tokens, _streamed(session, config, done, tokens)
-    if progress is not None:
-        progress(tokens, total)
-    last_doc = -1
-    for n, batch in enumerate(_prefetch(source), start=done + 1):
-        tokens += acc.process(batch.ids, batch.lengths, batch.docs)
-        seen.append(batch.tokens)
-        last_doc = batch.last_doc
+        if plan is not None:
+            mine = plan.shard_batches(shard)
+            total, source = plan.shard_tokens(shard), _planned(session, plan, mine[done:])
+        else:
+            total, source = config.n_tokens, _streamed(session, config, done, tokens)
         if progress is not None:
-            progress(tokens, max(total, tokens))
-        if n % checkpoint_every == 0:
-            save_tensors_atomic(ckpt, acc.state(), metadata={
-                "config_hash": chash, "shard": shard.name, "batches_done": str(n),
-                "batch_tokens": json.dumps(seen)})
-        if stop_after_batches is not None and n - done >= stop_after_batches:
-            raise HarvestInterrupted(f"stopped after {n} batches (test hook)")
+            progress(tokens, total)
+        last_doc = -1
+        for n, batch in enumerate(_prefetch(source), start=done + 1):
+            tokens += acc.process(batch.ids, batch.lengths, batch.docs)
+            seen.append(batch.tokens)
+            last_doc = batch.last_doc
+            if progress is not None:
+                progress(tokens, max(total, tokens))
+            if n % checkpoint_every == 0:
+                log.sync()
+                save_tensors_atomic(ckpt, acc.state(), metadata={
+                    "config_hash": chash, "shard": shard.name, "batches_done": str(n),
+                    "batch_tokens": json.dumps(seen), "log_bytes": str(log.nbytes)})
+            if stop_after_batches is not None and n - done >= stop_after_batches:
+                raise HarvestInterrupted(f"stopped after {n} batches (test hook)")
     if plan is None:  # the streamed unsharded run: its batches are the plan
         plan = HarvestPlan(n_docs=last_doc + 1, n_tokens=tokens, batch_size=config.batch_size,
                            batch_tokens=seen)
@@ -275,11 +289,12 @@ def _shard_counts(run_id: str, chash: str) -> dict[int, set[int]]:
 
 def merge_shards(
     run: Any, config: HarvestConfig | None = None, n_shards: int | None = None, *,
-    keep_shards: bool = False,
+    keep_shards: bool = False, device: torch.device | str = "cpu", block_rows: int = BLOCK_ROWS,
 ) -> HarvestOutcome:
     """Merge all ``n_shards`` finished shards into the stage (exactly the unsharded result).
 
-    ``run``: a RunSession, LoadedRun or run name/path; the model is not needed.
+    ``run``: a RunSession, LoadedRun or run name/path; the model is not needed. Co-firing is
+    counted on ``device``, ``block_rows`` rows of the S x S table at a time.
     """
     run_id, config = resolve_config(run, config)
     chash = config_hash(run_id, config)
@@ -305,13 +320,20 @@ def merge_shards(
             f"cannot merge: {len(missing)} of {n_shards} shards are not finished ({names}); "
             f"run `spd-mcp harvest RUN --shard i/{n_shards}` for each"
         )
-    stats, parts, first = None, [], None
+    stats, parts, first, logs = None, [], None, []
     for i in range(n_shards):
-        m, s, ex = read_result(shards_dir(run_id, chash) / ShardSpec(index=i, count=n_shards).name)
+        path = shards_dir(run_id, chash) / ShardSpec(index=i, count=n_shards).name
+        if not (path / FIRINGS).exists():
+            raise HarvestError(f"shard {path.name} has no co-firing log {FIRINGS} (an older "
+                               f"harvest format); delete {path.parent} and re-run its shards")
+        m, s, ex = read_result(path)
         first = first or m
         stats = s if stats is None else stats + s
         parts.append(ex)
+        logs.append(path / FIRINGS)
     assert stats is not None and first is not None
+    stats.t.update(table_from_logs(logs, stats.t["fire_count"], block_rows=block_rows,
+                                   device=device))
     examples = keep_smallest(Examples.cat(parts), config.n_examples, key_bits(stats.n_components))
     manifest = first.model_copy(update={"n_tokens": stats.n_tokens, "created": _now(),
                                         "shard": None})
@@ -335,7 +357,7 @@ def harvest(
                               path=str(stage), n_tokens=0, message=f"already harvested: {stage}")
     run_shard(session, config, ShardSpec(index=0, count=1), checkpoint_every=checkpoint_every,
               progress=progress, stop_after_batches=stop_after_batches)
-    return merge_shards(session, config, 1)
+    return merge_shards(session, config, 1, device=session.device)
 
 
 def stage_path(run: Any, config: HarvestConfig | None = None) -> Path:

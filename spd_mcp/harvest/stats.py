@@ -2,7 +2,8 @@
 
 Components of all decomposed layers share one axis of length S = ΣC (canonical layer order;
 ``offsets[l]`` is layer l's first index). Counts are int64, sums fp64; densities, precision,
-recall, PMI and Jaccard are derived at query time.
+recall, PMI and Jaccard are derived at query time. Co-firing is a table of each component's
+partners that queries can return (``cofire.py``), built when a harvest's shards are merged.
 
 PMI saturates at log(1 / P(fire)) for every token the component fires on each time it occurs
 (recall 1), however rare; ``smoothed_pmi`` shrinks the conditional probability of the ranked side
@@ -21,13 +22,15 @@ from torch import Tensor
 
 from spd_mcp.keys import KeySpace, component_key
 
+from .cofire import TABLE_FIELDS, jaccard, table_from_dense
 from .config import HarvestError
 
 TokenKind = Literal["input", "output"]
 TokenRank = Literal["smoothed_pmi", "pmi", "precision", "recall", "count"]
-CoRank = Literal["jaccard", "pmi", "precision", "recall", "count"]
+CoRank = Literal["jaccard", "precision", "count"]
+"""Co-firing rankings the table answers exactly (precision orders partners as count does)."""
 
-# name → (dtype, shape kind): "S" per component, "V" per vocab token, "SV", "SS"
+# name → (dtype, shape kind): "S" per component, "V" per vocab token, "SV"
 STAT_FIELDS: dict[str, tuple[torch.dtype, str]] = {
     "fire_count": (torch.int64, "S"),  # tokens where CI > fire_threshold
     "sum_ci": (torch.float64, "S"),  # Σ CI over all tokens
@@ -40,7 +43,6 @@ STAT_FIELDS: dict[str, tuple[torch.dtype, str]] = {
     "pred_count": (torch.int64, "V"),  # target model's top-1 predicted next-token counts
     "fire_token": (torch.int64, "SV"),  # fires while the input token is v
     "fire_pred": (torch.int64, "SV"),  # fires while the top-1 prediction is v
-    "cofire": (torch.int64, "SS"),  # both fire at the same token (symmetric; diagonal = fire)
 }
 OPTIONAL_FIELDS = frozenset({"pos_fire_count"})
 """Fields added after harvests were first stored: older harvests load without them."""
@@ -50,7 +52,8 @@ PMI_PRIOR = 10.0
 
 @dataclass
 class HarvestStats:
-    """Sufficient statistics of a harvest; ``+`` merges two disjoint harvests exactly."""
+    """Sufficient statistics of a harvest; ``+`` merges two disjoint harvests exactly, except
+    the co-firing table (rebuilt from the shards' firing logs), which it drops."""
 
     layers: list[str]
     offsets: list[int]  # len(layers) + 1
@@ -67,7 +70,7 @@ class HarvestStats:
         for C in Cs:
             offsets.append(offsets[-1] + C)
         S, V = offsets[-1], vocab_size
-        dims = {"S": (S,), "V": (V,), "SV": (S, V), "SS": (S, S)}
+        dims = {"S": (S,), "V": (V,), "SV": (S, V)}
         t = {
             k: torch.zeros(dims[kind], dtype=dt, device=device)
             for k, (dt, kind) in STAT_FIELDS.items()
@@ -81,7 +84,7 @@ class HarvestStats:
             raise HarvestError("cannot merge harvests of different layer sets or vocabularies")
         t = {}
         for k, v in self.t.items():
-            if k not in other.t:  # an optional field only one side has
+            if k not in other.t or k in TABLE_FIELDS:  # optional on one side / not additive
                 continue
             w = other.t[k].to(v.device)
             t[k] = torch.maximum(v, w) if k.startswith("max_") else v + w
@@ -151,11 +154,22 @@ class HarvestStats:
     def from_tensors(
         cls, t: dict[str, Tensor], layers: list[str], offsets: list[int], vocab_size: int
     ) -> HarvestStats:
+        """Statistics as stored; a format-1 dense ``cofire`` matrix becomes the table."""
         missing = sorted(set(STAT_FIELDS) - set(t) - OPTIONAL_FIELDS)
         if missing:
             raise HarvestError(f"harvest statistics lack {missing}; re-run the harvest")
-        return cls(list(layers), list(offsets), vocab_size, int(t["n_tokens"]),
-                   {k: t[k] for k in STAT_FIELDS if k in t})
+        out = {k: t[k] for k in (*STAT_FIELDS, *TABLE_FIELDS) if k in t}
+        if "cofire" in t and "cofire_ptr" not in t:
+            out.update(table_from_dense(t["cofire"], t["fire_count"]))
+        return cls(list(layers), list(offsets), vocab_size, int(t["n_tokens"]), out)
+
+    def cofire_partners(self, index: int) -> tuple[Tensor, Tensor]:
+        """(partner indices ascending, co-firing counts) kept for one component (see cofire)."""
+        if "cofire_ptr" not in self.t:
+            raise HarvestError("these statistics have no co-firing table (a shard's, or a sum); "
+                               "load the merged harvest stage")
+        a, b = self.t["cofire_ptr"][index : index + 2].tolist()
+        return self.t["cofire_idx"][a:b].long(), self.t["cofire_count"][a:b]
 
 
 # --------------------------------------------------------------------------- query models
@@ -306,28 +320,27 @@ def correlated(
     stats: HarvestStats, comp: str | int, *, by: CoRank = "jaccard", k: int = 10,
     min_count: int = 1,
 ) -> list[ComponentAssociation]:
-    """The k components whose firing co-occurs most with this one's (itself excluded)."""
+    """The k components whose firing co-occurs most with this one's (itself excluded); exact
+    for k up to the table's ``cofire_k``."""
     i = stats.index(comp)
-    co = stats.t["cofire"][i]
+    j, co = stats.cofire_partners(i)
+    top = int(stats.t["cofire_k"])
+    if k > top:
+        raise HarvestError(f"the co-firing table keeps {top} partners per ranking; ask k <= {top}")
     fire = stats.t["fire_count"]
-    fi = fire[i]
-    scores = {
-        "count": co,
-        "jaccard": co.double() / (fi + fire - co).clamp(min=1),
-        "pmi": _pmi(co, fi.expand_as(fire), fire, stats.n_tokens),
-        "precision": co.double() / fi.clamp(min=1),
-        "recall": co.double() / fire.clamp(min=1),
-    }
-    ok = co >= max(min_count, 1)
-    ok[i] = False
-    idx = _rank(scores, co, by, k, ok)
+    fi, fj = fire[i], fire[j]
+    scores = {"count": co, "jaccard": jaccard(co, fi, fj),
+              "precision": co.double() / fi.clamp(min=1)}
+    pmi = _pmi(co, fi.expand_as(fj), fj, stats.n_tokens)
+    recall = co.double() / fj.clamp(min=1)
+    idx = _rank(scores, co, by, k, co >= max(min_count, 1))
     return [
         ComponentAssociation(
-            index=j, key=stats.key(j), count=int(co[j]), fire_count=int(fire[j]),
-            jaccard=float(scores["jaccard"][j]), pmi=float(scores["pmi"][j]),
-            precision=float(scores["precision"][j]), recall=float(scores["recall"][j]),
+            index=int(j[p]), key=stats.key(int(j[p])), count=int(co[p]), fire_count=int(fj[p]),
+            jaccard=float(scores["jaccard"][p]), pmi=float(pmi[p]),
+            precision=float(scores["precision"][p]), recall=float(recall[p]),
         )
-        for j in idx.tolist()
+        for p in idx.tolist()
     ]
 
 

@@ -3,11 +3,12 @@
 $SPD_MCP_HOME/runs/<run_id>/harvest/<config_hash>/
     plan.json                 the document / batch plan (cached for shards)
     manifest.json             run id, config, hash, n_tokens, created, code version, layers ...
-    stats.safetensors         HarvestStats tensors
+    stats.safetensors         HarvestStats tensors (with the co-firing table, see cofire.py)
     examples.safetensors      Examples tensors
     DONE                      written last: readers ignore a stage without it
-    shards/<i>-of-<n>/        a shard: checkpoint.safetensors while running; when finished the
-                              same three files + DONE (removed once the stage is merged)
+    shards/<i>-of-<n>/        a shard: firings.bin (its co-firing log) and, while running,
+                              checkpoint.safetensors; when finished the same three files + DONE
+                              (removed once the stage is merged)
 
 Files are written to a temporary name (or directory) and renamed into place, fsynced, DONE last;
 a finished stage or shard is never rewritten.
