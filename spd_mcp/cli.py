@@ -23,6 +23,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="override the config's SPD steps")
     d.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     d.add_argument("--threads", type=int, help="torch CPU threads (default: $SPD_MCP_THREADS)")
+    d.add_argument("--nproc", type=int, default=1,
+                   help="processes (per node) training data-parallel: gloo on CPU, nccl on GPUs")
+    d.add_argument("--checkpoint-every", type=int, help="write a checkpoint every K steps")
+    d.add_argument("--resume", action="store_true",
+                   help="continue from the run's checkpoint if there is one")
+    d.add_argument("--slurm", action="store_true",
+                   help="submit with sbatch: torchrun on --nodes nodes, requeued jobs resume")
+    d.add_argument("--nodes", type=int, default=1, help="SLURM nodes (with --slurm)")
+    from spd_mcp.launch.cli import _add_slurm_resources  # light
+
+    _add_slurm_resources(d)
 
     z = sub.add_parser("zoo", help="built-in targets")
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
@@ -301,7 +312,8 @@ def _default_out(name: str) -> Path:
 
 
 def _run_decompose(config: Any, *, out: Path, device: str, target_steps: int | None,
-                   overwrite: bool, threads: int | None) -> Path:
+                   overwrite: bool, threads: int | None, checkpoint_every: int | None = None,
+                   resume: bool = False) -> Path:
     from rich.progress import (
         BarColumn,
         Progress,
@@ -349,20 +361,69 @@ def _run_decompose(config: Any, *, out: Path, device: str, target_steps: int | N
         return decompose(
             config, out=out, device=device, target_steps=target_steps, reporter=on_spd,
             target_reporter=on_target, overwrite=overwrite, threads=threads,
+            checkpoint_every=checkpoint_every, resume=resume,
         )
 
 
 def _decompose(args: argparse.Namespace) -> int:
     from spd_mcp.model.config import load_config
 
+    for flag, value in (("--nproc", args.nproc), ("--nodes", args.nodes),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None and value < 1:
+            return _fail(f"{flag} must be >= 1")
+    if args.nodes > 1 and not args.slurm:
+        return _fail("--nodes needs --slurm")
+    if args.gpus is not None:
+        return _fail("--gpus: decompose --slurm takes --nproc GPUs per node (--device cpu: none)")
     config = load_config(args.config)
     if args.steps is not None:
         config = config.model_copy(update={"steps": args.steps})
     out = args.out or _default_out(config.name)
+    if args.nproc * args.nodes > 1:  # fail here, not in every process (or after the queue)
+        from spd_mcp.model.distributed import check_config
+
+        check_config(config, args.nproc * args.nodes)
+    if args.slurm:
+        from spd_mcp.launch.cli import _slurm_opts
+        from spd_mcp.launch.slurm import submit_decompose
+
+        argv = _decompose_argv(args, out)
+        if "--resume" not in argv:
+            argv.append("--resume")  # a preempted, requeued job continues from its checkpoint
+        print(submit_decompose(argv, _slurm_opts(args), nodes=args.nodes, nproc=args.nproc,
+                               gpus=args.device != "cpu"))
+        return 0
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside torchrun
+        import subprocess
+
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node", str(args.nproc), "-m", "spd_mcp.cli",
+                               *_decompose_argv(args, out)], check=False).returncode
+    if os.environ.get("RANK", "0") != "0":  # a data-parallel worker: rank 0 reports and saves
+        from spd_mcp.model.decompose import decompose
+
+        decompose(config, out=out, device=args.device, overwrite=args.overwrite,
+                  threads=args.threads, checkpoint_every=args.checkpoint_every,
+                  resume=args.resume)
+        return 0
     path = _run_decompose(config, out=out, device=args.device, target_steps=None,
-                          overwrite=args.overwrite, threads=args.threads)
+                          overwrite=args.overwrite, threads=args.threads,
+                          checkpoint_every=args.checkpoint_every, resume=args.resume)
     print(path)
     return 0
+
+
+def _decompose_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """``decompose`` arguments for the processes torchrun starts (absolute paths)."""
+    argv = ["decompose", str(args.config.resolve()), "--out", str(out.resolve()),
+            "--device", args.device]
+    for flag, value in (("--steps", args.steps), ("--threads", args.threads),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + [f for f, on in (("--overwrite", args.overwrite), ("--resume", args.resume))
+                   if on]
 
 
 def _zoo_build(args: argparse.Namespace) -> int:

@@ -205,3 +205,37 @@ def submit_bench(argv: Sequence[str], n_runs: int, out: Path,
     report_job = sbatch(report)
     (sub / "job_id").write_text(f"{array_job}\n{report_job}\n")
     return array_job, report_job
+
+
+def decompose_script(argv: Sequence[str], out_dir: Path, slurm: SlurmOptions, *, nodes: int,
+                     nproc: int, gpus: bool, port: int = 29500) -> str:
+    """An sbatch script for ``spd-mcp`` ARGV (a ``decompose`` command) data-parallel over `nodes`
+    nodes × `nproc` processes: srun starts one torchrun per node, and they meet (c10d
+    rendezvous) on the job's first node at `port`. ``--requeue``: with ``--resume`` and
+    ``--checkpoint-every`` in ARGV, a preempted job continues from its last checkpoint."""
+    head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+    endpoint = f"{head}:{port}"
+    command = ["srun", "--ntasks-per-node=1", sys.executable, "-m", "torch.distributed.run",
+               "--nnodes", str(nodes), "--nproc-per-node", str(nproc),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+               "--rdzv-id", "${SLURM_JOB_ID}", "-m", "spd_mcp.cli", *argv]
+    extra = [f"--nodes={nodes}", "--ntasks-per-node=1", "--requeue", "--open-mode=append"]
+    if gpus:
+        extra.append(f"--gpus-per-node={nproc}")
+    text = sbatch_script("spd-decompose", command, out_dir, slurm.model_copy(update={"gpus": None}),
+                         extra=extra)
+    for word in (endpoint, "${SLURM_JOB_ID}"):  # expanded by bash on the job's first node
+        text = text.replace(shlex.quote(word), f'"{word}"')
+    return text
+
+
+def submit_decompose(argv: Sequence[str], slurm: SlurmOptions, *, nodes: int, nproc: int,
+                     gpus: bool, port: int = 29500) -> str:
+    """Submit :func:`decompose_script`; return the job id."""
+    sub = submission_dir(spd_home().resolve(), "decompose")
+    script = sub / "decompose.sbatch"
+    script.write_text(decompose_script(argv, sub, slurm, nodes=nodes, nproc=nproc, gpus=gpus,
+                                       port=port))
+    job = sbatch(script)
+    (sub / "job_id").write_text(job + "\n")
+    return job

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from spd_mcp.model import losses as L
+from spd_mcp.model.checkpoint import Checkpoints
 from spd_mcp.model.ci_functions import PerComponentMLP
 from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.config import (
@@ -34,7 +35,17 @@ from spd_mcp.model.config import (
     ZooTarget,
 )
 from spd_mcp.model.diagnostics import diagnose_batch
-from spd_mcp.model.run_io import save_run
+from spd_mcp.model.distributed import (
+    Dist,
+    GlobalDraws,
+    average_grads,
+    check_config,
+    from_env,
+    join,
+    leave,
+    mean_over_ranks,
+)
+from spd_mcp.model.run_io import DONE_FILE, save_run
 from spd_mcp.model.targets import ResolvedTarget, resolve_target
 from spd_mcp.model.zoo.base import ZooEntry
 
@@ -146,13 +157,21 @@ def train_components(
     *,
     device: str,
     reporter: Reporter | None = None,
+    dist: Dist | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> list[dict[str, Any]]:
     """Optimise U, V and CI functions in place; return the metrics rows (also eval rows).
 
-    Layers in ``config.tied`` share parameters during training and are untied at the end."""
-    trainer = _Trainer(cm, target, config, device=device, reporter=reporter)
+    Layers in ``config.tied`` share parameters during training and are untied at the end.
+    ``dist``: this process's share of a data-parallel job; ``checkpoints``: write checkpoints,
+    and continue from the one being resumed."""
+    resuming = checkpoints is not None and checkpoints.state is not None
+    trainer = _Trainer(cm, target, config, device=device, reporter=reporter, dist=dist,
+                       warmup=not resuming)
+    trainer.checkpoints = checkpoints
     try:
-        trainer.run(0, config.steps)
+        start = 0 if checkpoints is None else checkpoints.attach(trainer)
+        trainer.run(start, config.steps)
     finally:
         cm.untie()
     return trainer.metrics
@@ -162,7 +181,10 @@ class _Trainer:
     """One decomposition being optimised: its ComponentModel, optimiser and metrics rows.
 
     Training can stop and resume (``run(start, stop)``), which restarts use to screen candidates
-    for a few steps and then carry the chosen one on with its optimiser state."""
+    for a few steps and then carry the chosen one on with its optimiser state, and which
+    checkpoints use to continue after the process stopped (``state_dict``/``load_state_dict``).
+    With ``dist`` each process trains on its rows of every batch (``spd_mcp.model.distributed``).
+    """
 
     def __init__(
         self,
@@ -172,18 +194,33 @@ class _Trainer:
         *,
         device: str,
         reporter: Reporter | None,
+        dist: Dist | None = None,
+        warmup: bool = True,
     ) -> None:
         self.cm, self.target, self.config, self.device = cm, target, config, device
-        self.reporter = reporter
+        self.reporter, self.dist = reporter, dist
+        self.checkpoints: Checkpoints | None = None
         self.output_loss = config.output_loss or target.output_loss
         self.metrics: list[dict[str, Any]] = []
         for source, follower in config.tied:
             cm.tie(source, follower)
-        if config.faithfulness_warmup_steps:
+        if config.faithfulness_warmup_steps and warmup:
             self._faithfulness_warmup()
         self.params = list(cm.trainable_parameters())
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.t0 = time.time()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model (tied), optimiser, metrics rows and elapsed time, for a checkpoint."""
+        return {"model": self.cm.state_dict(), "optimizer": self.opt.state_dict(),
+                "metrics": json.dumps(self.metrics), "seconds": time.time() - self.t0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cm.load_state_dict(state["model"])
+        self.cm.refresh_ties()
+        self.opt.load_state_dict(state["optimizer"])
+        self.metrics = json.loads(state["metrics"])
+        self.t0 = time.time() - state["seconds"]
 
     def _faithfulness_warmup(self) -> None:
         cfg = self.config
@@ -211,6 +248,47 @@ class _Trainer:
         total = sum(coeffs[k] * v for k, v in terms.items())
         return total, terms  # type: ignore[return-value]
 
+    def _rank_objective(self, x_all: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """This rank's share of the objective on global batch ``x_all``: its rows, the masks the
+        single process draws for them, and each term scaled so that its mean over ranks is the
+        single-process term on ``x_all`` (a padding-masked average is rescaled by the rank's
+        share of the kept positions; other terms are means over equal row counts)."""
+        assert self.dist is not None
+        x = self.dist.rows(x_all)
+        mask = self.target.position_mask(x)
+        self.cm.refresh_ties()
+        with GlobalDraws(self.dist, x.shape[0]):
+            terms = compute_losses(
+                self.cm, self.config, x, output_loss=self.output_loss, step=step, mask=mask
+            )
+        if mask is not None:
+            kept = self.target.position_mask(x_all)
+            assert kept is not None
+            share = mask.sum() * self.dist.world / kept.sum().clamp_min(1)
+            for key, loss in zip(list(terms), self.config.losses, strict=True):
+                if isinstance(loss, StochasticRecon | CIMaskedRecon | PGDRecon):
+                    terms[key] = terms[key] * share
+        coeffs = _coeffs(self.config, list(terms))
+        total = sum(coeffs[k] * v for k, v in terms.items())
+        return total, terms  # type: ignore[return-value]
+
+    def _train_step(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimiser step on a fresh batch; the loss and its terms (this rank's, with dist)."""
+        cfg = self.config
+        x = self.target.sampler(cfg.batch_size, self.device)
+        if self.dist is None:
+            total, terms = self.objective(x, step)
+        else:
+            total, terms = self._rank_objective(x, step)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.dist is not None:
+            average_grads(self.params, self.dist.world)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        return total, terms
+
     def run(self, start: int, stop: int) -> None:
         """Train steps [start, stop) of the schedule; evaluate on the eval grid and at the end."""
         cfg, steps = self.config, self.config.steps
@@ -222,18 +300,18 @@ class _Trainer:
                 self.metrics.append(row)
             if step == stop:
                 break
+            if self.checkpoints is not None and self.checkpoints.due(step, start):
+                self.checkpoints.save(step, self)
             if self._revive_due(step):
                 self.revive(step)
             for group in self.opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, steps)
-            x = self.target.sampler(cfg.batch_size, self.device)
-            total, terms = self.objective(x, step)
-            self.opt.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-            self.opt.step()
-            if self.reporter is not None and (step % 10 == 0 or step == steps - 1):
+            total, terms = self._train_step(step)
+            report = step % 10 == 0 or step == steps - 1
+            if self.dist is not None and report:  # every rank takes part in the all-reduce
+                terms = mean_over_ranks({**terms, "total": total})
+                total = terms.pop("total")
+            if self.reporter is not None and report:
                 latest = {k: v.item() for k, v in terms.items()}
                 latest["total"] = float(total.detach())
                 self.reporter(step + 1, steps, latest)
@@ -481,24 +559,73 @@ def decompose(
     target_reporter: Callable[[int, int, float], None] | None = None,
     overwrite: bool = False,
     threads: int | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Resolve (and if needed train) the target, decompose it, and save the run at ``out``."""
+    """Resolve (and if needed train) the target, decompose it, and save the run at ``out``.
+
+    ``checkpoint_every``: write a checkpoint every that many steps; ``resume``: continue from
+    the checkpoint when there is one (``spd_mcp.model.checkpoint``), and leave a finished run as
+    it is. Started by ``torchrun`` (WORLD_SIZE > 1), the processes train one run data-parallel
+    (``spd_mcp.model.distributed``) and rank 0 saves it."""
     device = resolve_device(device)
     if isinstance(config.target, HFTarget | GoodfireTarget) and config.data is None:
         kind = "huggingface" if isinstance(config.target, HFTarget) else "goodfire"
         raise ConfigError(f"a {kind} target needs `data: {{text: FILE}}` to train on")
+    dist = from_env()
+    if dist is not None:
+        check_config(config, dist.world)
+        device = join(dist, device)
+        if not dist.main:
+            reporter = target_reporter = None
+    try:
+        return _decompose(config, out=out, device=device, target_steps=target_steps,
+                          reporter=reporter, target_reporter=target_reporter, overwrite=overwrite,
+                          threads=threads, checkpoint_every=checkpoint_every, resume=resume,
+                          dist=dist)
+    finally:
+        if dist is not None:
+            leave()
+
+
+def _decompose(
+    config: DecomposeConfig,
+    *,
+    out: Path,
+    device: str,
+    target_steps: int | None,
+    reporter: Reporter | None,
+    target_reporter: Callable[[int, int, float], None] | None,
+    overwrite: bool,
+    threads: int | None,
+    checkpoint_every: int | None,
+    resume: bool,
+    dist: Dist | None,
+) -> Path:
+    main = dist is None or dist.main
+    ckpts = Checkpoints.open(out, every=checkpoint_every, config=config, resume=resume,
+                             overwrite=overwrite, write=main)
+    resuming = ckpts is not None and ckpts.state is not None
+    if resume and not resuming and not overwrite and (out / DONE_FILE).exists():
+        return out  # a finished run (e.g. a requeued job that had ended)
     seed_everything(config.seed)
     t0 = time.time()
     target = resolve_target(config.target, data=config.data)
     set_cpu_threads(device, threads, target.entry.cpu_threads if target.entry else None)
     target_metrics: dict[str, float] = {}
-    if isinstance(config.target, ZooTarget) and config.target.weights is None:
+    if isinstance(config.target, ZooTarget) and config.target.weights is None and not resuming:
         assert isinstance(target.entry, ZooEntry)
         steps = target.entry.target_steps if target_steps is None else target_steps
         target_metrics = target.entry.train_target(
             target.model, steps=steps, device=device, seed=config.seed, progress=target_reporter
         )
     target.model.to(device).eval()
+    if ckpts is not None:
+        if resuming:
+            target_metrics = ckpts.target_metrics
+        else:
+            ckpts.target_metrics = target_metrics
+        target.sampler = ckpts.record(target.sampler)
 
     def make_cm(k: int) -> ComponentModel:
         seed_everything(_candidate_seed(config.seed, k))
@@ -509,7 +636,8 @@ def decompose(
     restarts: dict[str, Any] | None = None
     if config.restarts is None:
         cm = make_cm(0)
-        metrics = train_components(cm, target, config, device=device, reporter=reporter)
+        metrics = train_components(cm, target, config, device=device, reporter=reporter,
+                                   dist=dist, checkpoints=ckpts)
     else:
         cm, metrics, restarts = train_with_restarts(
             make_cm, target, config, device=device, reporter=reporter
@@ -523,11 +651,18 @@ def decompose(
     }
     if restarts is not None:
         summary["restarts"] = restarts
+    if dist is not None:
+        summary["processes"] = dist.world
+    if not main:
+        return out
     entry = target.entry
-    return save_run(
+    path = save_run(
         out, config=config, cm=cm.cpu(), metrics=metrics, summary=summary,
-        extras=entry.save_extras if entry is not None else None, overwrite=overwrite,
+        extras=entry.save_extras if entry is not None else None, overwrite=overwrite or resuming,
     )
+    if ckpts is not None:
+        ckpts.remove()
+    return path
 
 
 def format_summary(summary: dict[str, Any]) -> str:
