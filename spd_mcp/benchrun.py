@@ -476,6 +476,36 @@ def report(out: Path) -> str:
     return text
 
 
+def print_table(out: Path) -> None:
+    """The results as a rich table on the terminal (``report`` writes the markdown)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    records = read_results(out)
+    s = summarize(records)
+    colour = {"success": "green", "wrong": "red", "inconclusive": "yellow", "invalid": "magenta"}
+    table = Table(title=f"spd-mcp bench: {out}", caption=(
+        f"success {s['successes']}/{s['n_runs']} = {s['success_rate']:.0%} (95% CI "
+        f"{s['ci95'][0]:.0%}–{s['ci95'][1]:.0%}); {s['outcomes']}"))
+    for col, just in (("task", "left"), ("#", "right"), ("agent", "left"), ("outcome", "left"),
+                      ("own", "right"), ("other", "right"), ("random", "right"),
+                      ("comps", "right"), ("calls", "right"), ("cost", "right"),
+                      ("s", "right"), ("reason", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+
+    def f(x: float | None, fmt: str = ".2f") -> str:
+        return "" if x is None else format(x, fmt)
+
+    for r in records:
+        table.add_row(r.task_id, str(r.repeat), r.agent[:24],
+                      f"[{colour.get(r.outcome, 'white')}]{r.outcome}[/]", f(r.own_drop),
+                      f(r.max_other_drop), f(r.random_drop), str(len(r.components)),
+                      "" if r.tool_calls is None else str(r.tool_calls), f(r.cost_usd, ".3f"),
+                      f"{r.agent_seconds:.0f}", r.reason[:60])
+    console = Console()
+    (console if console.is_terminal else Console(width=200)).print(table)
+
+
 def add_bench_parser(sub: Any) -> None:
     """``spd-mcp bench run|report|list``."""
     b = sub.add_parser("bench", help="benchmark tasks: run agents, grade by causal re-check")
@@ -528,7 +558,9 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.bench_command == "report":
         if not read_results(args.out):
             return _err(f"no results.jsonl in {args.out}")
-        print(report(args.out), end="")
+        report(args.out)
+        print_table(args.out)
+        print(f"wrote {args.out / 'results.md'} and {args.out / 'summary.json'}")
         return 0
     if args.suite is not None and args.task_dir is not None:
         return _err("give a suite or --task-dir, not both")
@@ -592,7 +624,8 @@ def bench_command(args: argparse.Namespace) -> int:
         run_bench(tasks, opts.agent, out, options=opts, jobs=jobs)
     except OperationError as e:  # e.g. the claude executable is missing
         return _err(str(e))
-    print(report(out), end="")
+    report(out)
+    print_table(out)
     print(f"{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; results in {out}")
     return 0
 

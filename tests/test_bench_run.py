@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spd_mcp.bench.results import wilson
+from spd_mcp.bench.results import RunRecord, wilson
 from spd_mcp.bench.tasks import load_tasks
 from spd_mcp.benchrun import report, run_bench
 
@@ -63,6 +63,16 @@ def test_cli_lists_tasks_and_rejects_unknown_ones(tmp_path: Path) -> None:
     bad_suite = subprocess.run([*run, "run", "nosuite", "--out", str(tmp_path / "o")],
                                capture_output=True, text=True)
     assert bad_suite.returncode == 2 and "unknown suite 'nosuite'" in bad_suite.stderr
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "results.jsonl").write_text(RunRecord(
+        task_id="count-next-number", repeat=0, agent="scripted", outcome="wrong",
+        success=False, reason="specificity").model_dump_json() + "\n")
+    shown = subprocess.run([*run, "report", str(res)], capture_output=True, text=True)
+    assert shown.returncode == 0 and "count-next-number" in shown.stdout  # the rich table
+    assert "success 0/1" in shown.stdout and (res / "results.md").is_file()
+    empty = subprocess.run([*run, "report", str(tmp_path)], capture_output=True, text=True)
+    assert empty.returncode == 2 and "no results.jsonl" in empty.stderr
     bad = subprocess.run([*run, "run", "--tasks", "nope", "--out", str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown task(s) nope" in bad.stderr
