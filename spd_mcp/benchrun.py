@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from spd_mcp.bench.results import RunRecord, read_results, summarize
+from spd_mcp.bench.results import AgentUsage, RunRecord, read_results, summarize
 from spd_mcp.errors import OperationError
 from spd_mcp.files import write_json_atomic, write_text_atomic
 
@@ -97,14 +97,18 @@ async def _feature_ci(call: _Calls, task: BenchTask) -> list[dict[str, Any]]:
     return sorted(r["positions"][0]["top"], key=lambda t: -t["ci"])
 
 
-async def _answer(call: _Calls, task: BenchTask, comps: list[str], role: str, how: str,
-                  evidence: dict[str, Any]) -> None:
-    await call("save_explanation", {
-        "behaviour": f"{task.behaviour} ({how})",
-        "components": [{"key": k, "role": role} for k in comps], "evidence": [evidence],
-        "confidence": 0.3})
-    await call("set_investigation_summary", {"title": f"{task.id} ({how})", "summary": how,
-                                             "status": "completed"})
+async def _answer(call: _Calls, comps: list[str], role: str, *, behaviour: str,
+                  evidence: dict[str, Any], confidence: float, title: str, summary: str,
+                  limitations: list[str] | None = None) -> None:
+    """Hand in ``comps`` (each with ``role``): one explanation, then a completed summary."""
+    explanation: dict[str, Any] = {
+        "behaviour": behaviour, "components": [{"key": k, "role": role} for k in comps],
+        "evidence": [evidence], "confidence": confidence}
+    if limitations:
+        explanation["limitations"] = limitations
+    await call("save_explanation", explanation)
+    await call("set_investigation_summary", {"title": title, "status": "completed",
+                                             "summary": summary})
 
 
 async def toy_agent(call: _Calls, task: BenchTask, how: str, seed: int) -> None:
@@ -123,9 +127,11 @@ async def toy_agent(call: _Calls, task: BenchTask, how: str, seed: int) -> None:
     else:
         keys = sorted(t["key"] for t in top)
         comps = random.Random(f"{task.id}/{seed}").sample(keys, min(task.budget, len(keys)))
-    await _answer(call, task, comps, f"fires on feature {task.feature}", how,
-                  {"type": "probe", "description": f"CI on the one-hot input of feature "
-                                                   f"{task.feature}"})
+    await _answer(call, comps, f"fires on feature {task.feature}",
+                  behaviour=f"{task.behaviour} ({how})", confidence=0.3,
+                  evidence={"type": "probe", "description": f"CI on the one-hot input of "
+                                                           f"feature {task.feature}"},
+                  title=f"{task.id} ({how})", summary=how)
 
 
 async def scripted_agent(call: _Calls, task: BenchTask) -> None:
@@ -135,18 +141,16 @@ async def scripted_agent(call: _Calls, task: BenchTask) -> None:
                                       "stop_prob": 0.05, "random_controls": 5, "top": 5})
     comps = r["necessary_set"] or [e["component"] for e in r["ranked"][:1]]
     final = r["greedy"][-1]["ablated"]["prob"] if r["greedy"] else r["target"]["prob"]
-    await call("save_explanation", {
-        "behaviour": f"{task.behaviour}: predicting '{label}' after the example prompt",
-        "components": [{"key": k, "role": "in the greedy necessary set for the example"}
-                       for k in comps],
-        "evidence": [{"type": "ablation", "value": final,
-                      "description": f"ablating the set everywhere takes P({label}) from "
-                                     f"{r['target']['prob']:.3f} to {final:.4f}"}],
-        "confidence": 0.5,
-        "limitations": ["scripted baseline: one example prompt, no specificity check"]})
-    await call("set_investigation_summary", {
-        "title": f"{task.id} (scripted)", "status": "completed",
-        "summary": f"greedy necessary set of {len(comps)} components on one example"})
+    await _answer(
+        call, comps, "in the greedy necessary set for the example",
+        behaviour=f"{task.behaviour}: predicting '{label}' after the example prompt",
+        evidence={"type": "ablation", "value": final,
+                  "description": f"ablating the set everywhere takes P({label}) from "
+                                 f"{r['target']['prob']:.3f} to {final:.4f}"},
+        confidence=0.5,
+        limitations=["scripted baseline: one example prompt, no specificity check"],
+        title=f"{task.id} (scripted)",
+        summary=f"greedy necessary set of {len(comps)} components on one example")
 
 
 async def topk_agent(call: _Calls, task: BenchTask) -> None:
@@ -154,14 +158,10 @@ async def topk_agent(call: _Calls, task: BenchTask) -> None:
     _, label = await _example(call, task.behaviour)
     s = await call("search_components", {"output_token": label, "limit": TOPK})
     comps = [c["key"] for c in s["components"]]
-    await call("save_explanation", {
-        "behaviour": f"{task.behaviour}: predicting '{label}'",
-        "components": [{"key": k, "role": f"ranked by search_components('{label}')"}
-                       for k in comps],
-        "evidence": [{"type": "dataset", "description": "first-order effect ranking"}],
-        "confidence": 0.3})
-    await call("set_investigation_summary", {"title": f"{task.id} (top-k)", "summary": "top-k",
-                                             "status": "completed"})
+    await _answer(call, comps, f"ranked by search_components('{label}')",
+                  behaviour=f"{task.behaviour}: predicting '{label}'", confidence=0.3,
+                  evidence={"type": "dataset", "description": "first-order effect ranking"},
+                  title=f"{task.id} (top-k)", summary="top-k")
 
 
 async def random_agent(call: _Calls, task: BenchTask, seed: int) -> None:
@@ -172,12 +172,10 @@ async def random_agent(call: _Calls, task: BenchTask, seed: int) -> None:
     r = await call("sweep_ablation", {"text": prompt, "label_token": label, "top": 200})
     alive = sorted(e["component"] for e in r["ranked"])
     comps = random.Random(f"{task.id}/{seed}").sample(alive, min(task.budget, len(alive)))
-    await call("save_explanation", {
-        "behaviour": f"{task.behaviour}: predicting '{label}'",
-        "components": [{"key": k, "role": "drawn at random among the alive"} for k in comps],
-        "evidence": [{"type": "other", "description": "random baseline"}], "confidence": 0.0})
-    await call("set_investigation_summary", {"title": f"{task.id} (random)", "summary": "random",
-                                             "status": "completed"})
+    await _answer(call, comps, "drawn at random among the alive",
+                  behaviour=f"{task.behaviour}: predicting '{label}'", confidence=0.0,
+                  evidence={"type": "other", "description": "random baseline"},
+                  title=f"{task.id} (random)", summary="random")
 
 
 async def _investigate(task: BenchTask, agent: str, task_dir: Path, threads: int,
@@ -219,18 +217,6 @@ def _record(task: BenchTask, repeat: int, agent: str, g: GradeResult, task_dir: 
         random_drop=round(sc.random.mean_drop, 4) if sc else None,
         **usage.model_dump(), agent_seconds=round(agent_s, 2), grade_seconds=g.seconds,
         task_dir="" if task_dir is None else str(task_dir))
-
-
-class AgentUsage(BaseModel):
-    """What an agent spent: tool calls, errors, turns, tokens, cost, how it ended."""
-
-    tool_calls: int | None = 0
-    tool_errors: int | None = 0
-    turns: int | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cost_usd: float | None = None
-    agent_exit: str | None = None
 
 
 def stream_usage(path: Path, server: str = "spd") -> AgentUsage:

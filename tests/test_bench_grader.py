@@ -11,7 +11,7 @@ import torch
 
 from spd_mcp.analysis.sweep import ablation_sweep
 from spd_mcp.bench import Answer, BenchTask, TaskError, grade, load_task, load_tasks
-from spd_mcp.bench.grade import GradeResult, alive_on, behaviour_score, probe_batches
+from spd_mcp.bench.grade import alive_on, behaviour_score, probe_batches
 from spd_mcp.bench.tasks import RESERVED_SEEDS
 from spd_mcp.investigation.taskdir import create_task
 from spd_mcp.keys import ComponentKey
@@ -19,6 +19,7 @@ from spd_mcp.model.session import RunSession
 from spd_mcp.model.zoo.tales.corpus import BEHAVIOURS
 from spd_mcp.model.zoo.tales.entry import HELD_OUT_TEXT_SEED, SPD_DATA_SEED
 from spd_mcp.model.zoo.tales.train import EVAL_SEED
+from tests.bench_support import answer, failed
 
 DISCOVERY_SEED = 9091
 """Probes the known sets were selected on (never a task's probe seed)."""
@@ -54,19 +55,6 @@ def tasks() -> dict[str, BenchTask]:
     return {t.id: t for t in load_tasks(suite="tales")}
 
 
-def _answer(keys: list[str], status: str = "completed") -> Answer:
-    return Answer.model_validate({"status": status, "explanation": {
-        "explanation_id": "exp-001-abcd", "behaviour": "b",
-        "components": [{"key": k, "role": "r"} for k in keys],
-        "evidence": [{"type": "ablation", "description": "d", "value": -0.5}],
-        "confidence": 0.8}})
-
-
-def _failed(r: GradeResult) -> set[str]:
-    assert r.scores is not None
-    s = r.scores
-    return {k for k, c in [("necessity", s.necessity), ("specificity", s.specificity),
-                           ("control", s.control), ("size", s.size)] if not c.passed}
 
 
 # ---------------------------------------------------------------------------------- tasks
@@ -113,7 +101,7 @@ def test_known_set_passes_and_a_random_set_fails(session: RunSession,
                                                  family: str) -> None:
     tid, keys = KNOWN[family]
     task = tasks[tid]
-    r = grade(session, task, _answer(keys))
+    r = grade(session, task, answer(keys))
     assert r.outcome == "success" and r.success, r.reason
     assert r.scores is not None and r.seconds < 30
     s = r.scores
@@ -127,8 +115,8 @@ def test_known_set_passes_and_a_random_set_fails(session: RunSession,
     alive = alive_on(session, probe_batches(session, family, task.probe_seed, task.n_probes))
     pool = [a for a in alive if str(a) not in keys]
     rand = [str(pool[i]) for i in torch.randperm(len(pool), generator=gen)[:len(keys)].tolist()]
-    r = grade(session, task, _answer(rand))
-    assert r.outcome == "wrong" and "necessity" in _failed(r), r.reason
+    r = grade(session, task, answer(rand))
+    assert r.outcome == "wrong" and "necessity" in failed(r), r.reason
     assert r.reason.startswith("necessity: ")
 
 
@@ -137,9 +125,9 @@ def test_oversized_set_fails_on_size_only(session: RunSession,
     tid, keys = KNOWN["count"]
     task = tasks[tid]
     extra = [f"0.mlp.up:{c}" for c in range(task.budget - len(keys) + 1)]
-    r = grade(session, task, _answer(keys + extra + keys))  # duplicates count once
+    r = grade(session, task, answer(keys + extra + keys))  # duplicates count once
     assert len(r.components) == task.budget + 1
-    assert r.outcome == "wrong" and _failed(r) == {"size"}, r.reason
+    assert r.outcome == "wrong" and failed(r) == {"size"}, r.reason
     assert f"{task.budget + 1} components (budget {task.budget})" in r.reason
 
 
@@ -150,14 +138,14 @@ def test_oversized_set_fails_on_size_only(session: RunSession,
 def test_necessary_but_unspecific_set_fails_on_specificity(
         session: RunSession, tasks: dict[str, BenchTask], family: str, keys: list[str]) -> None:
     task = tasks[KNOWN[family][0]]
-    r = grade(session, task, _answer(keys))
-    assert r.outcome == "wrong" and _failed(r) == {"specificity"}, r.reason
+    r = grade(session, task, answer(keys))
+    assert r.outcome == "wrong" and failed(r) == {"specificity"}, r.reason
     assert r.scores is not None and r.scores.specificity.value > 0.3
 
 
 def test_breakers_break_every_other_behaviour_they_touch(session: RunSession,
                                                          tasks: dict[str, BenchTask]) -> None:
-    r = grade(session, tasks["count-next-number"], _answer(BREAKERS))
+    r = grade(session, tasks["count-next-number"], answer(BREAKERS))
     assert r.scores is not None
     broken = {o.behaviour for o in r.scores.others if o.drop > 0.3}
     assert {"agreement", "quote", "induction"} <= broken, r.scores.others
@@ -166,12 +154,12 @@ def test_breakers_break_every_other_behaviour_they_touch(session: RunSession,
 def test_inconclusive_status_is_counted_apart(session: RunSession,
                                               tasks: dict[str, BenchTask]) -> None:
     tid, keys = KNOWN["count"]
-    r = grade(session, tasks[tid], _answer(keys, status="inconclusive"))
+    r = grade(session, tasks[tid], answer(keys, status="inconclusive"))
     assert r.outcome == "inconclusive" and not r.success
     assert r.scores is not None and r.scores.necessity.passed  # measured all the same
     r = grade(session, tasks[tid], Answer(explanation=None, status="inconclusive"))
     assert r.outcome == "inconclusive" and r.scores is None
-    r = grade(session, tasks[tid], _answer(["1.mlp.up:999"], status="inconclusive"))
+    r = grade(session, tasks[tid], answer(["1.mlp.up:999"], status="inconclusive"))
     assert r.outcome == "inconclusive" and "out of range" in r.reason
 
 
@@ -200,8 +188,8 @@ def test_answer_reads_the_task_directory(tmp_path: Path, session: RunSession,
                                          tasks: dict[str, BenchTask]) -> None:
     td = create_task("tales", "q", path=tmp_path / "t")
     assert Answer.from_task_dir(td.path) == Answer(explanation=None, status="in_progress")
-    first = _answer(["0.attn.q:60"]).explanation
-    last = _answer(KNOWN["count"][1]).explanation
+    first = answer(["0.attn.q:60"]).explanation
+    last = answer(KNOWN["count"][1]).explanation
     assert first is not None and last is not None
     td.append_explanation(first)
     td.append_explanation({**last, "explanation_id": "exp-002-beef"})
@@ -229,5 +217,5 @@ def test_sweep_found_induction_set_passes_on_held_out_probes(
         behaviour_score(session, probe, b, [c]).drop <= task.tolerance / 2
         for b in BEHAVIOURS if b != "induction")]
     assert len(specific) < len(union)  # the sweep also finds shared components
-    r = grade(session, task, _answer([str(c) for c in specific]))
+    r = grade(session, task, answer([str(c) for c in specific]))
     assert r.outcome == "success", r.reason

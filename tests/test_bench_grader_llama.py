@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spd_mcp.bench import Answer, BenchTask, grade, load_tasks
-from spd_mcp.bench.grade import GradeResult, alive_on, probe_batches
+from spd_mcp.bench import BenchTask, grade, load_tasks
+from spd_mcp.bench.grade import alive_on, probe_batches
 from spd_mcp.bench.tasks import MIN_DISTRIBUTED_BUDGET, RESERVED_SEEDS
 from spd_mcp.model.session import RunSession
+from tests.bench_support import answer, failed
 
 RUN = "tales-llama"
 DISCOVERY_SEED = 8128
@@ -67,19 +68,6 @@ def tasks() -> dict[str, BenchTask]:
     return {t.id: t for t in load_tasks(suite=RUN)}
 
 
-def _answer(keys: list[str], status: str = "completed") -> Answer:
-    return Answer.model_validate({"status": status, "explanation": {
-        "explanation_id": "exp-001-abcd", "behaviour": "b",
-        "components": [{"key": k, "role": "r"} for k in keys],
-        "evidence": [{"type": "ablation", "description": "d", "value": -0.5}],
-        "confidence": 0.8}})
-
-
-def _failed(r: GradeResult) -> set[str]:
-    assert r.scores is not None
-    s = r.scores
-    return {k for k, c in [("necessity", s.necessity), ("specificity", s.specificity),
-                           ("control", s.control), ("size", s.size)] if not c.passed}
 
 
 # ---------------------------------------------------------------------------------- tasks
@@ -103,7 +91,7 @@ def test_llama_tasks_cover_every_behaviour_and_are_held_out(session: RunSession,
 def test_known_set_passes_and_a_random_set_fails(session: RunSession,
                                                  tasks: dict[str, BenchTask], tid: str) -> None:
     task, keys = tasks[tid], KNOWN[tid]
-    r = grade(session, task, _answer(keys))
+    r = grade(session, task, answer(keys))
     assert r.outcome == "success" and r.success, r.reason
     assert r.scores is not None
     s = r.scores
@@ -116,8 +104,8 @@ def test_known_set_passes_and_a_random_set_fails(session: RunSession,
                                             task.n_probes))
     pool = [a for a in alive if str(a) not in keys and str(a) not in SHARED]
     rand = [str(pool[i]) for i in torch.randperm(len(pool), generator=gen)[:len(keys)].tolist()]
-    r = grade(session, task, _answer(rand))
-    assert r.outcome == "wrong" and "necessity" in _failed(r), r.reason
+    r = grade(session, task, answer(rand))
+    assert r.outcome == "wrong" and "necessity" in failed(r), r.reason
 
 
 def test_oversized_set_fails_on_size_only(session: RunSession,
@@ -125,9 +113,9 @@ def test_oversized_set_fails_on_size_only(session: RunSession,
     task = tasks["count-next-number-llama"]
     keys = KNOWN[task.id]
     extra = [f"1.glu.up:{c}" for c in range(task.budget - len(keys) + 1)]
-    r = grade(session, task, _answer(keys + extra + keys))  # duplicates count once
+    r = grade(session, task, answer(keys + extra + keys))  # duplicates count once
     assert len(r.components) == task.budget + 1
-    assert r.outcome == "wrong" and _failed(r) == {"size"}, r.reason
+    assert r.outcome == "wrong" and failed(r) == {"size"}, r.reason
     assert f"{task.budget + 1} components (budget {task.budget})" in r.reason
 
 
@@ -138,8 +126,8 @@ def test_oversized_set_fails_on_size_only(session: RunSession,
 ])
 def test_shared_components_fail_on_specificity(session: RunSession, tasks: dict[str, BenchTask],
                                                tid: str, keys: list[str]) -> None:
-    r = grade(session, tasks[tid], _answer(keys))
-    assert r.outcome == "wrong" and _failed(r) == {"specificity"}, r.reason
+    r = grade(session, tasks[tid], answer(keys))
+    assert r.outcome == "wrong" and failed(r) == {"specificity"}, r.reason
     assert r.scores is not None and r.scores.specificity.value > 0.3
     shared = next(k for k in keys if k in SHARED)
     worst = max(r.scores.others, key=lambda o: o.drop)
@@ -149,6 +137,6 @@ def test_shared_components_fail_on_specificity(session: RunSession, tasks: dict[
 def test_inconclusive_status_is_counted_apart(session: RunSession,
                                               tasks: dict[str, BenchTask]) -> None:
     task = tasks["attribute-object-colour-llama"]
-    r = grade(session, task, _answer(KNOWN[task.id], status="inconclusive"))
+    r = grade(session, task, answer(KNOWN[task.id], status="inconclusive"))
     assert r.outcome == "inconclusive" and not r.success
     assert r.scores is not None and r.scores.necessity.passed  # measured all the same

@@ -20,6 +20,7 @@ from spd_mcp.bench.tasks import RESERVED_SEEDS, TOY_RESERVED_SEEDS, TOY_TASKS_DI
 from spd_mcp.model.evaluate import evaluate_run
 from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server
+from tests.bench_support import answer, failed
 
 RUN = "tms-5-2"
 
@@ -34,21 +35,15 @@ def tasks() -> dict[str, BenchTask]:
     return {t.id: t for t in load_tasks(TOY_TASKS_DIR)}
 
 
-def _answer(keys: list[str], status: str = "completed") -> Answer:
-    return Answer.model_validate({"status": status, "explanation": {
-        "components": [{"key": k, "role": "carries the feature"} for k in keys]}})
+
+def _failed(r: GradeResult) -> set[str]:
+    assert r.scores is not None and r.scores.match is not None
+    return failed(r)
 
 
 def _truth(session: RunSession, feature: int) -> list[str]:
     return [str(k) for k in feature_components(session, feature)]
 
-
-def _failed(r: GradeResult) -> set[str]:
-    assert r.scores is not None and r.scores.match is not None
-    s = r.scores
-    return {k for k, c in [("necessity", s.necessity), ("specificity", s.specificity),
-                           ("control", s.control), ("size", s.size), ("match", s.match)]
-            if not c.passed}
 
 
 # ------------------------------------------------------------------------------ the run
@@ -91,7 +86,7 @@ def test_unknown_feature_is_a_task_error(session: RunSession,
                                          tasks: dict[str, BenchTask]) -> None:
     task = tasks["tms-carry-feature-1"].model_copy(update={"feature": 7,
                                                            "behaviour": "feature-7"})
-    r = grade(session, task, _answer(_truth(session, 1)))
+    r = grade(session, task, answer(_truth(session, 1)))
     assert r.outcome == "invalid" and r.scores is None
     assert r.reason == ("task field 'feature': 7 is not a feature of run 'tms-5-2' (it has 5: "
                         "0..4)")
@@ -104,7 +99,7 @@ def test_ground_truth_components_pass(session: RunSession,
         assert task.feature is not None
         truth = _truth(session, task.feature)
         keys = truth if task.complete else truth[:1]
-        r = grade(session, task, _answer(keys))
+        r = grade(session, task, answer(keys))
         assert r.outcome == "success", (task.id, r.reason)
         assert r.scores is not None and r.scores.matches is not None
         assert [m.feature for m in r.scores.matches] == [task.feature] * len(keys)
@@ -115,13 +110,13 @@ def test_ground_truth_components_pass(session: RunSession,
 def test_another_features_components_are_wrong(session: RunSession,
                                                tasks: dict[str, BenchTask]) -> None:
     task = tasks["tms-carry-feature-1"]
-    r = grade(session, task, _answer(_truth(session, 2)))
+    r = grade(session, task, answer(_truth(session, 2)))
     assert r.outcome == "wrong"
     assert _failed(r) == {"necessity", "specificity", "match"}
     assert f"{_truth(session, 2)[0]} is feature 2's (|cos| 1.00)" in r.reason
     # Half right: feature 1's piece in one matrix and feature 2's in the other.
     mixed = [_truth(session, 1)[0], _truth(session, 2)[1]]
-    assert _failed(grade(session, task, _answer(mixed))) == {"specificity", "match"}
+    assert _failed(grade(session, task, answer(mixed))) == {"specificity", "match"}
 
 
 def test_a_random_set_fails(session: RunSession, tasks: dict[str, BenchTask]) -> None:
@@ -132,14 +127,14 @@ def test_a_random_set_fails(session: RunSession, tasks: dict[str, BenchTask]) ->
     gen = torch.Generator().manual_seed(3)
     for _ in range(3):
         keys = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:2].tolist()]
-        r = grade(session, task, _answer(keys))
+        r = grade(session, task, answer(keys))
         assert r.outcome == "wrong" and {"necessity", "match"} <= _failed(r), keys
 
 
 def test_oversized_set_fails_on_size(session: RunSession,
                                      tasks: dict[str, BenchTask]) -> None:
     task = tasks["tms-one-component-feature-3"]
-    r = grade(session, task, _answer(_truth(session, 3)))
+    r = grade(session, task, answer(_truth(session, 3)))
     assert r.outcome == "wrong" and _failed(r) == {"size"}
     assert r.reason == "size: 2 components (budget 1)"
 
@@ -147,9 +142,9 @@ def test_oversized_set_fails_on_size(session: RunSession,
 def test_incomplete_and_inconclusive_answers(session: RunSession,
                                              tasks: dict[str, BenchTask]) -> None:
     task = tasks["tms-carry-feature-1"]
-    r = grade(session, task, _answer(_truth(session, 1)[:1]))
+    r = grade(session, task, answer(_truth(session, 1)[:1]))
     assert r.outcome == "wrong" and _failed(r) == {"match"} and "linear2" in r.reason
-    r = grade(session, task, _answer(_truth(session, 1), status="inconclusive"))
+    r = grade(session, task, answer(_truth(session, 1), status="inconclusive"))
     assert r.outcome == "inconclusive" and r.scores is not None
 
 
@@ -157,7 +152,7 @@ def test_feature_task_on_a_language_model_is_invalid(
         tasks: dict[str, BenchTask]) -> None:
     tales = RunSession.load("tales")
     task = tasks["tms-carry-feature-1"].model_copy(update={"run": "tales"})
-    r = grade(tales, task, _answer(["0.mlp.up:1"]))
+    r = grade(tales, task, answer(["0.mlp.up:1"]))
     assert r.outcome == "invalid" and "has no known input features" in r.reason
 
 

@@ -107,6 +107,16 @@ class Scores(BaseModel):
     matches: list[FeatureMatch] | None = Field(
         None, description="feature tasks: each claimed component's best-matching known piece")
 
+    def criteria(self) -> list[tuple[str, Criterion]]:
+        """Every criterion the answer is judged on, by name (match only for feature tasks)."""
+        extra = [("match", self.match)] if self.match is not None else []
+        return [("necessity", self.necessity), ("specificity", self.specificity),
+                ("control", self.control), ("size", self.size), *extra]
+
+    def failed(self) -> set[str]:
+        """The names of the criteria that did not pass."""
+        return {name for name, c in self.criteria() if not c.passed}
+
 
 class GradeResult(BaseModel):
     task_id: str
@@ -167,16 +177,10 @@ def _grade(session: RunSession, task: BenchTask, answer: Answer) -> GradeResult:
     scores = score_of(session, task, comps)
     if inconclusive:
         return _verdict(task, "inconclusive", "summary status is inconclusive", names, scores)
-    failed = [f"{k}: {c.detail}" for k, c in _criteria(scores) if not c.passed]
+    failed = [f"{k}: {c.detail}" for k, c in scores.criteria() if not c.passed]
     if failed:
         return _verdict(task, "wrong", "; ".join(failed), names, scores)
     return _verdict(task, "success", "all criteria pass", names, scores)
-
-
-def _criteria(s: Scores) -> list[tuple[str, Criterion]]:
-    extra = [("match", s.match)] if s.match is not None else []
-    return [("necessity", s.necessity), ("specificity", s.specificity),
-            ("control", s.control), ("size", s.size), *extra]
 
 
 def claimed_components(session: RunSession,

@@ -12,7 +12,20 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
-class RunRecord(BaseModel):
+class AgentUsage(BaseModel):
+    """What an agent spent: tool calls, errors, turns, tokens, cost, how it ended."""
+
+    tool_calls: int | None = Field(0, description="None: the agent left no transcript")
+    tool_errors: int | None = 0
+    turns: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    agent_exit: str | None = Field(None, description="how the agent ended (its result subtype, "
+                                   "a timeout, an error), when it is a separate process")
+
+
+class RunRecord(AgentUsage):
     """One graded run of one task."""
 
     task_id: str
@@ -25,14 +38,6 @@ class RunRecord(BaseModel):
     own_drop: float | None = None
     max_other_drop: float | None = None
     random_drop: float | None = None
-    tool_calls: int | None = Field(0, description="None: the agent left no transcript")
-    tool_errors: int | None = 0
-    turns: int | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cost_usd: float | None = None
-    agent_exit: str | None = Field(None, description="how the agent ended (its result subtype, "
-                                   "a timeout, an error), when it is a separate process")
     agent_seconds: float = 0.0
     grade_seconds: float = 0.0
     task_dir: str = ""
