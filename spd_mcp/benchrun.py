@@ -185,7 +185,8 @@ async def _investigate(task: BenchTask, agent: str, task_dir: Path, threads: int
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "spd_mcp.cli", "serve", "--run", task.run, "--task-dir", str(task_dir),
-              "--threads", str(threads)],
+              "--threads", str(threads),
+              "--job-after", "3600"],  # a scripted client has no timeout: it awaits results
         env=dict(os.environ))
     with open(task_dir / "server.log", "a") as errlog:
         async with stdio_client(params, errlog=errlog) as (read, write), \

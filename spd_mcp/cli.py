@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                     "$SPD_MCP_TOKEN, which keeps the token out of the process list)")
     sv.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sv.add_argument("--no-worker", action="store_true",
+                    help="run heavy analyses in the server process, not a worker process "
+                    "(also SPD_MCP_WORKER=0)")
     sv.add_argument("--no-auto-prepare", action="store_true",
                     help="do not build a missing harvest / attributions on first use")
+    sv.add_argument("--job-after", type=float, default=None, metavar="SECONDS",
+                    help="a long call still running after SECONDS answers with a job handle the "
+                    "agent polls with get_job (default $SPD_MCP_JOB_AFTER_S, else 20; 0 = always)")
     sv.add_argument("--task-dir", type=Path, default=None,
                     help="investigation task directory the investigation tools write to")
 
@@ -141,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", None) is not None and args.threads < 1:
         return _fail("--threads must be >= 1")
     try:
-        return _dispatch(args)
+        device = _device_of(args)
+        if device is None:
+            return _dispatch(args)
+        with _device_held(device, _job_name(args)):
+            return _dispatch(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -149,6 +161,49 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err))
     except KeyError as err:
         return _fail(str(err))
+
+
+DEVICE_COMMANDS = {"decompose", "zoo", "evaluate", "prepare", "harvest", "attributions"}
+"""Commands that compute on a device locally: they hold its machine-wide lock while they run
+(servers' heavy calls take the same lock), unless they only submit to SLURM or print."""
+
+
+def _device_of(args: argparse.Namespace) -> str | None:
+    """The device a local CLI job computes on, or None when it holds none."""
+    if args.command not in DEVICE_COMMANDS or getattr(args, "slurm", False):
+        return None
+    if args.command == "zoo" and (args.zoo_command != "build" or args.print_config):
+        return None
+    from spd_mcp.model.decompose import resolve_device
+
+    return resolve_device(getattr(args, "device", None) or "cpu")
+
+
+def _job_name(args: argparse.Namespace) -> str:
+    what = getattr(args, "name", None) or getattr(args, "run", None) or getattr(
+        args, "config", None)
+    return f"spd-mcp {args.command}" + (f" {what}" if what else "")
+
+
+@contextmanager
+def _device_held(device: str, job: str) -> Iterator[None]:
+    """Hold ``device``'s machine-wide lock (FIFO behind servers and other jobs), saying on
+    stderr when the job has to wait and for whom."""
+    from spd_mcp.service.devlock import DeviceLock, enabled
+
+    lock = DeviceLock(device)
+    if enabled():
+        st = lock.status()
+        first = st.holder or (st.waiting[0] if st.waiting else None)
+        if first is not None:
+            print(f"waiting for the {lock.device} device lock ({first.who()} "
+                  f"{'holds' if st.holder else 'is first in line for'} it; "
+                  f"~{lock.estimated_wait(st):.0f} s by its estimate; SPD_MCP_DEVICE_LOCK=0 "
+                  "turns the lock off)", file=sys.stderr, flush=True)
+    hold = lock.acquire(job)
+    assert hold is not None  # no abandon callback
+    with hold:
+        yield
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -229,9 +284,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             check_bind(args.host, args.token)
         if not 0 <= args.port < 65536:
             return _fail(f"--port must be 0..65535, got {args.port}")
+        from spd_mcp.service.jobs import after_s_from_env
+
+        try:
+            after_s_from_env(args.job_after)
+        except ValueError as e:
+            return _fail(f"--job-after: {e}")
         serve(args.run, http=args.http, host=args.host, port=args.port, token=args.token,
               device=resolve_device(args.device), threads=args.threads,
-              auto_prepare=not args.no_auto_prepare, task_dir=args.task_dir)
+              auto_prepare=not args.no_auto_prepare, task_dir=args.task_dir,
+              worker=False if args.no_worker else None, job_after_s=args.job_after)
         return 0
     raise AssertionError(args.command)
 

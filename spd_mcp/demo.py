@@ -545,7 +545,8 @@ async def _run(run: str, task_path: Path, console: Console, threads: int) -> Fin
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "spd_mcp.cli", "serve", "--run", run, "--task-dir", str(task_path),
-              "--threads", str(threads)],
+              "--threads", str(threads),
+              "--job-after", "3600"],  # a scripted client has no timeout: it awaits results
         env=dict(os.environ))
     with open(task_path / "server.log", "a") as errlog:
         async with stdio_client(params, errlog=errlog) as (read, write), \

@@ -24,7 +24,9 @@ from spd_mcp.http import bearer_guard, bind_socket, check_bind, serve_announced,
 from spd_mcp.model.session import RunSession
 from spd_mcp.paths import package_version
 from spd_mcp.service.executor import ComputeExecutor
+from spd_mcp.service.jobs import after_s_from_env, close_book, open_book
 from spd_mcp.service.state import AppState, open_state
+from spd_mcp.service.worker import WorkerProcess, worker_enabled
 from spd_mcp.tools import (
     attention,
     attributions,
@@ -32,6 +34,7 @@ from spd_mcp.tools import (
     editing,
     graphs,
     interventions,
+    jobs,
     knowledge,
     model_data,
     patching,
@@ -47,7 +50,8 @@ behaviours). Keys: component 'LAYER:C', node 'LAYER:POS:C'. Typical loop: create
 get_ci / optimize_graph (sparse circuit for one prediction) → get_graph → run_intervention
 (ci / stochastic / adversarial / ablated) and run_ablation to test it. To change behaviour:
 edit_components (scale / ablate) or train_component_edit (rank-1 adapters) → measure_edit →
-generate(edit=ID)."""
+generate(edit=ID). A long call (first-use harvest, graphs, sweeps) may answer {"job": {...}}
+instead: it keeps running; get_job(job_id) gives its progress, then its result."""
 
 
 def build_server(
@@ -61,13 +65,20 @@ def build_server(
     on_state: Callable[[AppState], None] | None = None,
     auto_prepare: bool = True,
     task_dir: Path | None = None,
+    worker: bool = False,
+    job_after_s: float | None = None,
 ) -> MCPServer[AppState]:
     """The server for one run (``session`` reuses an already loaded run, e.g. in tests).
 
     Investigation tools write to ``task_dir`` (made a task if it is not one), or to a task
-    created under ``$SPD_MCP_HOME/investigations/`` on their first call."""
+    created under ``$SPD_MCP_HOME/investigations/`` on their first call. With ``worker``, heavy
+    analyses run in a child process (:mod:`spd_mcp.service.worker`), so cheap tools answer at
+    once while they compute. A job tool's call still running after ``job_after_s`` seconds
+    (default ``$SPD_MCP_JOB_AFTER_S``, else 20; 0 = at once) answers with a job handle and goes on
+    in the background (:mod:`spd_mcp.service.jobs`, polled with ``get_job``)."""
     if session is None and run is None:
         raise ValueError("give run or session")
+    after_s = after_s_from_env(job_after_s)
     inv = investigation_tools.Investigation(task_dir)
 
     @asynccontextmanager
@@ -78,21 +89,27 @@ def build_server(
             session = await asyncio.to_thread(RunSession.load, run, device=device)
         # An investigation gets its own app database (concurrent agents never share one).
         investigation_db = task_dir / "app.db" if task_dir is not None else None
-        executor = ComputeExecutor(max_queue=max_queue, max_wait_s=max_wait_s)
+        child = (WorkerProcess(threads=torch.get_num_threads(), preload=session) if worker
+                 else None)
+        if child is not None:
+            await asyncio.to_thread(child.start)
+        executor = ComputeExecutor(max_queue=max_queue, max_wait_s=max_wait_s, worker=child)
         st = await open_state(session, executor, db_path=db_path or investigation_db,
                               auto_prepare=auto_prepare)
+        open_book(st, after_s)
         await asyncio.to_thread(inv.start, session.run.name)
         if on_state is not None:
             on_state(st)
         try:
             yield st
         finally:
+            await close_book(st)  # running jobs cancelled (queued computations withdrawn)
             executor.shutdown()
             await st.store.close()
 
     tools = [*model_data.tools(), *components.tools(), *knowledge.tools(),
              *attributions.tools(), *graphs.tools(), *interventions.tools(),
-             *attention.tools(), *patching.tools(), *editing.tools(),
+             *attention.tools(), *patching.tools(), *editing.tools(), *jobs.tools(),
              *investigation_tools.tools(inv)]
     server = MCPServer("spd", instructions=INSTRUCTIONS, lifespan=lifespan, tools=tools,
                        version=package_version())
@@ -128,15 +145,20 @@ def serve(
     threads: int | None = None,
     auto_prepare: bool = True,
     task_dir: Path | None = None,
+    worker: bool | None = None,
+    job_after_s: float | None = None,
 ) -> None:
-    """Entry point of ``spd-mcp serve`` (``task_dir``: where investigation tools write)."""
+    """Entry point of ``spd-mcp serve`` (``task_dir``: where investigation tools write;
+    ``job_after_s``: when a long call becomes a background job)."""
     if http:
         check_bind(host, token)
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = build_server(run, device=device, auto_prepare=auto_prepare, task_dir=task_dir)
+    server = build_server(run, device=device, auto_prepare=auto_prepare, task_dir=task_dir,
+                          worker=worker_enabled() if worker is None else worker,
+                          job_after_s=job_after_s)
     if http:
         asyncio.run(serve_http(server, host, port, token))
     else:

@@ -218,3 +218,33 @@ def test_two_real_servers_take_turns(tmp_path: Path) -> None:
     assert no_overlap([(s.start, s.end) for s in spans]), "the two servers overlapped"
     print(f"\ndevice lock: 2 servers, compute_graph spans "
           f"{[round(s.end - s.start, 3) for s in spans]} s, both calls {wall:.2f} s")
+
+
+def test_a_cli_job_waits_for_the_device_and_says_for_whom(tmp_path: Path) -> None:
+    """`spd-mcp evaluate` (a device job) queues behind a held lock, says so on stderr, runs
+    once the lock is free, and leaves its span after the holder's."""
+    lock = DeviceLock("cpu")
+    hold = lock.acquire("test-holder")
+    assert hold is not None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spd_mcp.cli", "evaluate", "tms-5-2", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ,
+                                                            "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not lock.status().waiting and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        waiting = lock.status().waiting
+        assert [t.job for t in waiting] == ["spd-mcp evaluate tms-5-2"]
+        time.sleep(0.5)
+        assert proc.poll() is None  # still waiting while we hold the device
+    finally:
+        hold.release()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert "waiting for the cpu device lock (another process" in err.decode()
+    assert "test-holder" in err.decode()
+    assert json.loads(out)["run"] == "tms-5-2"
+    spans = [s.job for s in lock.spans()]
+    assert spans[-2:] == ["test-holder", "spd-mcp evaluate tms-5-2"]

@@ -17,6 +17,7 @@ from spd_mcp.service.model_info import note_for
 
 TOOLS = {
     "ping", "get_model_info", "tokenize", "create_prompt", "search_dataset", "generate", "get_ci",
+    "get_job",
     "probe_component", "get_component_vectors", "find_components_by_examples", "compute_graph",
     "optimize_graph", "get_graph", "run_intervention", "run_ablation", "sweep_ablation",
     "run_patching", "get_attention",
@@ -111,6 +112,8 @@ def test_cheap_tools_and_caching(session: RunSession, tmp_path: Path) -> None:
 BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("get_model_info", {"verbose": True}, "verbose"),
     ("ping", {"message": 3}, "message"),
+    ("get_job", {"job_id": 7}, "there is no job 7; there are no jobs"),
+    ("get_job", {"job_id": 1, "wait_s": 600}, "wait_s"),
     ("tokenize", {"text": 5}, "text"),
     ("tokenize", {"text": ""}, "text is empty"),
     ("tokenize", {"text": "a " * 3000}, "the limit is 4000"),

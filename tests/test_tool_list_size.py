@@ -16,10 +16,12 @@ from mcp import Client
 from spd_mcp.model.session import RunSession
 from spd_mcp.server import build_server
 
-BUDGET = 33_500
+BUDGET = 33_980
 """Characters of ``json.dumps({name, description, input_schema})`` summed over ``tools/list``
 (41,494 before the tool list was compacted). About 17,900 of them are names and schema structure
-(property names, types, defaults, bounds, enums) that no wording can remove."""
+(property names, types, defaults, bounds, enums) that no wording can remove. Raised from 33,500
+by 480 for get_job (background jobs: long calls answer with a handle the agent polls); the job
+tools' handle lives in their output schemas, which this budget does not count."""
 
 
 def tool_list(tmp_path: Path) -> list[Any]:

@@ -14,6 +14,7 @@ from .edits import get_edit
 from .model_info import validity_note
 from .prompts import check_position, resolve_prompt
 from .state import AppState, compute
+from .worker import remote
 
 
 class SplitArg(BaseModel):
@@ -89,14 +90,15 @@ async def attention(
     found = await st.store.find_result("attention", key)
     if found is not None:
         return StoredAttention(**found[1], run_id=found[0], cached=True, validity_note=note)
-    def work() -> AttentionResult:
-        if e is None:
-            return get_attention(s, ids, layers=lays, heads=hs, query_positions=qpos,
-                                 top_k=top_k, split=sp, top_pairs=top_pairs)
+    def edited() -> AttentionResult:
+        assert e is not None
         with applied(s, e, s.ids_tensor(ids)):  # the edited model's patterns
             return get_attention(s, ids, layers=lays, heads=hs, query_positions=qpos,
                                  top_k=top_k, split=None, top_pairs=top_pairs)
 
-    res = await compute(st, "get_attention", work)
+    # an edit lives in this process's edit book, so an edited model's patterns are read here
+    res = await compute(st, "get_attention", edited if e is not None else remote(
+        get_attention, s, ids, layers=lays, heads=hs, query_positions=qpos, top_k=top_k,
+        split=sp, top_pairs=top_pairs))
     rid = await st.store.put_result("attention", key, res.model_dump(), None, pid)
     return StoredAttention(**res.model_dump(), run_id=rid, cached=False, validity_note=note)

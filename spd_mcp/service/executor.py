@@ -9,6 +9,10 @@ ends, not when a client disconnects).
 Given a device (:meth:`ComputeExecutor.use_device`), the worker also holds that device's
 machine-wide lock (:mod:`.devlock`) around each job, so the executors of several processes on one
 machine take turns too (FIFO across them); the job's wait bound covers that wait as well.
+
+Given a :class:`~.worker.WorkerProcess`, jobs submitted as a :class:`~.worker.Call` run in that
+child process (the thread only waits on it, GIL released), so the server's cheap calls do not
+queue behind Python-heavy analysis code; plain callables still run on the thread.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any, TypeVar
 from spd_mcp.errors import SpdMcpError
 
 from .devlock import DeviceBusy, DeviceLock, enabled
+from .worker import Call, WorkerProcess
 
 T = TypeVar("T")
 
@@ -63,7 +68,7 @@ class ComputeExecutor:
 
     def __init__(
         self, *, max_queue: int = 16, max_wait_s: float = 120.0, history: int = 256,
-        device: str | None = None,
+        device: str | None = None, worker: WorkerProcess | None = None,
     ) -> None:
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
@@ -77,6 +82,8 @@ class ComputeExecutor:
         """Device locks held around each job (sorted by name: several are taken in one order)."""
         self.waiting_for: DeviceLock | None = None
         """The device lock the worker is waiting for, if any."""
+        self.worker = worker
+        """Where :class:`Call` jobs run (others run on this executor's thread); None: here."""
         if device is not None:
             self.use_device(device)
         self._closing = threading.Event()
@@ -136,7 +143,9 @@ class ComputeExecutor:
         started = time.monotonic()
         ok = False
         try:
-            out, ok = job.fn(), True
+            fn = job.fn
+            out = self.worker.run(fn) if self.worker is not None and isinstance(fn, Call) else fn()
+            ok = True
             return True, out
         except BaseException as exc:  # handed to the caller
             return False, exc
@@ -214,3 +223,5 @@ class ComputeExecutor:
         self._closing.set()
         self._q.put(None)
         self._thread.join(timeout)
+        if self.worker is not None:
+            self.worker.close()

@@ -34,6 +34,7 @@ from spd_mcp.model.session import RunSession
 from .model_info import validity_note
 from .prompts import check_position, label_id, resolve_prompt
 from .state import AppState, ProgressFn, compute
+from .worker import remote
 
 MAX_STORED_EDGES = 200_000
 PREVIEW_EDGES = 15
@@ -117,6 +118,20 @@ async def _load_graph(st: AppState, kind: str, params: dict[str, Any]
     return gid, await asyncio.to_thread(graph_from_bytes, blob), summary
 
 
+def _natural_graph(s: RunSession, ids: list[int], *, ci_threshold: float, pos: int,
+                   top_k_outputs: int, label: int | None,
+                   progress: ProgressFn | None = None
+                   ) -> tuple[AttributionGraph, GraphSummary]:
+    """The graph and its summary (graph id 0 until stored: the summary is built where the
+    graph is, so a worker process spares the server that work)."""
+    nat = s.natural_ci(ids)
+    g = compute_graph(
+        s.cm, s.topology, ids, s.to_module_dict(nat.ci), ci_threshold=ci_threshold,
+        output_positions=[pos], top_k_outputs=top_k_outputs, label_token=label,
+        max_edges=MAX_STORED_EDGES, progress=progress)
+    return g, _summary(s, 0, g, False)
+
+
 async def natural_graph(
     st: AppState, *, text: str | None, prompt_id: int | None, ci_threshold: float = 0.0,
     output_position: int = -1, top_k_outputs: int = 5, label_token: str | None = None,
@@ -130,19 +145,15 @@ async def natural_graph(
               "top_k_outputs": top_k_outputs, "label_token": label}
     hit = await _load_graph(st, "graph", params)
     if hit is not None:
-        return await _noted(st, _summary(st.session, hit[0], hit[1], True), hit[1])
+        found = await asyncio.to_thread(_summary, st.session, hit[0], hit[1], True)
+        return await _noted(st, found, hit[1])
     s = st.session
-
-    def work() -> AttributionGraph:
-        nat = s.natural_ci(ids)
-        return compute_graph(
-            s.cm, s.topology, ids, s.to_module_dict(nat.ci), ci_threshold=ci_threshold,
-            output_positions=[pos], top_k_outputs=top_k_outputs, label_token=label,
-            max_edges=MAX_STORED_EDGES, progress=progress)
-
-    g = await compute(st, "compute_graph", work)
+    g, out = await compute(st, "compute_graph", remote(
+        _natural_graph, s, ids, ci_threshold=ci_threshold, pos=pos,
+        top_k_outputs=top_k_outputs, label=label, progress=progress))
     gid = await _store_graph(st, "graph", params, pid, g, {"kind": "natural"})
-    return await _noted(st, _summary(s, gid, g, False), g)
+    out.graph_id = gid
+    return await _noted(st, out, g)
 
 
 N_RANDOM = 8
@@ -188,6 +199,28 @@ def _necessity(s: RunSession, opt: OptimizedCI, tasks: list[Task]) -> list[Neces
             ablated_prob=r.label_prob["ablated"], random_prob_mean=spread.prob_mean,
             random_prob_min=spread.prob_min, n_random=N_RANDOM))
     return out
+
+
+def _optimized_graph(s: RunSession, tasks: list[Task], settings: OptimizeSettings,
+                     progress: ProgressFn | None = None
+                     ) -> tuple[AttributionGraph, dict[str, Any], OptimizedGraph]:
+    """The optimised circuit of ``tasks``, its graph on the first, its necessity check, and the
+    summary (graph id 0 until stored)."""
+    t0 = tasks[0]
+    opt = optimize_ci(s, tasks=tasks, settings=settings, progress=progress)
+    g = compute_graph(s.cm, s.topology, t0.ids, s.to_module_dict(opt.ci), ci_threshold=0.0,
+                      output_positions=[t0.position], label_token=t0.label,
+                      max_edges=MAX_STORED_EDGES)
+    nec = _necessity(s, opt, tasks)
+    claim = _claim(opt.metrics, nec[0], len(tasks)) if nec else (
+        "Sufficient under masks computed from this input (a KL circuit: no label, so no "
+        "necessity check was run).")
+    extra = {"kind": "optimized", "metrics": opt.metrics.model_dump(),
+             "per_prompt": ([m.model_dump() for m in opt.per_prompt] if len(tasks) > 1
+                            else None),
+             "components": opt.components, "claim": claim,
+             "necessity": [n.model_dump() for n in nec]}
+    return g, extra, _optimized(s, 0, g, False, extra)
 
 
 async def optimized_graph(
@@ -242,26 +275,14 @@ async def optimized_graph(
     hit = await _load_graph(st, "optimized_graph", params)
     if hit is not None:
         gid, g, summary = hit
-        return await _noted(st, _optimized(s, gid, g, True, summary), g)
+        found = await asyncio.to_thread(_optimized, s, gid, g, True, summary)
+        return await _noted(st, found, g)
 
-    def work() -> tuple[AttributionGraph, dict[str, Any]]:
-        opt = optimize_ci(s, tasks=tasks, settings=settings, progress=progress)
-        g = compute_graph(s.cm, s.topology, t0.ids, s.to_module_dict(opt.ci), ci_threshold=0.0,
-                          output_positions=[t0.position], label_token=t0.label,
-                          max_edges=MAX_STORED_EDGES)
-        nec = _necessity(s, opt, tasks)
-        claim = _claim(opt.metrics, nec[0], len(tasks)) if nec else (
-            "Sufficient under masks computed from this input (a KL circuit: no label, so no "
-            "necessity check was run).")
-        return g, {"kind": "optimized", "metrics": opt.metrics.model_dump(),
-                   "per_prompt": ([m.model_dump() for m in opt.per_prompt] if len(tasks) > 1
-                                  else None),
-                   "components": opt.components, "claim": claim,
-                   "necessity": [n.model_dump() for n in nec]}
-
-    g, extra = await compute(st, "optimize_graph", work)
+    g, extra, out = await compute(st, "optimize_graph", remote(
+        _optimized_graph, s, tasks, settings, progress=progress))
     gid = await _store_graph(st, "optimized_graph", params, pids[0], g, extra)
-    return await _noted(st, _optimized(s, gid, g, False, extra), g)
+    out.graph_id = gid
+    return await _noted(st, out, g)
 
 
 async def _noted(st: AppState, out: G, g: AttributionGraph) -> G:

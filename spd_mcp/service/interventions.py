@@ -24,6 +24,7 @@ from .model_info import validity_note
 from .nodesets import alive_pairs, expand_components, expand_nodes
 from .prompts import check_position, label_id, resolve_prompt
 from .state import AppState, ProgressFn, compute
+from .worker import remote
 
 
 class StoredIntervention(InterventionResult):
@@ -45,8 +46,8 @@ async def _run(st: AppState, kind: str, ids: list[int], pid: int, nodes: list[No
     found = await st.store.find_result(kind, key)
     if found is not None:
         return StoredIntervention(**found[1], run_id=found[0], cached=True, **extra)
-    res = await compute(st, kind, lambda: run_intervention(
-        st.session, ids, nodes, progress=progress, **kw))
+    res = await compute(st, kind, remote(run_intervention, st.session, ids, nodes,
+                                         progress=progress, **kw))
     res.notes += notes or []
     rid = await st.store.put_result(kind, key, res.model_dump(), None, pid)
     return StoredIntervention(**res.model_dump(), run_id=rid, cached=False, **extra)
@@ -74,7 +75,7 @@ async def intervention(
     if random_controls:
         if not keys:
             raise InputError("random_controls needs a non-empty nodes list")
-        pairs = await compute(st, "alive set", lambda: alive_pairs(st, ids))
+        pairs = await compute(st, "alive set", remote(alive_pairs, st.session, ids))
         alive = [NodeKey(la, p, c) for la, pc in pairs.items() for p, c in pc]
         controls, full = random_node_sets(keys, alive, st.session.keys.Cs, random_controls,
                                           torch.Generator().manual_seed(seed))
@@ -127,7 +128,7 @@ async def ablation(
     sets: list[list[ComponentKey]] = []
     notes: list[str] = []
     if random_controls:
-        pairs = await compute(st, "alive set", lambda: alive_pairs(st, ids))
+        pairs = await compute(st, "alive set", remote(alive_pairs, st.session, ids))
         alive = [ComponentKey(la, c) for la, pc in pairs.items()
                  for c in sorted({c for _, c in pc})]
         gen = torch.Generator().manual_seed(seed)
@@ -190,9 +191,9 @@ async def sweep(
     found = await st.store.find_result("ablation_sweep", key)
     if found is not None:
         return StoredSweep(**found[1], run_id=found[0], cached=True, **extra)
-    res = await compute(st, "ablation_sweep", lambda: ablation_sweep(
-        s, ids, label, label_position=lpos, contrast=contrast, candidates=cands,
-        base=base_keys, top=top, greedy_steps=greedy_steps, stop_prob=stop_prob,
-        random_controls=random_controls, seed=seed, progress=progress))
+    res = await compute(st, "ablation_sweep", remote(
+        ablation_sweep, s, ids, label, label_position=lpos, contrast=contrast,
+        candidates=cands, base=base_keys, top=top, greedy_steps=greedy_steps,
+        stop_prob=stop_prob, random_controls=random_controls, seed=seed, progress=progress))
     rid = await st.store.put_result("ablation_sweep", key, res.model_dump(), None, pid)
     return StoredSweep(**res.model_dump(), run_id=rid, cached=False, **extra)

@@ -8,10 +8,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from spd_mcp.analysis.features import feature_toy
+from spd_mcp.model.session import RunSession
 from spd_mcp.model.validity import Validity, ensure_validity
 
 from .labels import best_labels
 from .state import AppState, compute
+from .worker import remote
 
 KEY_GRAMMAR = ("component 'LAYER:C' (e.g. '1.attn.o:5'); node 'LAYER:POS:C' (e.g. "
                "'1.attn.o:12:5'); 'embed:POS:0'; 'output:POS:TOKEN_ID'. Positions count "
@@ -120,10 +122,14 @@ _HF_FIELDS = ("model_type", "num_hidden_layers", "n_layer", "hidden_size", "n_em
               "n_inner", "vocab_size", "max_position_embeddings", "n_positions")
 
 
+def _validity_of(session: RunSession) -> Validity:
+    return ensure_validity(session.run)
+
+
 async def validity(st: AppState) -> Validity:
     """The run's validity verdict: stored, or evaluated once on the compute worker."""
     if st._validity is None:
-        st._validity = await compute(st, "validity", lambda: ensure_validity(st.session.run))
+        st._validity = await compute(st, "validity", remote(_validity_of, st.session))
     return st._validity
 
 
@@ -188,7 +194,7 @@ async def model_info(st: AppState) -> ModelInfo:
         for m, c in s.to_canonical.items()
     ]
     toy = None if s.is_language_model else await compute(st, "features",
-                                                         lambda: feature_toy(s))
+                                                         remote(feature_toy, s))
     behaviours = [BehaviourInfo(name=b.name, rule=b.rule, example_prompt=b.example_prompt,
                                 expected_next_token=b.example_expected)
                   for b in s.behaviours().values()]

@@ -23,6 +23,7 @@ from .model_info import validity_note
 from .nodesets import expand_components, expand_nodes
 from .prompts import check_position, check_text, label_id, resolve_prompt
 from .state import AppState, ProgressFn, compute
+from .worker import remote
 
 
 class StoredPatching(PatchingResult):
@@ -187,10 +188,10 @@ async def patching(
     if found is not None:
         return StoredPatching(**found[1], run_id=found[0], cached=True, validity_note=note,
                               expanded=expanded or None)
-    res = await compute(st, "patching", lambda: run_patching(
-        s, clean_ids, corrupt_ids, label, contrast=contrast, spec=spec, direction=direction,
-        position_map=dict(pairs) if pairs is not None else None, sweep=sweep, top=top,
-        progress=progress))
+    res = await compute(st, "patching", remote(
+        run_patching, s, clean_ids, corrupt_ids, label, contrast=contrast, spec=spec,
+        direction=direction, position_map=dict(pairs) if pairs is not None else None,
+        sweep=sweep, top=top, progress=progress))
     rid = await st.store.put_result("patching", key, res.model_dump(), None, clean_pid)
     return StoredPatching(**res.model_dump(), run_id=rid, cached=False, validity_note=note,
                           expanded=expanded or None)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from spd_mcp.analysis.dataset import DatasetIndex
 from spd_mcp.attributions.store import Attributions, load_attributions
@@ -19,6 +20,9 @@ from spd_mcp.paths import app_db_path
 
 from .executor import ComputeExecutor
 from .store import AppStore
+
+if TYPE_CHECKING:
+    from .jobs import JobBook
 
 T = TypeVar("T")
 ProgressFn = Callable[[int, int], None]
@@ -42,6 +46,8 @@ class AppState:
     _attributions: Attributions | None = None
     _edits: EditBook | None = None
     _validity: Validity | None = None
+    jobs: JobBook | None = None
+    """The background jobs of long calls (opened by the server, see :mod:`.jobs`)."""
     validity_noted: bool = False
     """Whether a result already carried the full validity caution (later ones get it short)."""
 
@@ -77,9 +83,23 @@ class AppState:
             return self._dataset
 
 
+COMPUTING: ContextVar[Callable[[str | None], None] | None] = ContextVar("spd_computing",
+                                                                        default=None)
+"""Told the name of each :func:`compute` call a task awaits (then None when it returns): how a
+background job (:mod:`.jobs`) knows it has passed validation and reached its heavy stage."""
+
+
 async def compute(st: AppState, name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the compute worker (FIFO; ``Busy`` when the queue is full)."""
-    return await st.executor.run(name, fn)
+    """Run ``fn`` on the compute worker (FIFO; ``Busy`` when the queue is full). A
+    :class:`~.worker.Call` runs in the worker process when the executor has one."""
+    note = COMPUTING.get()
+    if note is not None:
+        note(name)
+    try:
+        return await st.executor.run(name, fn)
+    finally:
+        if note is not None:
+            note(None)
 
 
 async def open_state(

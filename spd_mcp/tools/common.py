@@ -1,5 +1,6 @@
 """MCP plumbing shared by the tool families: the app state from the lifespan, progress
-notifications, and strict registration — where domain errors become ``ToolError`` (one place)."""
+notifications, strict registration — where domain errors become ``ToolError`` (one place) — and
+long calls answered with a background-job handle (:func:`as_job`, :func:`job_tool`)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ import functools
 import inspect
 import re
 import time
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar, get_args, get_type_hints
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools.base import Tool
+from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
 from mcp_types import ToolAnnotations
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from spd_mcp.errors import InputError
 from spd_mcp.service.executor import Busy
-from spd_mcp.service.state import AppState
+from spd_mcp.service.jobs import Job, JobInfo, job_book
+from spd_mcp.service.state import AppState, ProgressFn
 
 # Shared arguments: one terse description each (the tool's docstring says the rest). Arguments
 # whose name says it all (seed, top_k, limit, offset) carry only their bounds.
@@ -176,4 +179,46 @@ def strict_tool(fn: Callable[..., Any], annotations: ToolAnnotations, title: str
     tool.parameters = compact_schema(strict.model_json_schema(by_alias=True))
     tool.description = one_line(tool.description)
     tool.fn = _readable_errors(tool.fn, tool.is_async)
+    return tool
+
+
+# ----------------------------------------------------------------------------- background jobs
+R = TypeVar("R", bound=BaseModel)
+
+
+class Pending(BaseModel):
+    """The answer of a call that became a background job (instead of its result)."""
+
+    job: JobInfo
+
+
+async def as_job(
+    ctx: Context, tool: str, work: Callable[[ProgressFn], Coroutine[Any, Any, R]], *,
+    stages: set[str], unit: str, message: str,
+) -> R | Pending:
+    """``work(progress)``'s result, or — when it runs past the server's job limit — a handle
+    the agent polls with ``get_job`` while it keeps running. ``stages``: the heavy compute calls
+    (after validation) at which it may become a job; ``unit``: what its progress counts;
+    ``message``: its MCP progress notifications' text (sent while this call waits)."""
+    book = job_book(state(ctx))
+    out = await book.run(tool, work, stages=stages, unit=unit, progress=Progress(ctx, message))
+    return Pending(job=book.info(out, with_result=False)) if isinstance(out, Job) else out
+
+
+def job_tool(fn: Callable[..., Any], annotations: ToolAnnotations, title: str) -> Tool:
+    """:func:`strict_tool` for a function returning ``Result | Pending``: its output schema is
+    the result's with one more property, ``job``, and either the result's required fields or
+    ``job`` required (so a handle passes clients that check structured content)."""
+    tool = strict_tool(fn, annotations, title)
+    ret = get_type_hints(fn)["return"]
+    (result,) = [a for a in get_args(ret) if a is not Pending]
+    meta = tool.fn_metadata
+    schema = dict(FuncMetadata(arg_model=meta.arg_model, output_model=result).output_schema or {})
+    schema["properties"] = {**schema.get("properties", {}), "job": {
+        **compact_schema(JobInfo.model_json_schema()),
+        "description": "instead of the result when the call became a background job"}}
+    required = schema.pop("required", None)
+    if required:
+        schema["anyOf"] = [{"required": required}, {"required": ["job"]}]
+    meta.output_schema, meta.output_model, meta.wrap_output = schema, ret, False
     return tool

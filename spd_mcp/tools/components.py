@@ -23,6 +23,7 @@ from spd_mcp.errors import InputError
 from spd_mcp.harvest.stats import component_summary
 from spd_mcp.service.prompts import check_position, resolve_prompt
 from spd_mcp.service.state import AppState, compute
+from spd_mcp.service.worker import remote
 
 from .common import READ_ONLY, ComponentArg, LayersArg, PromptIdArg, TextArg, state, strict_tool
 
@@ -45,15 +46,15 @@ async def get_ci(
     if features is not None:
         if text is not None or prompt_id is not None or positions is not None:
             raise InputError("features replaces text / prompt_id / positions; give only it")
-        return await compute(st, "get_ci", lambda: feature_ci(
-            st.session, feature_input(st.session, features), threshold=threshold,
+        return await compute(st, "get_ci", remote(
+            feature_ci, st.session, feature_input(st.session, features), threshold=threshold,
             layers=layers, top=top_per_position))
     ids, _ = await resolve_prompt(st, text, prompt_id)
     if positions is not None:
         positions = [check_position(p, len(ids), "positions[]") for p in positions]
-    return await compute(st, "get_ci", lambda: active_components(
-        st.session, ids, threshold=threshold, layers=layers, positions=positions,
-        top_per_position=top_per_position))
+    return await compute(st, "get_ci", remote(
+        active_components, st.session, ids, threshold=threshold, layers=layers,
+        positions=positions, top_per_position=top_per_position))
 
 
 async def probe_component_tool(
@@ -66,7 +67,8 @@ async def probe_component_tool(
     st = state(ctx)
     key = st.session.keys.component(component)
     ids, _ = await resolve_prompt(st, text, prompt_id)
-    return await compute(st, "probe_component", lambda: probe_component(st.session, ids, key))
+    return await compute(st, "probe_component", remote(probe_component, st.session, ids,
+                                                          key))
 
 
 probe_component_tool.__name__ = "probe_component"
@@ -129,8 +131,8 @@ async def find_components_by_examples(
         layers = [s.keys.layer(n) for n in layers]
     pos = _parse_examples(st, examples, "examples")
     neg = _parse_examples(st, negatives, "negatives")
-    return await compute(st, "find_components_by_examples", lambda: find_by_examples(
-        s, pos, negatives=neg, layers=layers, top_k=top_k, min_frac=min_frac))
+    return await compute(st, "find_components_by_examples", remote(
+        find_by_examples, s, pos, negatives=neg, layers=layers, top_k=top_k, min_frac=min_frac))
 
 
 def _parse_examples(st: AppState, examples: list[Example], arg: str) -> list[tuple[list[int], int]]:

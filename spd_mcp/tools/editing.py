@@ -14,9 +14,9 @@ from spd_mcp.editing.edit import ComponentScale
 from spd_mcp.editing.measure import MeasureSettings, Probe
 from spd_mcp.editing.train import EditTarget, TrainSettings
 from spd_mcp.service.edits import Measured, export, measure
-from spd_mcp.service.state import compute
+from spd_mcp.service.state import ProgressFn, compute
 
-from .common import READ_ONLY, STORES, Progress, state, strict_tool
+from .common import READ_ONLY, STORES, Pending, Progress, as_job, job_tool, state, strict_tool
 
 WRITES_FILES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True,
                                openWorldHint=False)
@@ -62,7 +62,7 @@ async def train_component_edit(
                                      "other text")] = 5.0,
     n_kl_texts: Annotated[int, Field(ge=0, le=1000)] = 64,
     name: Annotated[str | None, Field(max_length=200)] = None,
-) -> TrainedEdit:
+) -> TrainedEdit | Pending:
     """Train rank-1 adapters: only the given components' vectors move, from the exact target, to
     raise / lower tokens after prompts while a KL penalty keeps other text unchanged. Stored as
     an edit (the run is untouched). Example: train_component_edit(components=["1.attn.v:15"],
@@ -70,11 +70,15 @@ async def train_component_edit(
     st = state(ctx)
     settings = TrainSettings(vectors=vectors, mode=mode, steps=steps, lr=lr, kl_coeff=kl_coeff,
                              n_kl_texts=n_kl_texts)
-    info, cached, _ = await st.edits.train(
-        components, targets, settings, preserve=preserve, name=name,
-        run=lambda fn: compute(st, "train_component_edit", fn),
-        progress=Progress(ctx, "training edit"))
-    return TrainedEdit(**info.model_dump(), cached=cached)
+
+    async def work(progress: ProgressFn) -> TrainedEdit:
+        info, cached, _ = await st.edits.train(
+            components, targets, settings, preserve=preserve, name=name,
+            run=lambda fn: compute(st, "train_component_edit", fn), progress=progress)
+        return TrainedEdit(**info.model_dump(), cached=cached)
+
+    return await as_job(ctx, "train_component_edit", work, stages={"train_component_edit"},
+                        unit="steps", message="training edit")
 
 
 async def measure_edit_tool(
@@ -141,7 +145,7 @@ async def export_edit(
 def tools() -> list[Tool]:
     return [
         strict_tool(edit_components, STORES, "Edit components (scale / ablate)"),
-        strict_tool(train_component_edit, STORES, "Train a rank-1 component edit"),
+        job_tool(train_component_edit, STORES, "Train a rank-1 component edit"),
         strict_tool(measure_edit_tool, STORES, "Measure an edit"),
         strict_tool(list_edits, READ_ONLY, "List edits"),
         strict_tool(export_edit, WRITES_FILES, "Export a baked edit"),

@@ -23,10 +23,12 @@ from .common import (
     READ_ONLY,
     STORES,
     GraphIdArg,
+    Pending,
     PositionArg,
-    Progress,
     PromptIdArg,
     TextArg,
+    as_job,
+    job_tool,
     state,
     strict_tool,
 )
@@ -40,16 +42,17 @@ async def compute_graph_tool(
     output_position: PositionArg = -1,
     top_k_outputs: Annotated[int, Field(ge=1, le=20)] = 5,
     label_token: Annotated[str | None, Field(description="also include this output")] = None,
-) -> GraphSummary:
+) -> GraphSummary | Pending:
     """Attribution graph of a prompt under natural CI: nodes are alive components at positions
     (plus embed and output tokens); an edge is gradient × source activation on the exact target
     (a direct effect). Nodes report in_sum and the remainder act − in_sum split into pruned,
     dead, delta, bias, unexplained (≈ act through a norm)."""
-    progress = Progress(ctx, "attribution graph")
-    return await natural_graph(state(ctx), text=text, prompt_id=prompt_id,
-                               ci_threshold=ci_threshold, output_position=output_position,
-                               top_k_outputs=top_k_outputs, label_token=label_token,
-                               progress=progress)
+    st = state(ctx)
+    return await as_job(ctx, "compute_graph", lambda progress: natural_graph(
+        st, text=text, prompt_id=prompt_id, ci_threshold=ci_threshold,
+        output_position=output_position, top_k_outputs=top_k_outputs, label_token=label_token,
+        progress=progress), stages={"compute_graph"}, unit="target nodes",
+        message="attribution graph")
 
 
 compute_graph_tool.__name__ = "compute_graph"
@@ -80,20 +83,20 @@ async def optimize_graph(
         ge=0, description="persistent adversary weight (0 = off: faster, often fragile)")] = 1.0,
     pgd_steps: Annotated[int, Field(ge=1, le=100)] = 10,
     seed: int = 0,
-) -> OptimizedGraph:
+) -> OptimizedGraph | Pending:
     """Find a sparse circuit: optimise CI to keep a prediction (or the label's lead over
     contrast_token) with few nodes, robust to an adversary; returns its attribution graph, what
     it shows (sufficiency under masks computed from this input) and a necessity check (circuit
     ablated vs random same-size sets). Example: optimize_graph(text="the house behind the old
     ducks", label_token="is", contrast_token="are")."""
-    progress = Progress(ctx, "optimising CI")
-    return await optimized_graph(
-        state(ctx), text=text, prompt_id=prompt_id, label_token=label_token, position=position,
+    st = state(ctx)
+    return await as_job(ctx, "optimize_graph", lambda progress: optimized_graph(
+        st, text=text, prompt_id=prompt_id, label_token=label_token, position=position,
         contrast_token=contrast_token, prompts=prompts,
         settings=OptimizeSettings(loss=loss, steps=steps, lr=lr, imp_coeff=imp_coeff, p=p,
                                   mask_type=mask_type, adv_coeff=adv_coeff, pgd_steps=pgd_steps,
                                   seed=seed),
-        progress=progress)
+        progress=progress), stages={"optimize_graph"}, unit="steps", message="optimising CI")
 
 
 async def get_graph(
@@ -117,7 +120,7 @@ async def get_graph(
 
 def tools() -> list[Tool]:
     return [
-        strict_tool(compute_graph_tool, STORES, "Compute attribution graph"),
-        strict_tool(optimize_graph, STORES, "Optimise a sparse circuit graph"),
+        job_tool(compute_graph_tool, STORES, "Compute attribution graph"),
+        job_tool(optimize_graph, STORES, "Optimise a sparse circuit graph"),
         strict_tool(get_graph, READ_ONLY, "Read a stored graph"),
     ]

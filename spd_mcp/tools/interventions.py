@@ -24,11 +24,12 @@ from .common import (
     ControlsArg,
     LabelArg,
     NodesArg,
-    Progress,
+    Pending,
     PromptIdArg,
     TextArg,
+    as_job,
+    job_tool,
     state,
-    strict_tool,
 )
 
 MAX_NODES = 4096
@@ -55,18 +56,19 @@ async def run_intervention_tool(
     pgd_steps: Annotated[int, Field(ge=1, le=200)] = 20,
     pgd_step_size: Annotated[float, Field(gt=0, le=1)] = 0.1,
     seed: int = 0,
-) -> StoredIntervention:
+) -> StoredIntervention | Pending:
     """Test a circuit: run its nodes under each regime and compare top-k predictions, loss and
     P(label_token) with the target. Regimes: ci = only the nodes on; stochastic = nodes on, the
     rest random; adversarial = nodes on, the rest chosen by PGD to hurt; ablated = full model
     with only the nodes off. Example: run_intervention(text="...", nodes=["1.attn.o:57:12"],
     loss="label", label_token="she")."""
-    progress = Progress(ctx, "intervention")
-    return await intervention(
-        state(ctx), nodes=nodes, text=text, prompt_id=prompt_id, regimes=regimes, loss=loss,
+    st = state(ctx)
+    return await as_job(ctx, "run_intervention", lambda progress: intervention(
+        st, nodes=nodes, text=text, prompt_id=prompt_id, regimes=regimes, loss=loss,
         label_token=label_token, label_position=label_position, positions=positions, top_k=top_k,
         n_samples=n_samples, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, seed=seed,
-        contrast_token=contrast_token, random_controls=random_controls, progress=progress)
+        contrast_token=contrast_token, random_controls=random_controls, progress=progress),
+        stages={"intervention"}, unit="steps", message="intervention")
 
 
 run_intervention_tool.__name__ = "run_intervention"
@@ -83,13 +85,15 @@ async def run_ablation(
     positions: Annotated[list[int] | None, Field(description="default last")] = None,
     top_k: Annotated[int, Field(ge=1, le=20)] = 5,
     seed: int = 0,
-) -> StoredIntervention:
+) -> StoredIntervention | Pending:
     """Ablate components at every position of the full model (weight delta kept); report KL to
     the target per token and predictions."""
-    return await ablation(state(ctx), components=components, text=text, prompt_id=prompt_id,
-                          label_token=label_token, positions=positions, top_k=top_k,
-                          contrast_token=contrast_token, random_controls=random_controls,
-                          seed=seed, progress=Progress(ctx, "ablation"))
+    st = state(ctx)
+    return await as_job(ctx, "run_ablation", lambda progress: ablation(
+        st, components=components, text=text, prompt_id=prompt_id, label_token=label_token,
+        positions=positions, top_k=top_k, contrast_token=contrast_token,
+        random_controls=random_controls, seed=seed, progress=progress),
+        stages={"ablation"}, unit="steps", message="ablation")
 
 
 async def sweep_ablation(
@@ -113,21 +117,23 @@ async def sweep_ablation(
         ge=0, le=100, description="random same-size alive sets (per layer) vs the greedy set")
     ] = 0,
     seed: int = 0,
-) -> StoredSweep:
+) -> StoredSweep | Pending:
     """Necessity: ablate each candidate component everywhere, one at a time, ranked by how much
     P(label_token) drops; greedy_steps grows the smallest set found that removes the behaviour,
     checked against random same-size sets. Example: sweep_ablation(text="...",
     label_token="she", contrast_token="he", greedy_steps=16, random_controls=10)."""
-    return await sweep(
-        state(ctx), text=text, prompt_id=prompt_id, label_token=label_token,
+    st = state(ctx)
+    return await as_job(ctx, "sweep_ablation", lambda progress: sweep(
+        st, text=text, prompt_id=prompt_id, label_token=label_token,
         contrast_token=contrast_token, label_position=label_position, candidates=candidates,
         base=base, top=top, greedy_steps=greedy_steps, stop_prob=stop_prob,
-        random_controls=random_controls, seed=seed, progress=Progress(ctx, "ablation sweep"))
+        random_controls=random_controls, seed=seed, progress=progress),
+        stages={"ablation_sweep"}, unit="ablated rows", message="ablation sweep")
 
 
 def tools() -> list[Tool]:
     return [
-        strict_tool(run_intervention_tool, STORES, "Run an intervention"),
-        strict_tool(run_ablation, STORES, "Ablate components"),
-        strict_tool(sweep_ablation, STORES, "Sweep ablations for necessity"),
+        job_tool(run_intervention_tool, STORES, "Run an intervention"),
+        job_tool(run_ablation, STORES, "Ablate components"),
+        job_tool(sweep_ablation, STORES, "Sweep ablations for necessity"),
     ]

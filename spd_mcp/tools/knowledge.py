@@ -1,10 +1,12 @@
 """Component-knowledge tools (harvest-backed): get_component_info,
-get_component_activation_examples, search_components."""
+get_component_activation_examples, search_components, label_component. A first call that builds
+the harvest becomes a background job when it runs past the server's limit."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Literal
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools.base import Tool
@@ -12,15 +14,14 @@ from pydantic import Field
 
 from spd_mcp.errors import InputError
 from spd_mcp.harvest import query as K
-from spd_mcp.harvest.store import Harvest
 from spd_mcp.interp.store import LabelRow
 from spd_mcp.keys import layer_of
 from spd_mcp.service.knowledge import component_info
 from spd_mcp.service.labels import best_labels, search_labels
 from spd_mcp.service.prepare import ensure_harvest
-from spd_mcp.service.state import AppState, compute
+from spd_mcp.service.state import AppState, ProgressFn, compute
 
-from .common import READ_ONLY, STORES, ComponentArg, Progress, state, strict_tool
+from .common import READ_ONLY, STORES, ComponentArg, Pending, R, as_job, job_tool, state
 
 
 async def get_component_info(
@@ -30,19 +31,27 @@ async def get_component_info(
         description="smoothed_pmi = PMI shrunk toward 0 for rare tokens")] = "smoothed_pmi",
     top_k: Annotated[int, Field(ge=1, le=50)] = 10,
     min_count: Annotated[int, Field(ge=1, description="ignore rarer token pairs")] = 3,
-) -> K.ComponentInfo:
+) -> K.ComponentInfo | Pending:
     """What a component fires on (from the harvest): density, mean CI / activation (and the
     fraction of firings with a positive activation), top input tokens and predicted output
     tokens (count, precision, recall, PMI, smoothed PMI), co-firing components, label if any."""
     st = state(ctx)
     st.session.keys.component(component)
-    h = await _harvest(ctx, st)
-    return await component_info(st, h, component, rank_tokens_by=rank_tokens_by, top_k=top_k,
-                                min_count=min_count)
+
+    async def work(progress: ProgressFn) -> K.ComponentInfo:
+        h = await ensure_harvest(st, progress)
+        return await component_info(st, h, component, rank_tokens_by=rank_tokens_by,
+                                    top_k=top_k, min_count=min_count)
+
+    return await _with_harvest(ctx, "get_component_info", work)
 
 
-async def _harvest(ctx: Context, st: AppState) -> Harvest:
-    return await ensure_harvest(st, Progress(ctx, "building the harvest (first use)"))
+async def _with_harvest(ctx: Context, tool: str,
+                        work: Callable[[ProgressFn], Coroutine[Any, Any, R]]) -> R | Pending:
+    """``work(progress)`` (which may build the harvest on first use): a background job past the
+    server's limit."""
+    return await as_job(ctx, tool, work, stages={"harvest"}, unit="tokens",
+                        message="building the harvest (first use)")
 
 
 async def get_component_activation_examples(
@@ -52,14 +61,18 @@ async def get_component_activation_examples(
     offset: Annotated[int, Field(ge=0)] = 0,
     order: Annotated[Literal["random", "ci", "act"], Field(
         description="a uniform sample, or strongest first")] = "random",
-) -> K.ActivationExamples:
+) -> K.ActivationExamples | Pending:
     """Dataset windows where a component fires, the firing token in [[ ]], with the component's
     CI at every window token."""
     st = state(ctx)
     st.session.keys.component(component)
-    h = await _harvest(ctx, st)
-    return await asyncio.to_thread(lambda: K.activation_examples(
-        st.session, h, component, limit=limit, offset=offset, order=order))
+
+    async def work(progress: ProgressFn) -> K.ActivationExamples:
+        h = await ensure_harvest(st, progress)
+        return await asyncio.to_thread(lambda: K.activation_examples(
+            st.session, h, component, limit=limit, offset=offset, order=order))
+
+    return await _with_harvest(ctx, "get_component_activation_examples", work)
 
 
 async def search_components(
@@ -80,7 +93,7 @@ async def search_components(
                             ] = False,
     active_on: Annotated[str | None, Field(
         description="a prompt: flag hits not alive on it (CI 0 everywhere)")] = None,
-) -> K.ComponentSearch:
+) -> K.ComponentSearch | Pending:
     """Find components by their effect on a predicted token (output_token), the tokens they
     fire on (input_token) or label text, or list a layer's components by density. Rankings
     other than effect and label need the harvest. Example:
@@ -100,16 +113,21 @@ async def search_components(
             ids = s.encode(active_on)
         except InputError as e:
             raise InputError(f"active_on: {e}") from None
-    found = await _search(ctx, st, output_token, input_token, label, layer, rank_by, min_count,
-                          limit, include_bias)
-    if active_on is None or ids is None:
-        return found
-    text, prompt = active_on, ids
-    return await compute(st, "search_components", lambda: K.mark_alive(s, found, text, prompt))
+
+    async def work(progress: ProgressFn) -> K.ComponentSearch:
+        found = await _search(st, progress, output_token, input_token, label, layer, rank_by,
+                              min_count, limit, include_bias)
+        if active_on is None or ids is None:
+            return found
+        text, prompt = active_on, ids
+        return await compute(st, "search_components",
+                             lambda: K.mark_alive(s, found, text, prompt))
+
+    return await _with_harvest(ctx, "search_components", work)
 
 
 async def _search(
-    ctx: Context, st: AppState, output_token: str | None, input_token: str | None,
+    st: AppState, progress: ProgressFn, output_token: str | None, input_token: str | None,
     label: str | None, layer: str | None, rank_by: str | None, min_count: int, limit: int,
     include_bias: bool,
 ) -> K.ComponentSearch:
@@ -138,7 +156,7 @@ async def _search(
     by: K.TokenRank = rank_by or "smoothed_pmi"  # type: ignore[assignment]
     assert by != "effect"
     try:
-        h = await _harvest(ctx, st)
+        h = await ensure_harvest(st, progress)
     except InputError as e:
         what = (f"rank_by={by!r}" if output_token is not None or input_token is not None
                 else "listing a layer by density")
@@ -161,7 +179,7 @@ async def label_component(
     component: ComponentArg,
     refresh: Annotated[bool, Field(description="relabel even if labelled")] = False,
     model: Annotated[str | None, Field(description="Anthropic model")] = None,
-) -> LabelRow:
+) -> LabelRow | Pending:
     """Label one component now with an LLM (from its activation examples and token statistics);
     needs ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL) in the server's environment."""
     from spd_mcp.interp.autointerp import label_one
@@ -174,18 +192,22 @@ async def label_component(
     if not api_key_configured(settings):
         raise InputError(f"cannot label: {NO_KEY} in the environment of `spd-mcp serve`, then "
                          "restart it (or run `spd-mcp label RUN` offline)")
-    h = await _harvest(ctx, st)
-    with LabelStore(labels_path(st.session.run_id)) as store:
-        row = await label_one(st.session, h, key, settings, store, refresh=refresh)
-    if row.status != "ok":
-        raise InputError(f"labelling {key} {row.status}: {row.error}")
-    return row
+
+    async def work(progress: ProgressFn) -> LabelRow:
+        h = await ensure_harvest(st, progress)
+        with LabelStore(labels_path(st.session.run_id)) as store:
+            row = await label_one(st.session, h, key, settings, store, refresh=refresh)
+        if row.status != "ok":
+            raise InputError(f"labelling {key} {row.status}: {row.error}")
+        return row
+
+    return await _with_harvest(ctx, "label_component", work)
 
 
 def tools() -> list[Tool]:
     return [
-        strict_tool(get_component_info, READ_ONLY, "Component info"),
-        strict_tool(get_component_activation_examples, READ_ONLY, "Activation examples"),
-        strict_tool(search_components, READ_ONLY, "Search components"),
-        strict_tool(label_component, STORES, "Label a component"),
+        job_tool(get_component_info, READ_ONLY, "Component info"),
+        job_tool(get_component_activation_examples, READ_ONLY, "Activation examples"),
+        job_tool(search_components, READ_ONLY, "Search components"),
+        job_tool(label_component, STORES, "Label a component"),
     ]

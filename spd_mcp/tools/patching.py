@@ -11,7 +11,7 @@ from pydantic import Field
 from spd_mcp.analysis.patching import LayerPositions
 from spd_mcp.service.patching import StoredPatching, patching
 
-from .common import STORES, Progress, state, strict_tool
+from .common import STORES, Pending, as_job, job_tool, state
 
 
 async def run_patching(
@@ -36,7 +36,7 @@ async def run_patching(
         description="also patch each alive node / alive component / layer×position alone, "
         "ranked")] = None,
     top: Annotated[int, Field(ge=1, le=200, description="sweep rows")] = 20,
-) -> StoredPatching:
+) -> StoredPatching | Pending:
     """Activation patching: run one prompt with chosen component activations (x·V[:, c]) taken
     from the other, downstream recomputed. nodes / components patch activations only;
     layers_at_positions also the layer's weight-delta term. denoising runs corrupt and patches
@@ -45,13 +45,15 @@ async def run_patching(
     position: 0 = no effect, 1 = like the other prompt. Token counts must match unless
     position_map. Example: run_patching(clean="the dog near the trees", corrupt="the dogs near
     the trees", label_token="is", contrast_token="are", sweep="layers")."""
-    return await patching(
-        state(ctx), clean=clean, clean_prompt_id=clean_prompt_id, corrupt=corrupt,
+    st = state(ctx)
+    return await as_job(ctx, "run_patching", lambda progress: patching(
+        st, clean=clean, clean_prompt_id=clean_prompt_id, corrupt=corrupt,
         corrupt_prompt_id=corrupt_prompt_id, label_token=label_token,
         contrast_token=contrast_token, nodes=nodes, components=components,
         layers_at_positions=layers_at_positions, direction=direction, position_map=position_map,
-        sweep=sweep, top=top, progress=Progress(ctx, "patching"))
+        sweep=sweep, top=top, progress=progress),
+        stages={"patching"}, unit="patches", message="patching")
 
 
 def tools() -> list[Tool]:
-    return [strict_tool(run_patching, STORES, "Patch activations between prompts")]
+    return [job_tool(run_patching, STORES, "Patch activations between prompts")]
