@@ -4,6 +4,7 @@ interventions, component cards, investigations, the markdown sanitiser, the laun
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import sys
 import time
@@ -17,6 +18,7 @@ from starlette.testclient import TestClient
 from spd_mcp.analysis.graph_view import view_graph
 from spd_mcp.investigation.taskdir import create_task
 from spd_mcp.model.session import RunSession
+from spd_mcp.service.graphs import _natural_graph
 from spd_mcp.viewer.app import STATIC, create_app
 from spd_mcp.viewer.markdown import artifact_refs, link_allowed, render_markdown
 from tests.viewer_browser import stored_graph
@@ -249,3 +251,18 @@ def test_optimised_graph_job_reports_progress_and_metrics(client: TestClient) ->
     assert set(job["result"]["metrics"]["label_prob"]) >= {"target", "ci"}
     art = client.get(f"/api/runs/tales/graphs/{job['result']['graph_id']}").json()
     assert art["metadata"]["graph_kind"] == "optimized" and art["edges"]
+
+
+def test_graph_through_the_worker_process(session: RunSession) -> None:
+    """With a worker process the viewer's graph job reports progress and stores the same graph
+    as the analysis computes here."""
+    with TestClient(create_app("tales", session=session, worker=True)) as c:
+        job = wait_job(c, c.post("/api/runs/tales/graphs", json={"text": PROMPT}).json())
+        assert job["status"] == "done" and job["total"] > 0, job
+        assert "spd-worker" in {p.name for p in multiprocessing.active_children()}
+        g = stored_graph(session, job["result"]["graph_id"])
+    ids = session.encode(PROMPT)
+    here, _ = _natural_graph(session, ids, ci_threshold=0.0, pos=len(ids) - 1, top_k_outputs=5,
+                             label=None)
+    assert (g.n_nodes, g.n_edges) == (here.n_nodes, here.n_edges)
+    assert g.edge_src.tolist() == here.edge_src.tolist()

@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -37,6 +38,7 @@ from spd_mcp.model.session import RunSession
 from spd_mcp.paths import investigations_root, spd_home
 from spd_mcp.service.executor import Busy, ComputeExecutor
 from spd_mcp.service.state import AppState, open_state
+from spd_mcp.service.worker import WorkerProcess
 from spd_mcp.viewer.jobs import Job, Jobs
 from spd_mcp.viewer.markdown import render_markdown
 
@@ -625,12 +627,16 @@ def security_headers(app: Any) -> Callable[..., Awaitable[None]]:
 def create_app(
     run: str = "tales", *, device: str = "cpu", session: RunSession | None = None,
     launch_mode: Literal["claude", "scripted"] | None = None,
-    launch_argv: list[str] | None = None, bench_dirs: Sequence[Path] = (),
+    launch_argv: list[str] | None = None, bench_dirs: Sequence[Path] = (), worker: bool = False,
 ) -> Any:
     """The viewer ASGI app (``session`` reuses a loaded run as ``run``, e.g. in tests;
-    ``bench_dirs`` are benchmark result directories to list besides those under the bench root)."""
+    ``bench_dirs`` are benchmark result directories to list besides those under the bench root;
+    ``worker``: heavy analyses in a worker process, as ``spd-mcp serve`` does)."""
+    executor = ComputeExecutor(worker=WorkerProcess(threads=torch.get_num_threads())
+                               if worker else None)
     viewer = Viewer(default_run=run, device=device, launch_mode=launch_mode,
-                    launch_argv=launch_argv, bench_dirs=extra_bench_dirs(bench_dirs))
+                    launch_argv=launch_argv, bench_dirs=extra_bench_dirs(bench_dirs),
+                    executor=executor)
     if session is not None:
         viewer.sessions[run] = session
 

@@ -22,6 +22,8 @@ def add_view_parser(sub: argparse._SubParsersAction) -> None:
                    help="loopback address to bind (127.0.0.1, localhost or ::1 only)")
     v.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    v.add_argument("--no-worker", action="store_true",
+                   help="run heavy analyses in the viewer's process (also SPD_MCP_WORKER=0)")
     v.add_argument("--bench", type=Path, action="append", default=[], metavar="DIR",
                    help="a `spd-mcp bench run` results directory to show besides those under "
                         "$SPD_MCP_HOME/bench (repeatable)")
@@ -55,7 +57,9 @@ def view_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     from spd_mcp.model.decompose import resolve_device
+    from spd_mcp.service.worker import worker_enabled
 
     asyncio.run(serve(args.run, host=args.host, port=args.port,
-                      device=resolve_device(args.device), bench_dirs=args.bench))
+                      device=resolve_device(args.device), bench_dirs=args.bench,
+                      worker=not args.no_worker and worker_enabled()))
     return 0

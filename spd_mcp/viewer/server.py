@@ -13,10 +13,12 @@ from spd_mcp.viewer.app import create_app
 
 
 async def serve(run: str, *, host: str = "127.0.0.1", port: int = 8780,
-                device: str = "cpu", bench_dirs: Sequence[Path] = ()) -> None:
+                device: str = "cpu", bench_dirs: Sequence[Path] = (), worker: bool = False
+                ) -> None:
     """Serve until interrupted; prints ``spd-mcp viewer: URL`` once listening."""
     sock, base = bind_socket(host, port)
-    server = uvicorn_server(create_app(run, device=device, bench_dirs=bench_dirs))
+    server = uvicorn_server(create_app(run, device=device, bench_dirs=bench_dirs,
+                                       worker=worker))
     await serve_announced(server, sock, f"spd-mcp viewer: {base}/  (run {run}; Ctrl-C to stop)")
 
 
