@@ -206,7 +206,8 @@ def test_search_flags_components_idle_on_a_prompt_and_says_when_no_harvest(
     assert f"{len(dead)} of 10 hits are not alive on the active_on prompt" in res["notice"]
     assert res["query"]["active_on"] == prompt
     # no harvest: the effect ranking works but says what it lacks; harvest rankings say how
-    assert "No harvest" in res["notice"] and "spd-mcp harvest tales" in res["notice"]
+    assert "No harvest" in res["notice"] and "spd-mcp prepare tales" in res["notice"]
+    assert "builds it on their first call" in res["notice"]
     text = no_harvest.content[0].text
     assert no_harvest.is_error and "ranks by harvest statistics" in text
     assert "spd-mcp harvest tales" in text

@@ -319,10 +319,11 @@ def search_by_effect(
     notice = (f"effect = first-order drop in log P({token}) when the component is ablated, "
               f"averaged over {used} dataset positions where the model predicts it")
     if h is None:
-        notice += (f". No harvest for run {session.run.name!r}: densities are unknown and "
-                   "always-on 'bias' components are NOT excluded; input_token / layer searches "
-                   "and pmi-style rankings need one: build it with `spd-mcp harvest "
-                   f"{session.run.name}` (or `spd-mcp prepare {session.run.name}`)")
+        notice += (f". No harvest for run {session.run.name!r} yet: densities are unknown and "
+                   "always-on 'bias' components are NOT excluded. Input-token / layer searches, "
+                   "pmi-style rankings and get_component_info use one (a served run builds it "
+                   "on their first call; from a shell: `spd-mcp prepare "
+                   f"{session.run.name}`); run this search again afterwards")
     return ComponentSearch(
         query={"output_token": token, "layer": layer}, ranked_by="effect", n_matching=len(kept),
         components=kept[:k], excluded_bias=bias, notice=notice)
