@@ -172,6 +172,8 @@ def _device_of(args: argparse.Namespace) -> str | None:
     """The device a local CLI job computes on, or None when it holds none."""
     if args.command not in DEVICE_COMMANDS or getattr(args, "slurm", False):
         return None
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker: the command that started it holds it
+        return None
     if args.command == "zoo" and (args.zoo_command != "build" or args.print_config):
         return None
     from spd_mcp.model.decompose import resolve_device

@@ -82,7 +82,7 @@ class JobInfo(BaseModel):
     total: int | None = None
     unit: str | None = Field(None, description="what done / total count")
     elapsed_s: float
-    eta_s: float | None = Field(None, description="estimated seconds left")
+    eta_s: float | None = Field(None, description="estimated seconds left in this stage")
     error: str | None = None
     next: str = Field(description="what to do now")
 
@@ -191,7 +191,8 @@ class Job(Generic[T]):
             where = ", ".join(x for x in (
                 f"{self.done}/{self.total} {self.unit or 'steps'}" if self.total else None,
                 f"{_secs(elapsed)} so far",
-                f"about {eta:.0f} s left" if eta is not None else None) if x)
+                f"about {eta:.0f} s left in {self.stage or 'this stage'}" if eta is not None
+                else None) if x)
             nxt = (f"{self.tool} is still running in the background ({where}). Call "
                    f"get_job(job_id={self.job_id}, wait_s={w}) to wait for its result; "
                    "meanwhile other tools work (heavy ones queue behind it).")
