@@ -1,7 +1,7 @@
 """Scripted tool calls against the spd-mcp server over stdio (the same protocol agents use).
 Self-checking: it asserts what it prints and exits non-zero when a claim fails.
 
-    python examples/scripted_calls.py [--run tales]
+    python examples/scripted_calls.py [--run tales] [--job-after SECONDS]
 
 Finds a sparse circuit for a planted pronoun and tests it with interventions.
 """
@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import Any
 
 from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.types import CallToolResult
 
 PROMPT = (
     "once upon a time , a kind girl named mia lived in a cottage . mia had a friend called tom ."
@@ -21,9 +23,26 @@ PROMPT = (
 )
 
 
-async def main(run: str) -> None:
+async def call(session: ClientSession, tool: str, args: dict[str, Any]) -> CallToolResult:
+    """Call a tool; a long call may answer with a background-job handle, so follow it with
+    get_job until the tool's own result arrives (what an agent does)."""
+    res = await session.call_tool(tool, args)
+    while not res.is_error and set(res.structured_content or {}) == {"job"}:
+        job = res.structured_content["job"]
+        print(f"  {tool}: job {job['job_id']} {job['status']} ({job.get('stage', '')})")
+        res = await session.call_tool("get_job", {"job_id": job["job_id"], "wait_s": 30})
+        status = res.structured_content["job"] if not res.is_error else {}
+        if status.get("status") in ("failed", "cancelled"):
+            raise RuntimeError(f"{tool} (job {job['job_id']}): {status.get('error')}")
+        if status.get("status") == "done":
+            res.structured_content.pop("job")  # the rest is the tool's result
+    return res
+
+
+async def main(run: str, job_after: float | None) -> None:
+    extra = ["--job-after", str(job_after)] if job_after is not None else []
     params = StdioServerParameters(command=sys.executable,
-                                   args=["-m", "spd_mcp.cli", "serve", "--run", run])
+                                   args=["-m", "spd_mcp.cli", "serve", "--run", run, *extra])
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         info = await session.call_tool("get_model_info", {})
@@ -31,9 +50,7 @@ async def main(run: str) -> None:
         print("layers:", layers)
         assert not info.is_error and layers, info
 
-        graph = await session.call_tool(
-            "optimize_graph", {"text": PROMPT, "label_token": "he"}
-        )
+        graph = await call(session, "optimize_graph", {"text": PROMPT, "label_token": "he"})
         assert not graph.is_error, graph.content
         g = graph.structured_content
         probs = g["metrics"]["label_prob"]
@@ -44,7 +61,7 @@ async def main(run: str) -> None:
         print(f"circuit: {len(circuit)} of {alive} alive nodes:", circuit)
         assert 0 < len(circuit) < alive, (len(circuit), alive)
 
-        res = await session.call_tool("run_intervention", {
+        res = await call(session, "run_intervention", {
             "text": PROMPT, "nodes": circuit, "loss": "label", "label_token": "he",
         })
         assert not res.is_error, res.content
@@ -62,4 +79,7 @@ async def main(run: str) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="tales")
-    asyncio.run(main(ap.parse_args().run))
+    ap.add_argument("--job-after", type=float, default=None,
+                    help="the server's job limit (0: every long call answers with a job handle)")
+    a = ap.parse_args()
+    asyncio.run(main(a.run, a.job_after))

@@ -75,7 +75,10 @@ def test_import_reproduces_goodfires_numbers(name: str, tmp_path: Path) -> None:
         theirs = _their_ci(name, ref, inputs)
         for m in ref["module_paths"]:
             torch.testing.assert_close(ci.lower[m], theirs[m], atol=1e-6, rtol=0)
-        torch.testing.assert_close(cm(x, masks=ci.lower), _t(ref["output_ci_masked"]), **tol)
+        # the CI masks match within tol; the masked output compounds their float error (seen at
+        # 2.9e-5 on an AMD EPYC host for the reference made elsewhere), hence a looser atol
+        torch.testing.assert_close(cm(x, masks=ci.lower), _t(ref["output_ci_masked"]),
+                                   atol=1e-4, rtol=1e-4)
         ones = {m: torch.ones_like(g) for m, g in ci.lower.items()}
         torch.testing.assert_close(cm(x, masks=ones, delta_masks=dict.fromkeys(ones, 1.0)),
                                    _t(ref["output_all_ones_with_delta"]), **tol)

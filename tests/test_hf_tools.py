@@ -46,6 +46,7 @@ def every_tool(s: RunSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *
     w = prompt.split()  # two words swapped: the same token count
     calls: list[tuple[str, dict[str, Any]]] = [
         ("ping", {}),
+        ("get_job", {"job_id": 1}),  # every call here ends within the job limit: no jobs
         ("get_model_info", {}),
         ("tokenize", {"text": prompt}),
         ("create_prompt", {"text": prompt}),
@@ -116,6 +117,7 @@ def every_tool(s: RunSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *
         results = asyncio.run(main())
     failed = {n: r.content[0].text for (n, _), r in zip(calls, results, strict=True)
               if r.is_error}
+    assert "there is no job 1; there are no jobs" in failed.pop("get_job")
     assert not failed, "\n".join(f"{k}: {v}" for k, v in failed.items())
     out = {n: r.structured_content for (n, _), r in zip(calls, results, strict=True)}
     out["vectors_down"] = results[[n for n, _ in calls].index("get_component_vectors")
