@@ -71,6 +71,7 @@ Mode = Literal["local", "attn", "general"]
 _CHUNK = 64
 _PARTS_BUDGET = 1 << 26  # gradient elements held at once while computing remainder parts
 _IDX = torch.int32  # node indices while edges are generated (int64 in the result)
+_EDGE_SLACK = 1 << 22  # edges collected beyond the cap before cutting back to it
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -364,14 +365,23 @@ class _Edges:
 
     Ordered pieces arrive in canonical (tgt, src) order over increasing target ranges; unordered
     pieces are gathered into a segment that is sorted when closed (before the next ordered one).
+    With a cap (``max_edges``), the collected edges are cut to the cap's largest |values|
+    whenever they exceed it by ``_EDGE_SLACK`` (the top edges of everything equal the top
+    edges of the top edges so far and the rest; the cut values go to ``dropped``): a long
+    prompt of a large run has billions of nonzero edges, far too many to hold before the cut.
     """
 
-    def __init__(self, threshold: float, groups: list[_Group]) -> None:
+    def __init__(self, threshold: float, groups: list[_Group], max_edges: int | None = None
+                 ) -> None:
         self.threshold = threshold
+        self.max_edges = max_edges
         self.sign = torch.cat([g.act for g in groups]).sign()  # of each node's value
         self.n_nodes = int(self.sign.numel())
         self.open: list[tuple[Tensor, ...]] = []
         self.done: list[tuple[Tensor, ...]] = []
+        self.n_open = self.n_done = 0
+        self.dropped = self.sign.new_zeros(self.n_nodes)
+        """Per node, the sum of its incoming edges cut so far."""
 
     def keep(self, val: Tensor) -> Tensor:
         """Edges that survive: nonzero and |val| >= threshold."""
@@ -383,8 +393,13 @@ class _Edges:
         if ordered:
             self.close()
             self.done.append(part)
+            self.n_done += int(val.numel())
+            self._cut()
         else:
             self.open.append(part)
+            self.n_open += int(val.numel())
+            if self.max_edges is not None and self.n_open > self.max_edges + _EDGE_SLACK:
+                self.open, self.n_open = self._top(self.open)  # sorted when closed
 
     def close(self) -> None:
         if not self.open:
@@ -392,7 +407,24 @@ class _Edges:
         cols = [torch.cat(t) for t in zip(*self.open, strict=True)]
         order = (cols[1].long() * self.n_nodes + cols[0]).argsort()
         self.done.append(tuple(c[order] for c in cols))
-        self.open = []
+        self.n_done += self.n_open
+        self.open, self.n_open = [], 0
+        self._cut()
+
+    def _cut(self) -> None:
+        """Cut the closed pieces to the cap once they exceed it by the slack."""
+        if self.max_edges is not None and self.n_done > self.max_edges + _EDGE_SLACK:
+            self.done, self.n_done = self._top(self.done)
+
+    def _top(self, pieces: list[tuple[Tensor, ...]]) -> tuple[list[tuple[Tensor, ...]], int]:
+        """The ``max_edges`` largest |values| of ``pieces`` as one piece, in their order (the
+        canonical order of closed pieces), and its size; the cut values go to ``dropped``."""
+        assert self.max_edges is not None
+        cols = [torch.cat(t) for t in zip(*pieces, strict=True)]
+        val = cols[2]
+        keep = val.abs().topk(self.max_edges).indices.sort().values
+        self.dropped.index_add_(0, cols[1], val).index_add_(0, cols[1][keep], -val[keep])
+        return [tuple(c[keep] for c in cols)], self.max_edges
 
     def result(self, max_edges: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(src, tgt) as int64, values, abs-target values; the ``max_edges`` largest |values|;
@@ -407,8 +439,8 @@ class _Edges:
         torch.cat([p[0] for p in parts], out=src)
         torch.cat([p[1] for p in parts], out=tgt)
         val, val_abs = (torch.cat([p[i] for p in parts]) for i in (2, 3))
-        self.done = []
-        dropped = self.sign.new_zeros(self.n_nodes)
+        self.done, self.n_done = [], 0
+        dropped = self.dropped
         if max_edges is not None and n > max_edges:
             keep = val.abs().topk(max_edges).indices.sort().values
             dropped.index_add_(0, tgt, val).index_add_(0, tgt[keep], -val[keep])
@@ -594,29 +626,21 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 
 def _merged(
-    grads: tuple[Tensor | None, ...], tables: list[_SrcTable], cache: dict[tuple, _SrcTable]
-) -> list[tuple[Tensor, _SrcTable]]:
-    """(gradient, table) per run of consecutive sources with bitwise-equal gradients (e.g. all
-    residual-stream writers upstream of a target), their tables concatenated: one wide product
-    per run instead of one narrow product per source."""
-    runs: list[tuple[Tensor, list[int]]] = []
+    grads: tuple[Tensor | None, ...], tables: list[_SrcTable]
+) -> list[tuple[Tensor, list[_SrcTable]]]:
+    """(gradient, tables) per run of consecutive sources with bitwise-equal gradients (e.g. all
+    residual-stream writers upstream of a target): the gradient is laid out once per run and
+    contracted with each table in turn. (Concatenating a run's tables instead would copy every
+    upstream table again for each target layer: gigabytes at seed size.)"""
+    runs: list[tuple[Tensor, list[_SrcTable]]] = []
     for i, g in enumerate(grads):
         if g is None:
             continue
         if runs and _same(runs[-1][0], g):
-            runs[-1][1].append(i)
+            runs[-1][1].append(tables[i])
         else:
-            runs.append((g, [i]))
-    out = []
-    for g, idx in runs:
-        key = tuple(idx)
-        if key not in cache:
-            tabs = [tables[i] for i in idx]
-            cache[key] = _SrcTable(
-                torch.cat([t.dirs for t in tabs], dim=1), torch.cat([t.node for t in tabs], dim=1)
-            )
-        out.append((g, cache[key]))
-    return out
+            runs.append((g, [tables[i]]))
+    return runs
 
 
 def _local(
@@ -626,7 +650,6 @@ def _local(
     T: int,
     edges: _Edges,
     tick: Callable[[int], None],
-    cache: dict[tuple, _SrcTable],
 ) -> None:
     """Targets whose leaf dependencies are all at their own position: one target per position
     per backward row (row r holds the r-th alive target of every position)."""
@@ -642,14 +665,16 @@ def _local(
         G[rank[sel] - r0, tgt.pos[sel]] = tgt.read[sel]
         tmap = torch.full((T, rows), -1, dtype=_IDX, device=G.device)
         tmap[tgt.pos[sel], rank[sel] - r0] = nodes[sel]
-        runs = _merged(_batched_grad(tgt.root, outs, G), tables, cache)
+        runs = _merged(_batched_grad(tgt.root, outs, G), tables)
         if runs:
-            Ds = [
-                torch.bmm(g.reshape(rows, T, -1).transpose(0, 1), tab.dirs.transpose(1, 2))
-                for g, tab in runs
-            ]
+            Ds, srcs = [], []
+            for g, tabs in runs:
+                gt = g.reshape(rows, T, -1).transpose(0, 1)  # (T, R, d)
+                for tab in tabs:
+                    Ds.append(torch.bmm(gt, tab.dirs.transpose(1, 2)))  # (T, R, A)
+                    srcs.append(tab.node)
             D = Ds[0] if len(Ds) == 1 else torch.cat(Ds, dim=2)  # (T, R, M)
-            src = torch.cat([tab.node for _, tab in runs], dim=1)  # (T, M)
+            src = torch.cat(srcs, dim=1)  # (T, M)
             mask = edges.keep(D) & (tmap >= 0)[:, :, None] & (src >= 0)[:, None, :]
             edges.push(  # (t, r, m) scan order is canonical when one chunk holds all rows
                 torch.masked_select(src[:, None, :].expand_as(mask).contiguous(), mask),
@@ -668,7 +693,6 @@ def _per_node(
     T: int,
     edges: _Edges,
     tick: Callable[[int], None],
-    cache: dict[tuple, _SrcTable],
 ) -> None:
     """One backward row per target node, over all positions."""
     assert tgt.root is not None and tgt.read is not None
@@ -684,7 +708,8 @@ def _per_node(
                 torch.einsum("rtd,tad->rta", grad.reshape(rows, T, -1), tab.dirs).reshape(rows, -1),
                 tab.node.reshape(-1),
             )
-            for grad, tab in _merged(_batched_grad(tgt.root, outs, G), tables, cache)
+            for grad, tabs in _merged(_batched_grad(tgt.root, outs, G), tables)
+            for tab in tabs
         ]
         _emit_rows(edges, tgt.nodes(sl), parts)
         tick(rows)
@@ -924,7 +949,7 @@ def compute_graph(
     )
     T = fwd.T
     modes = _modes(cm, topology, T)
-    edges = _Edges(edge_threshold, groups)
+    edges = _Edges(edge_threshold, groups, max_edges)
     total = sum(g.n for g in groups if g.is_target)
     done = 0
 
@@ -935,20 +960,19 @@ def compute_graph(
             progress(done, total)
 
     tables: list[_SrcTable] = []
-    cache: dict[tuple, _SrcTable] = {}
     for k, tgt in enumerate(groups):
         if tgt.is_target and tgt.n and k:
             sources = groups[:k]
             mode = modes[tgt.module or "output"]
             if mode == "local":
-                _local(tgt, sources, tables, T, edges, tick, cache)
+                _local(tgt, sources, tables, T, edges, tick)
             elif mode == "general":
-                _per_node(tgt, sources, tables, T, edges, tick, cache)
+                _per_node(tgt, sources, tables, T, edges, tick)
             else:
                 call = _attn_call(fwd, tgt, topology)
                 if call is None or not _attn(tgt, sources, tables, T, edges, tick, call,
                                              topology):
-                    _per_node(tgt, sources, tables, T, edges, tick, cache)
+                    _per_node(tgt, sources, tables, T, edges, tick)
         if tgt.out is not None:
             tables.append(_src_table(tgt, T))
     g = _finish(fwd, groups, edges, max_edges)

@@ -21,7 +21,8 @@ optimistic).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -140,6 +141,22 @@ def _check(session: RunSession, tasks: Sequence[Task], s: OptimizeSettings) -> N
             raise AnalysisError("loss='logit_diff' needs a contrast token")
 
 
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s parameters without gradients for the duration (restored after): the
+    optimiser's ``backward`` would otherwise also compute (and keep) gradients for every
+    component's V and U and through each forward's weight delta W − (V U)ᵀ — most of a step's
+    work at seed size, for gradients nobody reads."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def optimize_ci(
     session: RunSession,
     ids: list[int] | None = None,
@@ -175,7 +192,7 @@ def optimize_ci(
     contrast = torch.tensor([t.contrast if t.contrast is not None else 0 for t in tasks],
                             device=dev)
     n = s.n_mask_samples
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), frozen(cm):
         torch.manual_seed(s.seed)
         with torch.no_grad():
             out, inputs = cm.forward_with_inputs(x)[:2]

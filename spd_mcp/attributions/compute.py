@@ -55,6 +55,9 @@ Batch = tuple[Tensor, Tensor]
 """(ids (B, T) right-padded, lengths (B,))."""
 
 SUM_TENSORS = ("comp_comp", "token_comp", "comp_output", "token_output")
+FP32_ABOVE = 1 << 28
+"""Sum tables are stored fp32 once S² exceeds this (16k components: 2 GB for ``comp_comp`` in
+fp64; 40k components would take 13 GB). Rows are still accumulated in fp64."""
 COUNT_TENSORS = ("token_count", "fire_count", "act_sum", "abs_act_sum", "ci_sum", "weight_sum")
 
 
@@ -82,15 +85,18 @@ class AttributionSums:
     n_docs: int = 0
 
     @classmethod
-    def empty(cls, layers: list[str], offsets: list[int], vocab: int) -> AttributionSums:
+    def empty(cls, layers: list[str], offsets: list[int], vocab: int, *, sums: bool = True
+              ) -> AttributionSums:
+        """Zero sums and counts (``sums=False``: the counts only)."""
         S, V = offsets[-1], vocab
         f64, i64 = torch.float64, torch.long
         shapes = {"comp_comp": (S, S), "token_comp": (V, S), "comp_output": (S, V),
                   "token_output": (V, V), "token_count": (V,), "fire_count": (S,),
                   "act_sum": (S,), "abs_act_sum": (S,), "ci_sum": (S,), "weight_sum": (S,)}
         return cls(layers, offsets, vocab, {
-            k: torch.zeros(s, dtype=i64 if k.endswith("count") else f64)
-            for k, s in shapes.items()})
+            k: torch.zeros(s, dtype=i64 if k.endswith("count") else sum_dtype(S)
+                           if k in SUM_TENSORS else f64)
+            for k, s in shapes.items() if sums or k not in SUM_TENSORS})
 
     @property
     def n_components(self) -> int:
@@ -98,6 +104,11 @@ class AttributionSums:
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]
+
+
+def sum_dtype(S: int) -> torch.dtype:
+    """dtype of the stored sum tables for S components (see FP32_ABOVE)."""
+    return torch.float32 if S * S > FP32_ABOVE else torch.float64
 
 
 def _valid(ids: Tensor, lengths: Tensor) -> Tensor:
@@ -150,10 +161,11 @@ def _vocab(cm: ComponentModel, topology: Topology) -> int:
     raise AttributionError("cannot tell the vocabulary size (no Linear head, no Embedding)")
 
 
-def empty_sums(cm: ComponentModel, topology: Topology) -> AttributionSums:
+def empty_sums(cm: ComponentModel, topology: Topology, *, sums: bool = True) -> AttributionSums:
     lays = layout(cm, topology)
     offsets = [lay.offset for lay in lays] + [lays[-1].offset + lays[-1].C if lays else 0]
-    return AttributionSums.empty([lay.canonical for lay in lays], offsets, _vocab(cm, topology))
+    return AttributionSums.empty([lay.canonical for lay in lays], offsets, _vocab(cm, topology),
+                                 sums=sums)
 
 
 # -------------------------------------------------------------------------------------- fast
@@ -164,7 +176,8 @@ class _Target:
     name: str  # module path, or "output"
     R: Tensor
     K: Tensor
-    M: Tensor  # (r, S) fp64: Σ over tokens of row gradient · source weight
+    M: Tensor  # (r, S_up) fp64: Σ over tokens of row gradient · source weight, for the
+    # components upstream of the target (global indices 0 .. S_up − 1; all S for the output)
     M_in: Tensor  # (r, V) fp64: the same per input token
     identity: bool  # R is the identity: targets reading one root share their rows
 
@@ -204,27 +217,28 @@ class Accumulator:
         self.cm, self.topology, self.chunk = cm, topology, chunk
         self.ci_fn = ci_fn or natural_ci_fn(cm)
         self.head = head_module(cm, topology)
-        self.sums = empty_sums(cm, topology)
+        self.sums = empty_sums(cm, topology, sums=False)  # the counts; sums come from M
         self.targets: list[_Target] = []
         for lay in layout(cm, topology):
             comp = cm.component(lay.module)
             if comp.kind == "linear":  # an embedding's activations depend on no source
-                self.targets.append(self._target(lay.module, comp.V.detach()))
+                self.targets.append(self._target(lay.module, comp.V.detach(), lay.offset))
         W = (self.head.weight.detach().T if self.head is not None
              else torch.eye(self.sums.vocab_size, device=self._dev))
-        self.targets.append(self._target("output", W))
+        self.targets.append(self._target("output", W, self.sums.n_components))
 
     @property
     def _dev(self) -> torch.device:
         return next(self.cm.parameters()).device
 
-    def _target(self, name: str, V: Tensor) -> _Target:
+    def _target(self, name: str, V: Tensor, upstream: int) -> _Target:
+        """Target block of a layer (or the output) whose sources are components
+        0 .. upstream − 1 (layers precede their targets in the global order)."""
         d_in, C = V.shape
         eye = torch.eye(min(d_in, C), device=V.device, dtype=V.dtype)
         R, K = (eye, V) if d_in <= C else (V.T.contiguous(), eye)
         z = lambda n: torch.zeros(R.shape[0], n, dtype=torch.float64, device=V.device)  # noqa: E731
-        return _Target(name, R, K.double(), z(self.sums.n_components), z(self.sums.vocab_size),
-                       d_in <= C)
+        return _Target(name, R, K.double(), z(upstream), z(self.sums.vocab_size), d_in <= C)
 
     @torch.no_grad()
     def add(self, ids: Tensor, lengths: Tensor) -> int:
@@ -268,13 +282,15 @@ class Accumulator:
         contracted with the sources' CI-weighted writes (components) or embedding vectors."""
         m = mask.to(root.dtype)[None, ..., None]
         tgt = tgts[0]
+        width = max((s.offset + s.Z.shape[0] for s in srcs if s.Z is not None), default=0)
+        assert all(t.M.shape[1] >= width for t in tgts), "a source is not upstream of its target"
         for r0 in range(0, tgt.R.shape[0], self.chunk):
             R = tgt.R[r0:r0 + self.chunk]
             rows = R.shape[0]
             with torch.enable_grad():
                 grads = batched_grads(root, R[:, None, None, :] * m, [s.tensor for s in srcs],
                                       fwd.attns, mask)
-            P = torch.zeros(rows, tgt.M.shape[1], device=root.device, dtype=root.dtype)
+            P = torch.zeros(rows, width, device=root.device, dtype=root.dtype)
             flat: dict[tuple, Tensor] = {}  # residual writers share a gradient: transpose once
             for src, g in zip(srcs, grads, strict=True):
                 if g is None:
@@ -292,25 +308,27 @@ class Accumulator:
                 C = src.Z.shape[0]
                 P[:, src.offset:src.offset + C] += (src.Z @ flat[key]).T
             for t in tgts:
-                t.M[r0:r0 + rows] += P
+                t.M[r0:r0 + rows, :width] += P
 
     def result(self) -> AttributionSums:
-        """The sums so far: accumulated rows contracted with V / W_Uᵀ in fp64."""
+        """The sums so far: accumulated rows contracted with V / W_Uᵀ in fp64 (stored in
+        :func:`sum_dtype`), one target block at a time."""
         s = self.sums
-        out = AttributionSums(s.layers, s.offsets, s.vocab_size,
-                              {k: v.clone() for k, v in s.tensors.items()}, s.n_tokens, s.n_docs)
+        out = empty_sums(self.cm, self.topology)
+        out.n_tokens, out.n_docs = s.n_tokens, s.n_docs
         t = out.tensors
-        for name in SUM_TENSORS:
-            t[name] = torch.zeros_like(t[name])
+        for k, v in s.tensors.items():
+            t[k].copy_(v)
         lays = {lay.module: lay for lay in layout(self.cm, self.topology)}
         for tgt in self.targets:
-            cc, tc = (tgt.M.T @ tgt.K).cpu(), (tgt.M_in.T @ tgt.K).cpu()
+            up = tgt.M.shape[1]
             if tgt.name == "output":
-                t["comp_output"], t["token_output"] = cc, tc
+                t["comp_output"][:up] = (tgt.M.T @ tgt.K).cpu()
+                t["token_output"][:] = (tgt.M_in.T @ tgt.K).cpu()
             else:
-                lay = lays[tgt.name]
-                t["comp_comp"][:, lay.offset:lay.offset + lay.C] = cc
-                t["token_comp"][:, lay.offset:lay.offset + lay.C] = tc
+                cols = slice(lays[tgt.name].offset, lays[tgt.name].offset + lays[tgt.name].C)
+                t["comp_comp"][:up, cols] = (tgt.M.T @ tgt.K).cpu()  # downstream rows stay 0
+                t["token_comp"][:, cols] = (tgt.M_in.T @ tgt.K).cpu()
         return out
 
 

@@ -4,6 +4,13 @@ Everything is vectorised over the batch: bincounts / index_add for token statist
 keys and window gathers for the examples; the firing events go to the co-firing log (counted when
 the harvest is merged, see ``cofire.py``). Per-batch float sums are fp32 (torch's cascaded
 summation), accumulated across batches in fp64.
+
+The (tokens, S) work tensors (activations, CI, firing) are built for ``docs_per_chunk`` documents
+of the batch at a time, at most ``CHUNK_ELEMENTS`` per tensor, so memory does not grow with
+batch x context x components (a seed-size batch of 32 x 512 tokens x 40k components would be
+2.7 GB per tensor). The chunking depends only on the batch's shape: a sharded harvest still
+equals the unsharded one. Sparse token tables (``stats.py``) are updated from a buffer of
+(component, token) pairs, merged when it outgrows the tables.
 """
 
 from __future__ import annotations
@@ -46,6 +53,17 @@ def make_batch(session: RunSession, docs: range) -> tuple[Tensor, Tensor, Tensor
     return pad_batch(session, [encode_doc(session, d) for d in docs], list(docs))
 
 
+CHUNK_ELEMENTS = 1 << 25
+"""Elements of each (tokens, S) work tensor per chunk (128 MB in fp32)."""
+PAIR_BUFFER = 1 << 22
+"""Buffered (component, token) pairs before a merge into sparse token tables (at least)."""
+
+
+def docs_per_chunk(T: int, S: int) -> int:
+    """Documents of T tokens processed together so each (tokens, S) tensor stays small."""
+    return max(1, CHUNK_ELEMENTS // max(T * S, 1))
+
+
 class Workspace:
     """Reusable scratch buffers: fresh multi-MB tensors every batch cost page faults."""
 
@@ -77,15 +95,34 @@ class Accumulator:
         self.modules = [session.to_module[layer] for layer in session.layers]
         Cs = [session.keys.Cs[layer] for layer in session.layers]
         dev = session.device
-        self.stats = HarvestStats.zeros(session.layers, Cs, session.tokenizer.vocab_size, dev)
-        self.S = self.stats.n_components
+        self._stats = HarvestStats.zeros(session.layers, Cs, session.tokenizer.vocab_size, dev)
+        self._pairs: dict[str, list[Tensor]] = {"fire_token": [], "fire_pred": []}
+        self.S = self._stats.n_components
         if (session.max_len or 0) >= 1 << 23 or self.S >= 1 << 40:
             raise HarvestError("priority keys pack (pos, component) into 63 bits: too large")
-        self.offsets = self.stats.offsets
+        self.offsets = self._stats.offsets
         self.bits = key_bits(self.S)
         self.reservoir = Reservoir(self.S, config.n_examples, config.window_len, dev)
         self.ws = Workspace(dev)
         self.log = log
+
+    @property
+    def stats(self) -> HarvestStats:
+        """The statistics so far (buffered token pairs merged in)."""
+        self._flush_pairs()
+        return self._stats
+
+    def _flush_pairs(self, at_least: int = 0) -> None:
+        """Merge buffered (component·V + token) keys into the sparse token tables once the
+        buffer holds ``at_least`` pairs (0: always)."""
+        st, V = self._stats, self._stats.vocab_size
+        for name, keys in self._pairs.items():
+            n = sum(len(k) for k in keys)
+            if n == 0 or n < at_least:
+                continue
+            k, c = torch.cat(keys).unique(return_counts=True)
+            st.add_pairs(name, k // V, k % V, c)
+            keys.clear()
 
     @property
     def examples(self) -> Examples:
@@ -101,20 +138,47 @@ class Accumulator:
     def load_state(self, t: dict[str, Tensor]) -> None:
         dev = self.session.device
         st = {k[len("stats."):]: v for k, v in t.items() if k.startswith("stats.")}
-        s = self.stats
-        self.stats = HarvestStats.from_tensors(st, s.layers, s.offsets, s.vocab_size).to(dev)
+        s = self._stats
+        self._stats = HarvestStats.from_tensors(st, s.layers, s.offsets, s.vocab_size).to(dev)
+        for keys in self._pairs.values():
+            keys.clear()
         self.reservoir.load(Examples.from_tensors(t, "examples."))
 
     # ------------------------------------------------------------------------------ a batch
     @torch.inference_mode()
     def process(self, ids: Tensor, lengths: Tensor, docs: Tensor) -> int:
         """Update everything from one right-padded batch; returns the number of tokens."""
-        cfg, cm, st = self.config, self.session.cm, self.stats.t
-        S, V = self.S, self.stats.vocab_size
+        logits, inputs, _ = self.session.cm.forward_with_inputs(ids)
+        B, T = ids.shape
+        pred = logits.argmax(-1)  # (B, T) the target's top-1 prediction
+        del logits
+        step = docs_per_chunk(T, self.S)
+        N, events = 0, []
+        for a in range(0, B, step):
+            rows = slice(a, a + step)
+            part = {m: x[rows] for m, x in inputs.items()}
+            n, tok_row, comp = self._process_docs(ids[rows], lengths[rows], docs[rows],
+                                                  pred[rows], part)
+            events.append((tok_row + N, comp))
+            N += n
+        if self.log is not None:  # one record per batch, however it was chunked
+            self.log.append(N, torch.cat([e[0] for e in events]), torch.cat([e[1] for e in events]))
+        if not self._stats.sparse_tokens:
+            return N
+        nnz = int(self._stats.t["fire_token_n"].numel())
+        self._flush_pairs(at_least=max(PAIR_BUFFER, nnz))
+        return N
+
+    def _process_docs(self, ids: Tensor, lengths: Tensor, docs: Tensor, pred_bt: Tensor,
+                      inputs: dict[str, Tensor]) -> tuple[int, Tensor, Tensor]:
+        """Statistics and reservoirs of some documents of a batch; (tokens, firing events as
+        (token row among these documents' tokens, component)) for the firing log."""
+        cfg, cm, stats = self.config, self.session.cm, self._stats
+        st = stats.t
+        S, V = self.S, stats.vocab_size
         B, T = ids.shape
         BT = B * T
         dev = ids.device
-        logits, inputs, _ = cm.forward_with_inputs(ids)
         # component activations (B*T, S), written into a reused buffer
         acts_all = self.ws.get("acts", (BT, S), torch.float32)
         acts = {}
@@ -125,16 +189,17 @@ class Accumulator:
             else:
                 acts_all[:, a:b] = comp.component_acts(x).reshape(BT, -1)
             acts[m] = acts_all[:, a:b].view(B, T, b - a)
-        pre = cm.ci_fns(inputs, acts)
 
         valid = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).reshape(-1)  # (B*T,)
         rows = valid.nonzero().squeeze(1)  # (N,) flat (b, t) of real tokens
         N = int(rows.numel())
         # CI (B*T, S), pads zeroed so they never fire; clamp(z, 0, 1) is the forward of
-        # lower_leaky_hard_sigmoid, written into place.
+        # lower_leaky_hard_sigmoid, written into place layer by layer.
+        pre = cm.ci_fns(inputs, acts)
         ci_all = self.ws.get("ci", (BT, S), torch.float32)
         for m, a, b in zip(self.modules, self.offsets, self.offsets[1:], strict=False):
             torch.clamp(pre[m].reshape(BT, -1), 0.0, 1.0, out=ci_all[:, a:b])
+        del pre
         ci_all.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
         fire = torch.gt(ci_all, cfg.fire_threshold, out=self.ws.get("fire", (BT, S), torch.bool))
         rf, c = fire.nonzero(as_tuple=True)  # events: flat (b, t) position, component
@@ -144,9 +209,9 @@ class Accumulator:
         start = torch.cumsum(lengths, 0) - lengths
 
         tok = ids.reshape(-1)
-        pred = logits.reshape(BT, -1).argmax(-1)
+        pred = pred_bt.reshape(-1)
         fire_batch = torch.bincount(c, minlength=S)
-        self.stats.n_tokens += N
+        stats.n_tokens += N
         st["fire_count"] += fire_batch
         st["sum_ci"] += ci_all.sum(0).double()
         st["sum_act"] += (valid.to(torch.float32) @ acts_all).double()
@@ -157,11 +222,12 @@ class Accumulator:
             st["pos_fire_count"] += torch.bincount(c[act_ev > 0], minlength=S)
         st["token_count"] += torch.bincount(tok[rows], minlength=V)
         st["pred_count"] += torch.bincount(pred[rows], minlength=V)
-        ones = torch.ones_like(c)
-        st["fire_token"].view(-1).index_add_(0, c * V + tok[rf], ones)
-        st["fire_pred"].view(-1).index_add_(0, c * V + pred[rf], ones)
-        if self.log is not None:
-            self.log.append(N, start[b_ev] + t_ev, c)
+        if stats.sparse_tokens:
+            self._pairs["fire_token"].append(c * V + tok[rf])
+            self._pairs["fire_pred"].append(c * V + pred[rf])
+        else:
+            stats.add_pairs("fire_token", c, tok[rf])
+            stats.add_pairs("fire_pred", c, pred[rf])
 
         doc_ev = docs[b_ev]
         key = priority_keys(cfg.seed, doc_ev, t_ev, c, self.bits)
@@ -169,7 +235,7 @@ class Accumulator:
         if len(ev):
             self.reservoir.fill(row, slot, act=act_ev[ev],
                                 **self._windows(ids, lengths, ci_all, b_ev[ev], t_ev[ev], c[ev]))
-        return N
+        return N, start[b_ev] + t_ev, c
 
     def _windows(self, ids: Tensor, lengths: Tensor, ci_all: Tensor, b: Tensor, t: Tensor,
                  c: Tensor) -> dict[str, Tensor]:

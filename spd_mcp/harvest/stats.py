@@ -5,6 +5,13 @@ Components of all decomposed layers share one axis of length S = ΣC (canonical 
 recall, PMI and Jaccard are derived at query time. Co-firing is a table of each component's
 partners that queries can return (``cofire.py``), built when a harvest's shards are merged.
 
+The component x token tables (``fire_token``, ``fire_pred``) are dense (S, V) while S·V is at most
+``DENSE_SV_LIMIT``; above it (a seed-size run: 40k components x 8k tokens would be 2.6 GB per
+table) they are kept sparse, as CSR over components of the pairs that occurred:
+``<name>_ptr`` (S + 1,), ``<name>_tok`` (nnz,) int32 token ids ascending per component,
+``<name>_n`` (nnz,) int64 counts — memory linear in the firing events, not in S·V. Queries read
+one component's row or one token's column either way.
+
 PMI saturates at log(1 / P(fire)) for every token the component fires on each time it occurs
 (recall 1), however rare; ``smoothed_pmi`` shrinks the conditional probability of the ranked side
 toward its base rate with ``PMI_PRIOR`` pseudo-observations, so more evidence ranks higher.
@@ -44,6 +51,10 @@ STAT_FIELDS: dict[str, tuple[torch.dtype, str]] = {
     "fire_token": (torch.int64, "SV"),  # fires while the input token is v
     "fire_pred": (torch.int64, "SV"),  # fires while the top-1 prediction is v
 }
+SV_FIELDS = ("fire_token", "fire_pred")
+SPARSE_SUFFIXES = ("_ptr", "_tok", "_n")
+DENSE_SV_LIMIT = 1 << 24
+"""Largest S·V kept as dense (S, V) tables (128 MB each at int64); larger ones are sparse."""
 OPTIONAL_FIELDS = frozenset({"pos_fire_count"})
 """Fields added after harvests were first stored: older harvests load without them."""
 PMI_PRIOR = 10.0
@@ -64,18 +75,41 @@ class HarvestStats:
     # ------------------------------------------------------------------------- construction
     @classmethod
     def zeros(
-        cls, layers: list[str], Cs: list[int], vocab_size: int, device: torch.device | str = "cpu"
+        cls, layers: list[str], Cs: list[int], vocab_size: int, device: torch.device | str = "cpu",
+        *, sparse: bool | None = None,
     ) -> HarvestStats:
+        """Empty statistics; ``sparse`` token tables (default: when S·V > DENSE_SV_LIMIT)."""
         offsets = [0]
         for C in Cs:
             offsets.append(offsets[-1] + C)
         S, V = offsets[-1], vocab_size
+        sparse = S * V > DENSE_SV_LIMIT if sparse is None else sparse
         dims = {"S": (S,), "V": (V,), "SV": (S, V)}
         t = {
             k: torch.zeros(dims[kind], dtype=dt, device=device)
-            for k, (dt, kind) in STAT_FIELDS.items()
+            for k, (dt, kind) in STAT_FIELDS.items() if not (sparse and kind == "SV")
         }
+        if sparse:
+            for k in SV_FIELDS:
+                t.update(_empty_csr(k, S, device))
         return cls(list(layers), offsets, vocab_size, 0, t)
+
+    @property
+    def sparse_tokens(self) -> bool:
+        """Whether the component x token tables are sparse (CSR)."""
+        return SV_FIELDS[0] not in self.t
+
+    def add_pairs(self, name: str, comp: Tensor, tok: Tensor, count: Tensor | None = None
+                  ) -> None:
+        """Count (component, token) pairs into table ``name`` (``count`` each, default 1)."""
+        S, V = self.n_components, self.vocab_size
+        count = torch.ones_like(comp) if count is None else count
+        if not self.sparse_tokens:
+            self.t[name].view(-1).index_add_(0, comp * V + tok, count)
+            return
+        keys = torch.cat([_csr_keys(self.t, name, V), comp * V + tok])
+        n = torch.cat([self.t[name + "_n"], count])
+        self.t.update(_csr_from_keys(name, keys, n, S, V))
 
     def __add__(self, other: HarvestStats) -> HarvestStats:
         if (self.layers, self.offsets, self.vocab_size) != (
@@ -83,13 +117,56 @@ class HarvestStats:
         ):
             raise HarvestError("cannot merge harvests of different layer sets or vocabularies")
         t = {}
-        for k, v in self.t.items():
-            if k not in other.t or k in TABLE_FIELDS:  # optional on one side / not additive
+        sparse = self.sparse_tokens or other.sparse_tokens
+        a, b = (self.to_sparse_tokens(), other.to_sparse_tokens()) if sparse else (self, other)
+        for k, v in a.t.items():
+            if k not in b.t or k in TABLE_FIELDS:  # optional on one side / not additive
                 continue
-            w = other.t[k].to(v.device)
+            if sparse and k.startswith(SV_FIELDS):
+                continue
+            w = b.t[k].to(v.device)
             t[k] = torch.maximum(v, w) if k.startswith("max_") else v + w
+        if sparse:
+            S, V = self.n_components, self.vocab_size
+            for k in SV_FIELDS:
+                dev = a.t[k + "_n"].device
+                keys = torch.cat([_csr_keys(a.t, k, V), _csr_keys(b.t, k, V).to(dev)])
+                n = torch.cat([a.t[k + "_n"], b.t[k + "_n"].to(dev)])
+                t.update(_csr_from_keys(k, keys, n, S, V))
         return HarvestStats(self.layers, self.offsets, self.vocab_size,
                             self.n_tokens + other.n_tokens, t)
+
+    def to_sparse_tokens(self) -> HarvestStats:
+        """The same statistics with sparse (CSR) token tables."""
+        if self.sparse_tokens:
+            return self
+        t = {k: v for k, v in self.t.items() if k not in SV_FIELDS}
+        for k in SV_FIELDS:
+            dense = self.t[k]
+            c, v = dense.nonzero(as_tuple=True)
+            t.update(_csr_from_keys(k, c * self.vocab_size + v, dense[c, v],
+                                    self.n_components, self.vocab_size))
+        return HarvestStats(self.layers, self.offsets, self.vocab_size, self.n_tokens, t)
+
+    def token_row(self, name: str, index: int) -> Tensor:
+        """Row ``index`` (V,) of token table ``name``: the component's joint counts."""
+        if not self.sparse_tokens:
+            return self.t[name][index]
+        a, b = self.t[name + "_ptr"][index : index + 2].tolist()
+        row = torch.zeros(self.vocab_size, dtype=torch.int64, device=self.t[name + "_n"].device)
+        row[self.t[name + "_tok"][a:b].long()] = self.t[name + "_n"][a:b]
+        return row
+
+    def token_col(self, name: str, token: int) -> Tensor:
+        """Column ``token`` (S,) of token table ``name``: every component's joint count."""
+        if not self.sparse_tokens:
+            return self.t[name][:, token]
+        ptr, tok, n = (self.t[name + s] for s in SPARSE_SUFFIXES)
+        hit = (tok == token).nonzero().squeeze(1)
+        comp = torch.searchsorted(ptr, hit, right=True) - 1  # the row holding each hit
+        col = torch.zeros(self.n_components, dtype=torch.int64, device=n.device)
+        col[comp] = n[hit]
+        return col
 
     def to(self, device: torch.device | str) -> HarvestStats:
         t = {k: v.to(device) for k, v in self.t.items()}
@@ -155,10 +232,14 @@ class HarvestStats:
         cls, t: dict[str, Tensor], layers: list[str], offsets: list[int], vocab_size: int
     ) -> HarvestStats:
         """Statistics as stored; a format-1 dense ``cofire`` matrix becomes the table."""
-        missing = sorted(set(STAT_FIELDS) - set(t) - OPTIONAL_FIELDS)
+        sparse = {k + s for k in SV_FIELDS for s in SPARSE_SUFFIXES}
+        need = set(STAT_FIELDS) - OPTIONAL_FIELDS
+        if sparse <= set(t):
+            need -= set(SV_FIELDS)
+        missing = sorted(need - set(t))
         if missing:
             raise HarvestError(f"harvest statistics lack {missing}; re-run the harvest")
-        out = {k: t[k] for k in (*STAT_FIELDS, *TABLE_FIELDS) if k in t}
+        out = {k: t[k] for k in (*STAT_FIELDS, *TABLE_FIELDS, *sorted(sparse)) if k in t}
         if "cofire" in t and "cofire_ptr" not in t:
             out.update(table_from_dense(t["cofire"], t["fire_count"]))
         return cls(list(layers), list(offsets), vocab_size, int(t["n_tokens"]), out)
@@ -170,6 +251,29 @@ class HarvestStats:
                                "load the merged harvest stage")
         a, b = self.t["cofire_ptr"][index : index + 2].tolist()
         return self.t["cofire_idx"][a:b].long(), self.t["cofire_count"][a:b]
+
+
+def _empty_csr(name: str, S: int, device: torch.device | str) -> dict[str, Tensor]:
+    return {name + "_ptr": torch.zeros(S + 1, dtype=torch.int64, device=device),
+            name + "_tok": torch.zeros(0, dtype=torch.int32, device=device),
+            name + "_n": torch.zeros(0, dtype=torch.int64, device=device)}
+
+
+def _csr_keys(t: dict[str, Tensor], name: str, V: int) -> Tensor:
+    """The stored pairs of sparse table ``name`` as keys component·V + token (nnz,)."""
+    ptr, tok = t[name + "_ptr"], t[name + "_tok"]
+    rows = torch.repeat_interleave(torch.arange(len(ptr) - 1, device=ptr.device), ptr.diff())
+    return rows * V + tok.long()
+
+
+def _csr_from_keys(name: str, keys: Tensor, n: Tensor, S: int, V: int) -> dict[str, Tensor]:
+    """Sparse table ``name`` from (possibly repeated) keys component·V + token with counts."""
+    uniq, inv = torch.unique(keys, sorted=True, return_inverse=True)
+    counts = torch.zeros(len(uniq), dtype=torch.int64, device=n.device).index_add_(0, inv, n)
+    per = torch.bincount(uniq // V, minlength=S)
+    ptr = torch.zeros(S + 1, dtype=torch.int64, device=n.device)
+    torch.cumsum(per, 0, out=ptr[1:])
+    return {name + "_ptr": ptr, name + "_tok": (uniq % V).to(torch.int32), name + "_n": counts}
 
 
 # --------------------------------------------------------------------------- query models
@@ -261,11 +365,12 @@ def _shrunk_pmi(joint: Tensor, given: Tensor, base: Tensor) -> Tensor:
     return torch.log((joint.double() + PMI_PRIOR * b) / (given.double() + PMI_PRIOR)) - torch.log(b)
 
 
-def _token_arrays(stats: HarvestStats, kind: TokenKind) -> tuple[Tensor, Tensor]:
+def _token_arrays(kind: TokenKind) -> tuple[str, str]:
+    """(joint table, token counts) field names of ``kind``."""
     if kind == "input":
-        return stats.t["fire_token"], stats.t["token_count"]
+        return "fire_token", "token_count"
     if kind == "output":
-        return stats.t["fire_pred"], stats.t["pred_count"]
+        return "fire_pred", "pred_count"
     raise HarvestError(f"kind must be 'input' or 'output', got {kind!r}")
 
 
@@ -284,8 +389,8 @@ def _rank(scores: dict[str, Tensor], counts: Tensor, by: str, k: int, ok: Tensor
 def token_scores(stats: HarvestStats, comp: str | int, kind: TokenKind = "input") -> dict:
     """All-vocabulary precision / recall / (smoothed) PMI / count for one component (V,) each."""
     i = stats.index(comp)
-    joint_all, tok = _token_arrays(stats, kind)
-    joint = joint_all[i]
+    table, counts = _token_arrays(kind)
+    joint, tok = stats.token_row(table, i), stats.t[counts]
     fire = stats.t["fire_count"][i]
     density = fire.double() / max(stats.n_tokens, 1)
     return {
@@ -302,7 +407,7 @@ def top_tokens(
     by: TokenRank = "smoothed_pmi", k: int = 10, min_count: int = 1,
 ) -> list[TokenAssociation]:
     """The k tokens most associated with a component's firing (joint count >= min_count)."""
-    _, tok = _token_arrays(stats, kind)
+    tok = stats.t[_token_arrays(kind)[1]]
     sc = token_scores(stats, comp, kind)
     ok = sc["count"] >= max(min_count, 1)
     idx = _rank(sc, sc["count"], by, k, ok)
@@ -351,8 +456,8 @@ def components_for_token(
     """The k components most associated with one token (for component search)."""
     if not 0 <= token_id < stats.vocab_size:
         raise HarvestError(f"token id {token_id} out of range 0..{stats.vocab_size - 1}")
-    joint_all, tok = _token_arrays(stats, kind)
-    joint = joint_all[:, token_id]
+    table, counts = _token_arrays(kind)
+    joint, tok = stats.token_col(table, token_id), stats.t[counts]
     fire = stats.t["fire_count"]
     tc = tok[token_id]
     scores = {
