@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -41,8 +42,9 @@ async def call(session: ClientSession, tool: str, args: dict[str, Any]) -> CallT
 
 async def main(run: str, job_after: float | None) -> None:
     extra = ["--job-after", str(job_after)] if job_after is not None else []
-    params = StdioServerParameters(command=sys.executable,
-                                   args=["-m", "spd_mcp.cli", "serve", "--run", run, *extra])
+    params = StdioServerParameters(command=sys.executable,  # env: keep SPD_MCP_HOME & co.
+                                   args=["-m", "spd_mcp.cli", "serve", "--run", run, *extra],
+                                   env=dict(os.environ))
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         info = await session.call_tool("get_model_info", {})
