@@ -97,6 +97,7 @@ class ComponentModel(nn.Module):
         super().__init__()
         ci_fn = ci_fn or CIFnConfig()
         self.target = target
+        self._delta_cache: dict[str, tuple[tuple[tuple[int, int, int], ...], Tensor]] = {}
         self.target.requires_grad_(False)
         self.Cs = match_modules(target, patterns, aliases)
         self.layer_names: list[str] = list(self.Cs)
@@ -127,8 +128,22 @@ class ComponentModel(nn.Module):
         return self.target.get_submodule(name).weight
 
     def weight_delta(self, name: str) -> Tensor:
-        """Δ = W − (V U)ᵀ in the target's weight layout (differentiable in V, U)."""
-        return self.target_weight(name) - self.component(name).weight()
+        """Δ = W − (V U)ᵀ in the target's weight layout (differentiable in V, U).
+
+        When no gradient can flow into W, V or U (inference, or an optimisation over masks
+        with the parameters frozen) it is computed once and reused until one of them changes
+        (another tensor or storage, or an in-place update: ``Tensor._version``)."""
+        w, comp = self.target_weight(name), self.component(name)
+        if torch.is_grad_enabled() and (w.requires_grad or comp.V.requires_grad
+                                        or comp.U.requires_grad):
+            return w - comp.weight()
+        key = tuple((id(t), t.data_ptr(), t._version) for t in (w, comp.V, comp.U))
+        hit = self._delta_cache.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, w - comp.weight())
+            self._delta_cache[name] = hit
+        return hit[1]
 
     def weight_deltas(self) -> dict[str, Tensor]:
         return {n: self.weight_delta(n) for n in self.layer_names}
