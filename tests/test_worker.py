@@ -152,3 +152,24 @@ def test_served_tools_answer_the_same_with_the_worker(session: RunSession,
     with_worker = asyncio.run(results(True, tmp_path / "a.db"))
     without = asyncio.run(results(False, tmp_path / "b.db"))
     assert with_worker == without
+
+
+def test_first_use_harvest_is_built_in_the_worker(session: RunSession, tmp_path: Path) -> None:
+    """A harvest-backed tool on a fresh home builds the harvest in the worker process (with
+    progress) and answers from it in the server."""
+    async def main() -> tuple[Any, list[float]]:
+        seen: list[float] = []
+
+        async def progress(done: float, total: float | None, message: str | None) -> None:
+            seen.append(done)
+
+        async with Client(build_server(session=session, db_path=tmp_path / "h.db",
+                                       worker=True, job_after_s=600)) as c:
+            res = await c.call_tool("get_component_info", {"component": "1.mlp.down:5"},
+                                    progress_callback=progress)
+            return res, seen
+
+    res, seen = asyncio.run(main())
+    assert not res.is_error, res.content
+    assert res.structured_content["key"] == "1.mlp.down:5" and res.structured_content["harvest"]
+    assert len(seen) > 2 and seen == sorted(seen)

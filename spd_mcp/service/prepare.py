@@ -8,6 +8,7 @@ from spd_mcp.errors import InputError
 from spd_mcp.harvest.store import Harvest
 
 from .state import AppState, ProgressFn, compute
+from .worker import remote
 
 
 def _can_prepare(st: AppState) -> bool:
@@ -20,7 +21,7 @@ async def ensure_harvest(st: AppState, progress: ProgressFn | None = None) -> Ha
 
     h = await st.harvest()
     if h is None and _can_prepare(st):
-        await compute(st, "harvest", lambda: harvest(st.session, progress=progress))
+        await compute(st, "harvest", remote(harvest, st.session, progress=progress))
         h = await st.harvest()
     if h is None:
         name = st.session.run.name
@@ -36,7 +37,7 @@ async def ensure_attributions(st: AppState, progress: ProgressFn | None = None) 
     a = await st.attributions()
     if a is None and _can_prepare(st):
         await compute(st, "attributions",
-                      lambda: compute_attributions(st.session, progress=progress))
+                      remote(compute_attributions, st.session, progress=progress))
         a = await st.attributions()
     if a is None:
         name = st.session.run.name
