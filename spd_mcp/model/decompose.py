@@ -561,8 +561,13 @@ def decompose(
     threads: int | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    init: Callable[[ComponentModel, ResolvedTarget], None] | None = None,
 ) -> Path:
     """Resolve (and if needed train) the target, decompose it, and save the run at ``out``.
+
+    ``init``: called on each fresh ComponentModel (every restart candidate) before training,
+    to start it somewhere chosen (``benchmarks/zoo_recipes.py --ground-truth-init`` starts a
+    toy at its known solution, to ask whether that solution is a stable point of a recipe).
 
     ``checkpoint_every``: write a checkpoint every that many steps; ``resume``: continue from
     the checkpoint when there is one (``spd_mcp.model.checkpoint``), and leave a finished run as
@@ -582,7 +587,7 @@ def decompose(
         return _decompose(config, out=out, device=device, target_steps=target_steps,
                           reporter=reporter, target_reporter=target_reporter, overwrite=overwrite,
                           threads=threads, checkpoint_every=checkpoint_every, resume=resume,
-                          dist=dist)
+                          dist=dist, init=init)
     finally:
         if dist is not None:
             leave()
@@ -601,6 +606,7 @@ def _decompose(
     checkpoint_every: int | None,
     resume: bool,
     dist: Dist | None,
+    init: Callable[[ComponentModel, ResolvedTarget], None] | None = None,
 ) -> Path:
     main = dist is None or dist.main
     ckpts = Checkpoints.open(out, every=checkpoint_every, config=config, resume=resume,
@@ -631,7 +637,10 @@ def _decompose(
         seed_everything(_candidate_seed(config.seed, k))
         # Restart candidates each hook their own copy of the target (hooks are per module).
         model = target.model if config.restarts is None else copy.deepcopy(target.model)
-        return ComponentModel(model, config.modules, config.ci_fn, target.aliases()).to(device)
+        cm = ComponentModel(model, config.modules, config.ci_fn, target.aliases()).to(device)
+        if init is not None:
+            init(cm, target)
+        return cm
 
     restarts: dict[str, Any] | None = None
     if config.restarts is None:
