@@ -5,7 +5,6 @@ document chunks give the same statistics and answers as dense tables and whole b
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -28,16 +27,13 @@ from spd_mcp.harvest import (
 from spd_mcp.harvest import accumulate as acc_mod
 from spd_mcp.harvest import stats as stats_mod
 from spd_mcp.model.session import RunSession
+from tests.scripts import load_benchmark
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "scale.py"
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scale_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("scale")
 
 
 def test_exponent_is_the_log_log_slope():

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -14,20 +11,11 @@ from spd_mcp.model.component_model import ComponentModel
 from spd_mcp.model.config import parse_config
 from spd_mcp.model.targets import resolve_target
 from spd_mcp.model.zoo import get_entry
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "zoo_recipes.py"
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("zoo_recipes_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.scripts import load_benchmark
 
 
 def test_set_overrides_reach_nested_recipe_settings():
-    bench = _bench()
+    bench = load_benchmark("zoo_recipes")
     cfg = get_entry("tms-40-10").default_config()
     for item in ("modules.0.C=200", "losses.0.coeff=2e-3", "lr=1e-3",
                  "schedule.type=constant", "name=other"):
@@ -42,7 +30,7 @@ def test_set_overrides_reach_nested_recipe_settings():
 
 @pytest.mark.parametrize("name", ["tms-5-2", "tms-5-2-id"])
 def test_ground_truth_init_puts_the_known_pieces_first(name):
-    bench = _bench()
+    bench = load_benchmark("zoo_recipes")
     entry = get_entry(name)
     config = parse_config(entry.default_config())
     target = resolve_target(config.target)
