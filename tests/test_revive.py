@@ -125,3 +125,62 @@ def test_without_revive_a_run_is_unchanged(tmp_path):
     strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in ra]
     assert strip == [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in rb]
     assert not any("revived" in line for line in ra)
+
+
+def _sparse_inputs(n: int, m: int, p: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(m, n, generator=g) < p
+    return torch.rand(m, n, generator=g) * active
+
+
+def test_a_component_that_reads_two_features_is_split_into_both():
+    """Component 0 reads features 0 and 1 at once (a merged piece); its firing inputs are two
+    groups that rarely meet, so a split gives features 0 and 1 a component each, each writing
+    the target's own column; components firing on one feature and one on dense input stay."""
+    tr = _trainer(_tiny(revive={"every": 4, "split": 0.3}))
+    cm, comp = tr.cm, tr.cm.component("linear1")
+    W = cm.target_weight("linear1")  # (2, 5)
+    with torch.no_grad():
+        comp.V[:, 0] = torch.tensor([1.0, 1.0, 0, 0, 0])
+        comp.U[0] = (W[:, 0] + W[:, 1]) / 2
+    before = {c: (comp.V[:, c].clone(), comp.U[c].clone()) for c in range(comp.C)}
+    x = _sparse_inputs(5, 4000, 0.05)
+    dense = torch.randn(4000, 5)
+    x = torch.cat([x, dense])
+    on = torch.zeros(x.shape[0], comp.C, dtype=torch.bool)
+    on[:4000, 0] = (x[:4000, 0] > 0) | (x[:4000, 1] > 0)
+    for c, f in ((2, 2), (3, 3), (4, 4)):
+        on[:4000, c] = x[:4000, f] > 0
+    on[4000:, 5] = True  # a component firing on dense inputs: one group, not two
+    alive = torch.zeros(comp.C, dtype=torch.bool)
+    alive[[0, 2, 3, 4, 5]] = True
+    spare = torch.tensor([7, 9])
+    taken = tr._split_components("linear1", x, on, spare=spare, alive=alive)
+    assert taken.tolist() == [7]
+    truth = get_entry("tms-5-2").ground_truth(tr.target.model)["linear1"]  # (5, 2, 5)
+    comp_v, comp_u = comp.V.detach(), comp.U.detach()
+    for c in (0, 7):  # each reads one of features 0, 1 (nearly; co-firing inputs tilt it)
+        v = comp_v[:, c] / comp_v[:, c].norm()
+        f = int(v.abs().argmax())
+        assert f in (0, 1) and v[f].abs() > 0.97, (c, v)
+        piece = torch.outer(comp_u[c], comp_v[:, c])  # (2, 5), what it does to the input
+        cos = (piece.flatten() @ truth[f].flatten()) / (piece.norm() * truth[f].norm())
+        assert cos > 0.95, (c, f, cos)
+    reads = {int((comp_v[:, c].abs()).argmax()) for c in (0, 7)}
+    assert reads == {0, 1}
+    assert comp_v[:, 0].norm().item() == pytest.approx(before[0][0].norm().item(), rel=1e-5)
+    for c in range(comp.C):
+        if c not in (0, 7):
+            assert torch.equal(comp.V[:, c], before[c][0]) and torch.equal(comp.U[c], before[c][1])
+
+
+def test_split_runs_in_decompose_and_records_its_checks(tmp_path):
+    cfg = _tiny(revive={"every": 3, "until_frac": 0.75, "split": 0.5, "split_min_fires": 2})
+    out = decompose(parse_config(cfg), out=tmp_path / "s", target_steps=5)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "revived" in r]
+    assert [r["step"] for r in checks] == [3, 6]
+    assert all(set(r["split"]) <= {"linear1"} for r in checks)  # the tied follower is never split
+    assert parse_config(_tiny(revive={"every": 4})).revive.split is None  # opt-in
+    with pytest.raises(ConfigError, match=r"revive\.split: Input should be greater than 0"):
+        parse_config(_tiny(revive={"every": 4, "split": 0}))

@@ -215,7 +215,15 @@ class Revive(Strict):
     reconstructs worst (at a small norm), its CI function is re-drawn where that function is per
     component, and its AdamW moments are zeroed. A tied component is revived only when it is dead
     in both layers. Each check is recorded as a metrics row ``{"step", "revived": {layer: n}}``.
-    No check happens at step 0, nor at all when ``every ≥ until_frac · steps``."""
+    No check happens at step 0, nor at all when ``every ≥ until_frac · steps``.
+
+    ``split`` (opt-in) also splits a live component that does two things: over the same batches,
+    two lines fitted to the inputs on which it fires hold even shares of their energy (the
+    smaller at least ``split`` × the larger) and fewer than ``split_overlap`` of those inputs
+    load on both (two groups of inputs that rarely come together, not one group or a dense
+    cloud). The component keeps the line closer to what it reads, a dead component takes the
+    other, and each writes what the target's weight maps its line to. Recorded as
+    ``"split"``."""
 
     every: int = Field(gt=0, description="steps between checks")
     until_frac: float = Field(
@@ -225,6 +233,18 @@ class Revive(Strict):
         None, ge=0, le=1, description="dead: max lower CI ≤ this (None: alive_threshold)"
     )
     batches: int = Field(4, ge=1, description="fixed batches of eval_batch_size per check")
+    split: float | None = Field(
+        None, gt=0, le=1,
+        description="split a live component when two lines fitted to its firing inputs hold "
+        "energies at least this fraction of each other (None: never split)",
+    )
+    split_overlap: float = Field(
+        0.2, gt=0, le=1,
+        description="split only when fewer than this fraction of its firing inputs load on "
+        "both directions (≥ 30% of the larger projection on the smaller)",
+    )
+    split_min_fires: int = Field(
+        32, ge=2, description="a component must fire on at least this many inputs to be split")
 
 
 class DecomposeConfig(Strict):

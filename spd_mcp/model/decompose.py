@@ -381,31 +381,47 @@ class _Trainer:
         cm.refresh_ties()
         with _fork_rng(self.device):
             torch.manual_seed(cfg.seed + _REVIVE_BATCH_SEED)
-            max_ci, resid = self._revive_stats(rv.batches, skip=set(source_of))
+            max_ci, resid, seen = self._revive_stats(
+                rv.batches, skip=set(source_of),
+                keep_firing=threshold if rv.split is not None else None,
+            )
             dead = {n: max_ci[n] <= threshold for n in cm.layer_names}
             for s, f in cfg.tied:
                 dead[s] = dead[f] = dead[s] & dead[f]
             torch.manual_seed(_revive_seed(cfg.seed, step))
             revived = {n: dead[n].nonzero().flatten() for n in cm.layer_names}
+            split: dict[str, int] = {}
             for n, idx in revived.items():
                 if idx.numel() == 0:
                     continue
                 if n not in source_of:
-                    self._reinit_components(n, idx, resid[n], alive=~dead[n])
+                    rest = idx
+                    if n in seen:
+                        taken = self._split_components(n, *seen[n], spare=idx, alive=~dead[n])
+                        split[n] = int(taken.numel())
+                        rest = idx[~torch.isin(idx, taken)]
+                    if rest.numel():
+                        self._reinit_components(n, rest, resid[n], alive=~dead[n])
                 self._reinit_ci_fn(n, idx)
         cm.refresh_ties()
-        self.metrics.append(
-            {"step": step, "revived": {n: int(i.numel()) for n, i in revived.items()}}
-        )
+        row: dict[str, Any] = {
+            "step": step, "revived": {n: int(i.numel()) for n, i in revived.items()}}
+        if rv.split is not None:
+            row["split"] = split
+        self.metrics.append(row)
         return revived
 
     def _revive_stats(
-        self, batches: int, *, skip: set[str]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Per layer: (C,) max lower CI, and G = Σ xᵀ R (d_in, d_out) for layers not in skip."""
+        self, batches: int, *, skip: set[str], keep_firing: float | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+        """Per layer: (C,) max lower CI, and G = Σ xᵀ R (d_in, d_out) for layers not in skip;
+        with ``keep_firing``, also each such linear layer's inputs (m, d_in) and which
+        components fire on them (m, C) (lower CI above ``keep_firing``; padding left out)."""
         cm, cfg = self.cm, self.config
         max_ci: dict[str, Tensor] = {}
         resid: dict[str, Tensor] = {}
+        inputs_seen: dict[str, list[Tensor]] = {}
+        fired: dict[str, list[Tensor]] = {}
         for _ in range(batches):
             x = self.target.sampler(cfg.eval_batch_size, self.device)
             pos = self.target.position_mask(x)
@@ -431,7 +447,66 @@ class _Trainer:
                     G.index_add_(0, xin.flatten(), R)
                 else:
                     G.addmm_(xin.flatten(0, -2).T, R)
-        return max_ci, resid
+                    if keep_firing is not None:
+                        valid = slice(None) if pos is None else pos.flatten().bool()
+                        inputs_seen.setdefault(n, []).append(xin.flatten(0, -2)[valid])
+                        fired.setdefault(n, []).append(
+                            (g.flatten(0, -2) > keep_firing)[valid])
+        seen = {n: (torch.cat(xs), torch.cat(fired[n])) for n, xs in inputs_seen.items()}
+        return max_ci, resid, seen
+
+    @torch.no_grad()
+    def _split_components(
+        self, name: str, x: Tensor, on: Tensor, *, spare: Tensor, alive: Tensor
+    ) -> Tensor:
+        """Split live components of a layer that do two things (``revive.split``); return the
+        spare (dead) components that took a half.
+
+        For an alive component c firing on inputs X_c, of which those it reads substantially
+        (|x·v_c| at least a quarter of its 90th percentile; a CI that also fires on inputs it
+        barely reads is not a second job): two lines through the origin fitted to
+        X_c (k-lines: start at its largest input and the input least parallel to it, assign each
+        input to the line it projects on more, refit each line as its group's top eigenvector;
+        eight rounds). It is split when the smaller group's energy (Σ projection²) is at least
+        ``split`` × the larger's and fewer than ``split_overlap`` of its inputs project on both
+        lines (the smaller |projection| ≥ 30% of the larger): its inputs are two groups that
+        rarely come together, not one group or a dense cloud. c keeps the line nearer its V
+        column, a spare takes the other; each reads its line at c's V norm and writes the target
+        weight's image of it (so the two pieces are the layer's own map on each group). The most
+        even splits go first, while spares last."""
+        rv, cm = self.config.revive, self.cm
+        assert rv is not None and rv.split is not None
+        comp = cm.component(name)
+        counts = on.sum(0)
+        plans: list[tuple[float, int, Tensor]] = []
+        for c in ((counts >= rv.split_min_fires) & alive).nonzero().flatten().tolist():
+            xc = x[on[:, c]]
+            act = (xc @ comp.V[:, c]).abs()  # what the component reads on each of them
+            found = _two_lines(xc[act >= 0.25 * torch.quantile(act, 0.9)])
+            if found is None:
+                continue
+            pair, evenness, both = found
+            if evenness >= rv.split and both < rv.split_overlap:
+                plans.append((evenness, c, pair))
+        plans.sort(key=lambda p: -p[0])
+        weight = cm.target_weight(name)
+        taken = []
+        for (_, c, pair), d in zip(plans, spare.tolist(), strict=False):
+            v = comp.V[:, c]
+            scale = v.norm().clamp_min(1e-12)
+            reads = v @ pair  # (2,)
+            keep = 0 if reads[0].abs() >= reads[1].abs() else 1
+            a_keep = pair[:, keep] if reads[keep] >= 0 else -pair[:, keep]
+            for k, a in ((c, a_keep), (d, pair[:, 1 - keep])):
+                comp.V[:, k] = a * scale
+                comp.U[k] = comp.delta_out(a, weight) / scale
+            taken.append(d)
+        idx = torch.tensor(sorted({c for _, c, _ in plans[:len(taken)]} | set(taken)),
+                           dtype=torch.long, device=comp.V.device)
+        if idx.numel():
+            self._zero_adam(comp.V, 1, idx)
+            self._zero_adam(comp.U, 0, idx)
+        return torch.tensor(taken, dtype=torch.long, device=spare.device)
 
     def _reinit_components(self, name: str, idx: Tensor, G: Tensor, *, alive: Tensor) -> None:
         """New V columns and U rows for components ``idx`` of a layer (see ``revive``)."""
@@ -478,6 +553,36 @@ class _Trainer:
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if state and key in state:
                 state[key].index_fill_(dim, idx.to(state[key].device), 0.0)
+
+
+def _two_lines(x: Tensor, rounds: int = 8) -> tuple[Tensor, float, float] | None:
+    """Fit two lines through the origin to the rows of ``x`` (k-lines). Returns the unit
+    directions (d, 2), the smaller group's energy over the larger's, and the fraction of rows
+    whose smaller |projection| is at least 30% of the larger; None when a group comes out empty
+    or ``x`` is zero."""
+    norms = x.norm(dim=1)
+    if x.shape[0] < 2 or not float(norms.max()) > 0:
+        return None
+    a1 = x[norms.argmax()] / norms.max()
+    unit = x / norms.clamp_min(1e-12).unsqueeze(1)
+    a2 = unit[(unit @ a1).abs().argmin()]
+    pair = torch.stack([a1, a2], dim=1)  # (d, 2)
+    for _ in range(rounds):
+        group = (x @ pair).abs().argmax(1)
+        lines = []
+        for k in (0, 1):
+            xk = x[group == k]
+            if xk.shape[0] == 0:
+                return None
+            lines.append(torch.linalg.eigh(xk.T @ xk)[1][:, -1])
+        pair = torch.stack(lines, dim=1)
+    proj = (x @ pair).abs()
+    group = proj.argmax(1)
+    energy = torch.stack([(proj[group == k, k] ** 2).sum() for k in (0, 1)])
+    if not float(energy.max()) > 0:
+        return None
+    both = (proj.min(1).values > 0.3 * proj.max(1).values).float().mean()
+    return pair, float(energy.min() / energy.max()), float(both)
 
 
 _REVIVE_BATCH_SEED = 7_919
