@@ -184,3 +184,17 @@ def test_split_runs_in_decompose_and_records_its_checks(tmp_path):
     assert parse_config(_tiny(revive={"every": 4})).revive.split is None  # opt-in
     with pytest.raises(ConfigError, match=r"revive\.split: Input should be greater than 0"):
         parse_config(_tiny(revive={"every": 4, "split": 0}))
+
+
+def test_split_only_revival_leaves_other_dead_components_alone(tmp_path):
+    """``reaim: false``: a check touches only the spares that took a split half."""
+    with pytest.raises(ConfigError, match="reaim: false leaves nothing to do without split"):
+        parse_config(_tiny(revive={"every": 4, "reaim": False}))
+    tr = _trainer(_tiny(revive={"every": 4, "split": 0.3, "reaim": False, "threshold": 1.0}))
+    tr.run(0, 4)
+    before = tr.cm.component("linear1").V.detach().clone()
+    revived = tr.revive(4)  # threshold 1: every component is dead, so none can be split
+    assert revived["linear1"].numel() == 0 and revived["linear2"].numel() == 0
+    assert torch.equal(tr.cm.component("linear1").V, before)
+    assert tr.metrics[-1] == {"step": 4, "revived": {"linear1": 0, "linear2": 0},
+                              "split": {"linear1": 0}}

@@ -245,6 +245,15 @@ class Revive(Strict):
     )
     split_min_fires: int = Field(
         32, ge=2, description="a component must fire on at least this many inputs to be split")
+    reaim: bool = Field(
+        True, description="re-aim every dead component at each check (false: dead components "
+        "are touched only to take a split half; needs `split`)")
+
+    @model_validator(mode="after")
+    def _reaim_needs_split(self) -> Revive:
+        if not self.reaim and self.split is None:
+            raise ValueError("reaim: false leaves nothing to do without split; set split too")
+        return self
 
 
 class DecomposeConfig(Strict):

@@ -391,15 +391,22 @@ class _Trainer:
             torch.manual_seed(_revive_seed(cfg.seed, step))
             revived = {n: dead[n].nonzero().flatten() for n in cm.layer_names}
             split: dict[str, int] = {}
+            taken: dict[str, Tensor] = {}
+            for n in cm.layer_names:
+                if n in seen and revived[n].numel():
+                    taken[n] = self._split_components(n, *seen[n], spare=revived[n],
+                                                      alive=~dead[n])
+                    split[n] = int(taken[n].numel())
+            for s, f in cfg.tied:
+                if s in taken:
+                    taken[f] = taken[s]
+            if not rv.reaim:  # only the spares that took a split half are touched
+                revived = {n: taken.get(n, revived[n][:0]) for n in cm.layer_names}
             for n, idx in revived.items():
                 if idx.numel() == 0:
                     continue
                 if n not in source_of:
-                    rest = idx
-                    if n in seen:
-                        taken = self._split_components(n, *seen[n], spare=idx, alive=~dead[n])
-                        split[n] = int(taken.numel())
-                        rest = idx[~torch.isin(idx, taken)]
+                    rest = idx[~torch.isin(idx, taken[n])] if n in taken else idx
                     if rest.numel():
                         self._reinit_components(n, rest, resid[n], alive=~dead[n])
                 self._reinit_ci_fn(n, idx)
