@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -32,12 +31,8 @@ from tests.scripts import load_benchmark
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "scale.py"
 
 
-def _bench() -> ModuleType:
-    return load_benchmark("scale")
-
-
 def test_exponent_is_the_log_log_slope():
-    b = _bench()
+    b = load_benchmark("scale")
     assert b.exponent([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
     assert b.exponent([100, 1000], [5, 5]) == pytest.approx(0.0)
     assert b.exponent([10], [1]) is None  # one point fits nothing
@@ -46,7 +41,7 @@ def test_exponent_is_the_log_log_slope():
 def test_tiny_run_through_the_stages(tmp_path, monkeypatch):
     """A tiny synthetic run is a run (loaded by name); its stages report time and memory and the
     exponents are fitted in components (two sizes) and in tokens (three graph lengths)."""
-    b = _bench()
+    b = load_benchmark("scale")
     monkeypatch.setenv("SPD_MCP_HOME", str(tmp_path))
     work = tmp_path / "bench"
     a = argparse.Namespace(device="cpu", harvest_tokens=300, label_prompts=2, opt_steps=2,

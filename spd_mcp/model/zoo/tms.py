@@ -201,8 +201,8 @@ class TMS40Entry(TMSEntry):
     recipe: ClassVar[dict[str, Any]] = {
         "C": 3, "coeff": 4e-3, "p": 2.0, "steps": 5000, "batch_size": 2048, "lr": 3e-3,
         # From random starts a few live components each take two features (a local minimum:
-        # started at the known solution the recipe keeps it); splitting them is what reaches
-        # the paper (docs/zoo.md).
+        # started at the known solution the recipe keeps it); splitting them reaches the
+        # paper's MMCS, not yet its alive count (docs/zoo.md).
         "revive": {"every": 1000, "until_frac": 0.7, "split": 0.3, "reaim": False},
     }
 
