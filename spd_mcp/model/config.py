@@ -223,7 +223,17 @@ class Revive(Strict):
     load on both (two groups of inputs that rarely come together, not one group or a dense
     cloud). The component keeps the line closer to what it reads, a dead component takes the
     other, and each writes what the target's weight maps its line to. Recorded as
-    ``"split"``."""
+    ``"split"``.
+
+    ``retire`` (opt-in) treats a live component whose weight has collapsed as dead: at a check,
+    an alive component of a layer with ‖V_c‖·‖U_c‖ below ``retire`` × the median over the
+    layer's alive components has its V column and U row zeroed and its CI function silenced
+    (per-component CI functions: constant −1 before the sigmoid, so its CI is 0 on every input)
+    in every layer that uses it; it then counts as a spare (for ``split``, or re-aimed with
+    ``reaim``). Such a component adds nothing to any output, yet its CI function forgets the
+    inputs it fired on slowly (under p = 2 minimality the pull on a CI of 0.15 is small and
+    comes only from those rare inputs), so it would otherwise still count as alive when the
+    learning rate has decayed. Recorded as ``"retired"``."""
 
     every: int = Field(gt=0, description="steps between checks")
     until_frac: float = Field(
@@ -247,12 +257,18 @@ class Revive(Strict):
         32, ge=2, description="a component must fire on at least this many inputs to be split")
     reaim: bool = Field(
         True, description="re-aim every dead component at each check (false: dead components "
-        "are touched only to take a split half; needs `split`)")
+        "are touched only to take a split half; needs `split` or `retire`)")
+    retire: float | None = Field(
+        None, gt=0, lt=1,
+        description="an alive component whose weight ‖V_c‖·‖U_c‖ is below this fraction of the "
+        "layer's median alive weight is zeroed, its CI silenced, and counted as dead (None: never)",
+    )
 
     @model_validator(mode="after")
     def _reaim_needs_split(self) -> Revive:
-        if not self.reaim and self.split is None:
-            raise ValueError("reaim: false leaves nothing to do without split; set split too")
+        if not self.reaim and self.split is None and self.retire is None:
+            raise ValueError(
+                "reaim: false leaves nothing to do without split or retire; set one of them")
         return self
 
 

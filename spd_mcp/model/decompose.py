@@ -388,6 +388,7 @@ class _Trainer:
             dead = {n: max_ci[n] <= threshold for n in cm.layer_names}
             for s, f in cfg.tied:
                 dead[s] = dead[f] = dead[s] & dead[f]
+            retired = self._retire(dead, source_of) if rv.retire is not None else None
             torch.manual_seed(_revive_seed(cfg.seed, step))
             revived = {n: dead[n].nonzero().flatten() for n in cm.layer_names}
             split: dict[str, int] = {}
@@ -415,8 +416,41 @@ class _Trainer:
             "step": step, "revived": {n: int(i.numel()) for n, i in revived.items()}}
         if rv.split is not None:
             row["split"] = split
+        if retired is not None:
+            row["retired"] = retired
         self.metrics.append(row)
         return revived
+
+    def _retire(self, dead: dict[str, Tensor], source_of: dict[str, str]) -> dict[str, int]:
+        """Zero and silence the alive components whose weight has collapsed (``revive.retire``)
+        and mark them dead in ``dead`` (in place); return layer → how many."""
+        rv, cm = self.config.revive, self.cm
+        assert rv is not None and rv.retire is not None
+        out: dict[str, int] = {}
+        for n in cm.layer_names:
+            if n in source_of:  # a follower shares its source's weights and verdict
+                continue
+            comp, alive = cm.component(n), ~dead[n]
+            if not bool(alive.any()):
+                out[n] = 0
+                continue
+            weight = comp.V.norm(dim=0) * comp.U.norm(dim=1)
+            gone = alive & (weight < rv.retire * weight[alive].median())
+            idx = gone.nonzero().flatten()
+            out[n] = int(idx.numel())
+            if not idx.numel():
+                continue
+            comp.V[:, idx] = 0.0
+            comp.U[idx, :] = 0.0
+            self._zero_adam(comp.V, 1, idx)
+            self._zero_adam(comp.U, 0, idx)
+            users = [n, *(f for f, s in source_of.items() if s == n)]
+            for layer in users:
+                dead[layer] |= gone
+                self._silence_ci_fn(layer, idx)
+        for f, s in source_of.items():
+            out[f] = out.get(s, 0)
+        return out
 
     def _revive_stats(
         self, batches: int, *, skip: set[str], keep_firing: float | None = None
@@ -554,6 +588,17 @@ class _Trainer:
         for old, new in zip(fn.parameters(), fresh.parameters(), strict=True):
             old[idx] = new.to(old)
             self._zero_adam(old, 0, idx)
+
+    def _silence_ci_fn(self, name: str, idx: Tensor) -> None:
+        """Per-component CI functions of ``idx``: every weight 0 and the output bias −1, so the
+        CI is 0 on every input (a shared CI MLP is left as it is)."""
+        fn = self.cm.per_component_ci_fn(name)
+        if fn is None:
+            return
+        for param in fn.parameters():
+            param[idx] = 0.0
+            self._zero_adam(param, 0, idx)
+        fn.b_out[idx] = -1.0
 
     def _zero_adam(self, param: Tensor, dim: int, idx: Tensor) -> None:
         state = self.opt.state.get(param)
