@@ -200,42 +200,44 @@ def test_split_only_revival_leaves_other_dead_components_alone(tmp_path):
                               "split": {"linear1": 0}}
 
 
-def test_a_collapsed_live_component_is_retired_and_nothing_else_moves():
-    """``retire``: an alive component whose weight collapsed is zeroed, its CI silenced in both
-    tied layers, and counted dead; every other slice is left as it was."""
+def test_a_collapsed_component_is_retired_and_nothing_else_moves():
+    """``retire``: a component whose weight collapsed, alive or dead at the check, is zeroed, its
+    CI silenced in both tied layers, and counted dead; every other slice is left as it was."""
     with pytest.raises(ConfigError, match=r"revive\.retire: Input should be less than 1"):
         parse_config(_tiny(revive={"every": 4, "retire": 1.0}))
     assert parse_config(_tiny(revive={"every": 4, "retire": 0.1, "reaim": False})).revive
     tr = _trainer(_tiny(revive={"every": 4, "retire": 0.1, "reaim": False, "threshold": 0.0}))
     tr.run(0, 4)
-    cm, faded = tr.cm, 2
+    cm, faded, hidden = tr.cm, [2, 7], 7  # 7 is also dead at the check
     with torch.no_grad():
         comp = cm.component("linear1")
         comp.V[:, faded] *= 0.05  # weight 0.05 × 0.2 = 1% of what it was
         comp.U[faded] *= 0.2
-        for layer in ("linear1", "linear2"):  # firing everywhere (alive in both layers)
-            cm.per_component_ci_fn(layer).b_out[faded] = 5.0
+        for layer in ("linear1", "linear2"):
+            cm.per_component_ci_fn(layer).b_out[2] = 5.0  # firing everywhere
+            cm.per_component_ci_fn(layer).b_out[hidden] = -10.0  # silent on these batches
     cm.refresh_ties()
     weight = comp.V.norm(dim=0) * comp.U.norm(dim=1)
-    assert weight[faded] < 0.1 * weight.median()
-    assert not (weight[torch.arange(comp.C) != faded] < 0.1 * weight.median()).any()
+    rest = torch.tensor([c for c in range(comp.C) if c not in faded])
+    assert (weight[faded] < 0.1 * weight.median()).all()
+    assert not (weight[rest] < 0.1 * weight.median()).any()
     before = {k: t.detach().clone() for k, (t, _) in _slices(tr).items()}
 
     revived = tr.revive(4)
 
     assert revived["linear1"].numel() == 0  # reaim false: retired, not re-aimed
-    assert not comp.V[:, faded].any() and not comp.U[faded].any()
     follower = cm.component("linear2")  # the tie sees it
-    assert not follower.V[:, faded].any() and not follower.U[faded].any()
+    for c in faded:
+        assert not comp.V[:, c].any() and not comp.U[c].any()
+        assert not follower.V[:, c].any() and not follower.U[c].any()
     x = tr.target.sampler(256, "cpu")
     _, inputs, _ = cm.forward_with_inputs(x)
     ci = cm.compute_ci(inputs)
     for layer in ("linear1", "linear2"):
         assert not ci.lower[layer][:, faded].any()  # silent on every input
-    keep = torch.tensor([c for c in range(comp.C) if c != faded])
     for key, (t, dim) in _slices(tr).items():
-        assert torch.equal(t.index_select(dim, keep), before[key].index_select(dim, keep)), key
+        assert torch.equal(t.index_select(dim, rest), before[key].index_select(dim, rest)), key
     assert tr.metrics[-1] == {"step": 4, "revived": {"linear1": 0, "linear2": 0},
-                              "retired": {"linear1": 1, "linear2": 1}}
-    tr.revive(4)  # now dead: a second check retires nothing
+                              "retired": {"linear1": 2, "linear2": 2}}
+    tr.revive(4)  # zero weight now: a second check retires nothing
     assert tr.metrics[-1]["retired"] == {"linear1": 0, "linear2": 0}

@@ -225,15 +225,15 @@ class Revive(Strict):
     other, and each writes what the target's weight maps its line to. Recorded as
     ``"split"``.
 
-    ``retire`` (opt-in) treats a live component whose weight has collapsed as dead: at a check,
-    an alive component of a layer with ‖V_c‖·‖U_c‖ below ``retire`` × the median over the
-    layer's alive components has its V column and U row zeroed and its CI function silenced
+    ``retire`` (opt-in) silences components whose weight has collapsed: at a check, a component
+    of a layer with 0 < ‖V_c‖·‖U_c‖ < ``retire`` × the median over the layer's alive components
+    (alive or dead at this check) has its V column and U row zeroed and its CI function silenced
     (per-component CI functions: constant −1 before the sigmoid, so its CI is 0 on every input)
     in every layer that uses it; it then counts as a spare (for ``split``, or re-aimed with
     ``reaim``). Such a component adds nothing to any output, yet its CI function forgets the
     inputs it fired on slowly (under p = 2 minimality the pull on a CI of 0.15 is small and
-    comes only from those rare inputs), so it would otherwise still count as alive when the
-    learning rate has decayed. Recorded as ``"retired"``."""
+    comes only from those rare inputs), so it can hover around the alive threshold and still
+    count as alive when the learning rate has decayed. Recorded as ``"retired"``."""
 
     every: int = Field(gt=0, description="steps between checks")
     until_frac: float = Field(
@@ -260,7 +260,7 @@ class Revive(Strict):
         "are touched only to take a split half; needs `split` or `retire`)")
     retire: float | None = Field(
         None, gt=0, lt=1,
-        description="an alive component whose weight ‖V_c‖·‖U_c‖ is below this fraction of the "
+        description="a component whose weight ‖V_c‖·‖U_c‖ is below this fraction of the "
         "layer's median alive weight is zeroed, its CI silenced, and counted as dead (None: never)",
     )
 

@@ -422,8 +422,9 @@ class _Trainer:
         return revived
 
     def _retire(self, dead: dict[str, Tensor], source_of: dict[str, str]) -> dict[str, int]:
-        """Zero and silence the alive components whose weight has collapsed (``revive.retire``)
-        and mark them dead in ``dead`` (in place); return layer → how many."""
+        """Zero and silence the components whose weight has collapsed (``revive.retire``) and
+        mark them dead in ``dead`` (in place); return layer → how many. Dead components count
+        too: a CI function can hover at the threshold, dead at this check and alive at the end."""
         rv, cm = self.config.revive, self.cm
         assert rv is not None and rv.retire is not None
         out: dict[str, int] = {}
@@ -435,7 +436,7 @@ class _Trainer:
                 out[n] = 0
                 continue
             weight = comp.V.norm(dim=0) * comp.U.norm(dim=1)
-            gone = alive & (weight < rv.retire * weight[alive].median())
+            gone = (weight > 0) & (weight < rv.retire * weight[alive].median())
             idx = gone.nonzero().flatten()
             out[n] = int(idx.numel())
             if not idx.numel():
