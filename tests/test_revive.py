@@ -241,3 +241,14 @@ def test_a_collapsed_component_is_retired_and_nothing_else_moves():
                               "retired": {"linear1": 2, "linear2": 2}}
     tr.revive(4)  # zero weight now: a second check retires nothing
     assert tr.metrics[-1]["retired"] == {"linear1": 0, "linear2": 0}
+
+
+def test_retire_measures_against_the_weight_weighted_median():
+    """Ten real components and 94 near-zero ones (an identity layer): the plain median sits
+    among the tiny ones, the weight-weighted median at the real ones."""
+    from spd_mcp.model.decompose import _mass_median
+
+    w = torch.tensor([1.1] * 10 + [0.008] * 94)
+    assert float(w.median()) == pytest.approx(0.008)
+    assert _mass_median(w) == pytest.approx(1.1)
+    assert _mass_median(torch.tensor([1.0, 2.0, 3.0, 4.0])) == 3.0  # 4 + 3 ≥ half of 10

@@ -226,8 +226,9 @@ class Revive(Strict):
     ``"split"``.
 
     ``retire`` (opt-in) silences components whose weight has collapsed: at a check, a component
-    of a layer with 0 < ‖V_c‖·‖U_c‖ < ``retire`` × the median over the layer's alive components
-    (alive or dead at this check) has its V column and U row zeroed and its CI function silenced
+    (alive or dead at this check) of a layer with 0 < ‖V_c‖·‖U_c‖ < ``retire`` × the
+    weight-weighted median over the layer's alive components (the weight at which the larger
+    ones hold half the total weight) has its V column and U row zeroed and its CI function silenced
     (per-component CI functions: constant −1 before the sigmoid, so its CI is 0 on every input)
     in every layer that uses it; it then counts as a spare (for ``split``, or re-aimed with
     ``reaim``). Such a component adds nothing to any output, yet its CI function forgets the
@@ -261,7 +262,8 @@ class Revive(Strict):
     retire: float | None = Field(
         None, gt=0, lt=1,
         description="a component whose weight ‖V_c‖·‖U_c‖ is below this fraction of the "
-        "layer's median alive weight is zeroed, its CI silenced, and counted as dead (None: never)",
+        "weight-weighted median over the layer's alive components is zeroed, its CI silenced, "
+        "and counted as dead (None: never)",
     )
 
     @model_validator(mode="after")

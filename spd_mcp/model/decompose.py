@@ -436,7 +436,7 @@ class _Trainer:
                 out[n] = 0
                 continue
             weight = comp.V.norm(dim=0) * comp.U.norm(dim=1)
-            gone = (weight > 0) & (weight < rv.retire * weight[alive].median())
+            gone = (weight > 0) & (weight < rv.retire * _mass_median(weight[alive]))
             idx = gone.nonzero().flatten()
             out[n] = int(idx.numel())
             if not idx.numel():
@@ -606,6 +606,15 @@ class _Trainer:
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if state and key in state:
                 state[key].index_fill_(dim, idx.to(state[key].device), 0.0)
+
+
+def _mass_median(w: Tensor) -> float:
+    """The weight-weighted median of non-negative ``w``: the value at which the larger entries
+    hold half of the total. Unlike the plain median, many tiny entries do not drag it down (an
+    identity layer with 10 real components and 90 near-zero ones has it at the real ones)."""
+    top = w.sort(descending=True).values
+    cum = top.cumsum(0)
+    return float(top[int((cum < 0.5 * cum[-1]).sum())])
 
 
 def _two_lines(x: Tensor, rounds: int = 8) -> tuple[Tensor, float, float] | None:
