@@ -201,14 +201,16 @@ def test_split_only_revival_leaves_other_dead_components_alone(tmp_path):
 
 
 def test_a_collapsed_component_is_retired_and_nothing_else_moves():
-    """``retire``: a component whose weight collapsed, alive or dead at the check, is zeroed, its
-    CI silenced in both tied layers, and counted dead; every other slice is left as it was."""
+    """``retire``: a component whose weight collapsed, alive or dead at the check, and stayed
+    collapsed since the previous check, is zeroed, its CI silenced in both tied layers, and
+    counted dead; one that was under the bar once (still growing) and every other slice are left
+    as they were."""
     with pytest.raises(ConfigError, match=r"revive\.retire: Input should be less than 1"):
         parse_config(_tiny(revive={"every": 4, "retire": 1.0}))
     assert parse_config(_tiny(revive={"every": 4, "retire": 0.1, "reaim": False})).revive
     tr = _trainer(_tiny(revive={"every": 4, "retire": 0.1, "reaim": False, "threshold": 0.0}))
     tr.run(0, 4)
-    cm, faded, hidden = tr.cm, [2, 7], 7  # 7 is also dead at the check
+    cm, faded, hidden, grows = tr.cm, [2, 7], 7, 11  # 7 is also dead at the check
     with torch.no_grad():
         comp = cm.component("linear1")
         comp.V[:, faded] *= 0.05  # weight 0.05 × 0.2 = 1% of what it was
@@ -216,11 +218,21 @@ def test_a_collapsed_component_is_retired_and_nothing_else_moves():
         for layer in ("linear1", "linear2"):
             cm.per_component_ci_fn(layer).b_out[2] = 5.0  # firing everywhere
             cm.per_component_ci_fn(layer).b_out[hidden] = -10.0  # silent on these batches
+        grown = comp.V[:, grows].clone()
+        comp.V[:, grows] *= 0.01
     cm.refresh_ties()
     weight = comp.V.norm(dim=0) * comp.U.norm(dim=1)
     rest = torch.tensor([c for c in range(comp.C) if c not in faded])
-    assert (weight[faded] < 0.1 * weight.median()).all()
-    assert not (weight[rest] < 0.1 * weight.median()).any()
+    assert (weight[[*faded, grows]] < 0.1 * weight.median()).all()
+    assert not (weight[rest[rest != grows]] < 0.1 * weight.median()).any()
+    first = {k: t.detach().clone() for k, (t, _) in _slices(tr).items()}
+    tr.revive(4)  # the first check only records who is under the bar
+    assert tr.metrics[-1]["retired"] == {"linear1": 0, "linear2": 0}
+    for key, (t, _) in _slices(tr).items():
+        assert torch.equal(t, first[key]), key
+    with torch.no_grad():
+        comp.V[:, grows] = grown  # it grew past the bar by the next check
+    cm.refresh_ties()
     before = {k: t.detach().clone() for k, (t, _) in _slices(tr).items()}
 
     revived = tr.revive(4)
@@ -239,8 +251,10 @@ def test_a_collapsed_component_is_retired_and_nothing_else_moves():
         assert torch.equal(t.index_select(dim, rest), before[key].index_select(dim, rest)), key
     assert tr.metrics[-1] == {"step": 4, "revived": {"linear1": 0, "linear2": 0},
                               "retired": {"linear1": 2, "linear2": 2}}
-    tr.revive(4)  # zero weight now: a second check retires nothing
+    assert comp.V[:, grows].any()
+    tr.revive(4)  # zero weight now: a further check retires nothing
     assert tr.metrics[-1]["retired"] == {"linear1": 0, "linear2": 0}
+    assert set(tr.state_dict()["below"]) == {"linear1"}  # resumed runs keep the record
 
 
 def test_retire_measures_against_the_weight_weighted_median():

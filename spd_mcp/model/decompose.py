@@ -202,6 +202,7 @@ class _Trainer:
         self.checkpoints: Checkpoints | None = None
         self.output_loss = config.output_loss or target.output_loss
         self.metrics: list[dict[str, Any]] = []
+        self.below: dict[str, Tensor] = {}  # revive.retire: who was under the bar at the last check
         for source, follower in config.tied:
             cm.tie(source, follower)
         if config.faithfulness_warmup_steps and warmup:
@@ -213,7 +214,8 @@ class _Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Model (tied), optimiser, metrics rows and elapsed time, for a checkpoint."""
         return {"model": self.cm.state_dict(), "optimizer": self.opt.state_dict(),
-                "metrics": json.dumps(self.metrics), "seconds": time.time() - self.t0}
+                "metrics": json.dumps(self.metrics), "seconds": time.time() - self.t0,
+                "below": dict(self.below)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cm.load_state_dict(state["model"])
@@ -221,6 +223,7 @@ class _Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.metrics = json.loads(state["metrics"])
         self.t0 = time.time() - state["seconds"]
+        self.below = dict(state.get("below", {}))
 
     def _faithfulness_warmup(self) -> None:
         cfg = self.config
@@ -423,8 +426,10 @@ class _Trainer:
 
     def _retire(self, dead: dict[str, Tensor], source_of: dict[str, str]) -> dict[str, int]:
         """Zero and silence the components whose weight has collapsed (``revive.retire``) and
-        mark them dead in ``dead`` (in place); return layer → how many. Dead components count
-        too: a CI function can hover at the threshold, dead at this check and alive at the end."""
+        mark them dead in ``dead`` (in place); return layer → how many. Collapsed: under the bar
+        at this check and at the previous one (a component still growing into a feature is
+        under it once; the first check only records). Dead components count too: a CI function
+        can hover at the threshold, dead at this check and alive at the end."""
         rv, cm = self.config.revive, self.cm
         assert rv is not None and rv.retire is not None
         out: dict[str, int] = {}
@@ -436,7 +441,9 @@ class _Trainer:
                 out[n] = 0
                 continue
             weight = comp.V.norm(dim=0) * comp.U.norm(dim=1)
-            gone = (weight > 0) & (weight < rv.retire * _mass_median(weight[alive]))
+            below = (weight > 0) & (weight < rv.retire * _mass_median(weight[alive]))
+            gone = below & self.below.get(n, torch.zeros_like(below))
+            self.below[n] = below & ~gone
             idx = gone.nonzero().flatten()
             out[n] = int(idx.numel())
             if not idx.numel():
@@ -612,7 +619,7 @@ def _mass_median(w: Tensor) -> float:
     """The weight-weighted median of non-negative ``w``: the value at which the larger entries
     hold half of the total. Unlike the plain median, many tiny entries do not drag it down (an
     identity layer with 10 real components and 90 near-zero ones has it at the real ones)."""
-    top = w.sort(descending=True).values
+    top = w.detach().sort(descending=True).values
     cum = top.cumsum(0)
     return float(top[int((cum < 0.5 * cum[-1]).sum())])
 
