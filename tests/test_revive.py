@@ -111,7 +111,7 @@ def test_revival_runs_in_decompose_and_records_its_checks(tmp_path):
     out = decompose(parse_config(cfg), out=tmp_path / "r", target_steps=5)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "revived" in r]
-    assert [r["step"] for r in checks] == [3, 6]  # 9 is not below 0.75 · 12
+    assert [r["step"] for r in checks] == [6, 12]  # 9 is not below 0.75 · 12
     assert all(r["revived"] == {"linear1": 20, "linear2": 20} for r in checks)
     assert max(r["step"] for r in rows) == 12
 
@@ -179,7 +179,7 @@ def test_split_runs_in_decompose_and_records_its_checks(tmp_path):
     out = decompose(parse_config(cfg), out=tmp_path / "s", target_steps=5)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "revived" in r]
-    assert [r["step"] for r in checks] == [3, 6]
+    assert [r["step"] for r in checks] == [6, 12]
     assert all(set(r["split"]) <= {"linear1"} for r in checks)  # the tied follower is never split
     assert parse_config(_tiny(revive={"every": 4})).revive.split is None  # opt-in
     with pytest.raises(ConfigError, match=r"revive\.split: Input should be greater than 0"):
@@ -266,3 +266,35 @@ def test_retire_measures_against_the_weight_weighted_median():
     assert float(w.median()) == pytest.approx(0.008)
     assert _mass_median(w) == pytest.approx(1.1)
     assert _mass_median(torch.tensor([1.0, 2.0, 3.0, 4.0])) == 3.0  # 4 + 3 ≥ half of 10
+
+
+def test_a_resumed_run_keeps_the_retire_record(tmp_path):
+    """A check retires what was under the bar at the previous check too; a run preempted between
+    two checks and resumed from its checkpoint retires the same components, bit for bit."""
+    cfg = parse_config(_tiny(steps=24, revive={"every": 6, "until_frac": 0.75, "retire": 0.9,
+                                               "reaim": False, "threshold": 0.0}))
+    full = decompose(cfg, out=tmp_path / "full", target_steps=5, reporter=lambda *_: None)
+
+    class Preempted(Exception):
+        pass
+
+    def stop(step: int, total: int, latest: dict) -> None:
+        if step == 11:  # step 10 trained after checkpoint 8, between the checks at 6 and 12
+            raise Preempted
+
+    out = tmp_path / "part"
+    with pytest.raises(Preempted):
+        decompose(cfg, out=out, target_steps=5, checkpoint_every=8, reporter=stop)
+    resumed = decompose(cfg, out=out, target_steps=5, checkpoint_every=8, resume=True,
+                        reporter=lambda *_: None)
+
+    def rows(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    checks = [r for r in rows(full) if "retired" in r]
+    assert [r["step"] for r in checks] == [6, 12]
+    assert checks[0]["retired"]["linear1"] == 0 < checks[1]["retired"]["linear1"]
+    assert rows(resumed) == rows(full)
+    a, b = load_run(full).model.state_dict(), load_run(resumed).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
