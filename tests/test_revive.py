@@ -111,7 +111,7 @@ def test_revival_runs_in_decompose_and_records_its_checks(tmp_path):
     out = decompose(parse_config(cfg), out=tmp_path / "r", target_steps=5)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "revived" in r]
-    assert [r["step"] for r in checks] == [6, 12]  # 9 is not below 0.75 · 12
+    assert [r["step"] for r in checks] == [3, 6]  # 9 is not below 0.75 · 12
     assert all(r["revived"] == {"linear1": 20, "linear2": 20} for r in checks)
     assert max(r["step"] for r in rows) == 12
 
@@ -179,7 +179,7 @@ def test_split_runs_in_decompose_and_records_its_checks(tmp_path):
     out = decompose(parse_config(cfg), out=tmp_path / "s", target_steps=5)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "revived" in r]
-    assert [r["step"] for r in checks] == [6, 12]
+    assert [r["step"] for r in checks] == [3, 6]
     assert all(set(r["split"]) <= {"linear1"} for r in checks)  # the tied follower is never split
     assert parse_config(_tiny(revive={"every": 4})).revive.split is None  # opt-in
     with pytest.raises(ConfigError, match=r"revive\.split: Input should be greater than 0"):
@@ -201,16 +201,16 @@ def test_split_only_revival_leaves_other_dead_components_alone(tmp_path):
 
 
 def test_a_collapsed_component_is_retired_and_nothing_else_moves():
-    """``retire``: a component whose weight collapsed, alive or dead at the check, and stayed
-    collapsed since the previous check, is zeroed, its CI silenced in both tied layers, and
-    counted dead; one that was under the bar once (still growing) and every other slice are left
-    as they were."""
+    """``retire``: a component whose weight collapsed (alive or dead at the check), under the bar
+    at the previous check too or lighter than then, is zeroed, its CI silenced in both tied
+    layers, and counted dead; one that was under the bar and has grown since, and every other
+    slice, are left as they were."""
     with pytest.raises(ConfigError, match=r"revive\.retire: Input should be less than 1"):
         parse_config(_tiny(revive={"every": 4, "retire": 1.0}))
     assert parse_config(_tiny(revive={"every": 4, "retire": 0.1, "reaim": False})).revive
     tr = _trainer(_tiny(revive={"every": 4, "retire": 0.1, "reaim": False, "threshold": 0.0}))
     tr.run(0, 4)
-    cm, faded, hidden, grows = tr.cm, [2, 7], 7, 11  # 7 is also dead at the check
+    cm, faded, hidden, grows, shrinks = tr.cm, [2, 7], 7, 11, 13  # 7 is dead at the check
     with torch.no_grad():
         comp = cm.component("linear1")
         comp.V[:, faded] *= 0.05  # weight 0.05 × 0.2 = 1% of what it was
@@ -232,7 +232,10 @@ def test_a_collapsed_component_is_retired_and_nothing_else_moves():
         assert torch.equal(t, first[key]), key
     with torch.no_grad():
         comp.V[:, grows] = grown  # it grew past the bar by the next check
+        comp.V[:, shrinks] *= 0.01  # and this one fell under it
     cm.refresh_ties()
+    faded.append(shrinks)
+    rest = torch.tensor([c for c in range(comp.C) if c not in faded])
     before = {k: t.detach().clone() for k, (t, _) in _slices(tr).items()}
 
     revived = tr.revive(4)
@@ -250,7 +253,7 @@ def test_a_collapsed_component_is_retired_and_nothing_else_moves():
     for key, (t, dim) in _slices(tr).items():
         assert torch.equal(t.index_select(dim, rest), before[key].index_select(dim, rest)), key
     assert tr.metrics[-1] == {"step": 4, "revived": {"linear1": 0, "linear2": 0},
-                              "retired": {"linear1": 2, "linear2": 2}}
+                              "retired": {"linear1": 3, "linear2": 3}}
     assert comp.V[:, grows].any()
     tr.revive(4)  # zero weight now: a further check retires nothing
     assert tr.metrics[-1]["retired"] == {"linear1": 0, "linear2": 0}

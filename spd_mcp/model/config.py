@@ -228,9 +228,9 @@ class Revive(Strict):
     ``retire`` (opt-in) silences components whose weight has collapsed: at a check, a component
     (alive or dead at this check) of a layer with 0 < ‖V_c‖·‖U_c‖ < ``retire`` × the
     weight-weighted median over the layer's alive components (the weight at which the larger
-    ones hold half the total weight), at this check and at the previous one (one still growing
-    into a feature is under it once; the first check only records), has its V column and U row
-    zeroed and its CI function silenced
+    ones hold half the total weight), and either under that bar at the previous check too or
+    lighter than then (one growing into a feature is under it once and heavier each time; the
+    first check only records), has its V column and U row zeroed and its CI function silenced
     (per-component CI functions: constant −1 before the sigmoid, so its CI is 0 on every input)
     in every layer that uses it; it then counts as a spare (for ``split``, or re-aimed with
     ``reaim``). Such a component adds nothing to any output, yet its CI function forgets the

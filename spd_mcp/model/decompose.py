@@ -202,7 +202,9 @@ class _Trainer:
         self.checkpoints: Checkpoints | None = None
         self.output_loss = config.output_loss or target.output_loss
         self.metrics: list[dict[str, Any]] = []
-        self.below: dict[str, Tensor] = {}  # revive.retire: who was under the bar at the last check
+        # revive.retire: each layer's component weights and who was under the bar, last check
+        self.last_weight: dict[str, Tensor] = {}
+        self.below: dict[str, Tensor] = {}
         for source, follower in config.tied:
             cm.tie(source, follower)
         if config.faithfulness_warmup_steps and warmup:
@@ -215,7 +217,7 @@ class _Trainer:
         """Model (tied), optimiser, metrics rows and elapsed time, for a checkpoint."""
         return {"model": self.cm.state_dict(), "optimizer": self.opt.state_dict(),
                 "metrics": json.dumps(self.metrics), "seconds": time.time() - self.t0,
-                "below": dict(self.below)}
+                "below": dict(self.below), "last_weight": dict(self.last_weight)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cm.load_state_dict(state["model"])
@@ -224,6 +226,7 @@ class _Trainer:
         self.metrics = json.loads(state["metrics"])
         self.t0 = time.time() - state["seconds"]
         self.below = dict(state.get("below", {}))
+        self.last_weight = dict(state.get("last_weight", {}))
 
     def _faithfulness_warmup(self) -> None:
         cfg = self.config
@@ -427,9 +430,10 @@ class _Trainer:
     def _retire(self, dead: dict[str, Tensor], source_of: dict[str, str]) -> dict[str, int]:
         """Zero and silence the components whose weight has collapsed (``revive.retire``) and
         mark them dead in ``dead`` (in place); return layer → how many. Collapsed: under the bar
-        at this check and at the previous one (a component still growing into a feature is
-        under it once; the first check only records). Dead components count too: a CI function
-        can hover at the threshold, dead at this check and alive at the end."""
+        now, and either under it at the previous check too or lighter than then (a component
+        growing into a feature is under it once and heavier each time; the first check only
+        records). Dead components count too: a CI function can hover at the threshold, dead at
+        this check and alive at the end."""
         rv, cm = self.config.revive, self.cm
         assert rv is not None and rv.retire is not None
         out: dict[str, int] = {}
@@ -442,8 +446,10 @@ class _Trainer:
                 continue
             weight = comp.V.norm(dim=0) * comp.U.norm(dim=1)
             below = (weight > 0) & (weight < rv.retire * _mass_median(weight[alive]))
-            gone = below & self.below.get(n, torch.zeros_like(below))
-            self.below[n] = below & ~gone
+            gone = torch.zeros_like(below)
+            if n in self.below:
+                gone = below & (self.below[n] | (weight < self.last_weight[n]))
+            self.below[n], self.last_weight[n] = below & ~gone, weight.detach().clone()
             idx = gone.nonzero().flatten()
             out[n] = int(idx.numel())
             if not idx.numel():
