@@ -301,3 +301,37 @@ def test_a_resumed_run_keeps_the_retire_record(tmp_path):
     assert rows(resumed) == rows(full)
     a, b = load_run(full).model.state_dict(), load_run(resumed).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_parallel_duplicates_are_merged_into_the_heavier():
+    """``merge``: two live components with parallel rank-1 weights become one (the heavier
+    carries both pieces), the lighter is zeroed and silenced; nothing else moves."""
+    with pytest.raises(ConfigError, match=r"revive\.merge: Input should be less than 1"):
+        parse_config(_tiny(revive={"every": 4, "merge": 1.0}))
+    tr = _trainer(_tiny(revive={"every": 4, "merge": 0.99, "reaim": False, "threshold": 0.0}))
+    tr.run(0, 4)
+    cm, light, heavy = tr.cm, 3, 5
+    comp = cm.component("linear1")
+    with torch.no_grad():
+        comp.V[:, light] = 0.5 * comp.V[:, heavy]
+        comp.U[light] = comp.U[heavy]
+        for layer in ("linear1", "linear2"):
+            cm.per_component_ci_fn(layer).b_out[[light, heavy]] = 5.0  # both alive
+    cm.refresh_ties()
+    piece = torch.outer(comp.V[:, heavy], comp.U[heavy]).detach() * 1.5  # both together
+    rest = torch.tensor([c for c in range(comp.C) if c not in (light, heavy)])
+    before = {k: t.detach().clone() for k, (t, _) in _slices(tr).items()}
+
+    tr.revive(4)
+
+    assert tr.metrics[-1]["merged"] == {"linear1": 1, "linear2": 1}
+    assert torch.allclose(torch.outer(comp.V[:, heavy], comp.U[heavy]), piece, atol=1e-6)
+    assert not comp.V[:, light].any() and not comp.U[light].any()
+    x = tr.target.sampler(256, "cpu")
+    _, inputs, _ = cm.forward_with_inputs(x)
+    ci = cm.compute_ci(inputs)
+    assert not ci.lower["linear1"][:, light].any() and not ci.lower["linear2"][:, light].any()
+    for key, (t, dim) in _slices(tr).items():
+        assert torch.equal(t.index_select(dim, rest), before[key].index_select(dim, rest)), key
+    tr.revive(4)  # nothing parallel is left
+    assert tr.metrics[-1]["merged"] == {"linear1": 0, "linear2": 0}

@@ -236,7 +236,12 @@ class Revive(Strict):
     ``reaim``). Such a component adds nothing to any output, yet its CI function forgets the
     inputs it fired on slowly (under p = 2 minimality the pull on a CI of 0.15 is small and
     comes only from those rare inputs), so it can hover around the alive threshold and still
-    count as alive when the learning rate has decayed. Recorded as ``"retired"``."""
+    count as alive when the learning rate has decayed. Recorded as ``"retired"``.
+
+    ``merge`` (opt-in) joins duplicates: two live components whose rank-1 weights V_c U_c have a
+    cosine above ``merge`` become one: the heavier one's U row is scaled to carry both pieces
+    (the lighter's projected on it) and the lighter is retired as above. Recorded as
+    ``"merged"``."""
 
     every: int = Field(gt=0, description="steps between checks")
     until_frac: float = Field(
@@ -261,6 +266,12 @@ class Revive(Strict):
     reaim: bool = Field(
         True, description="re-aim every dead component at each check (false: dead components "
         "are touched only to take a split half; needs `split` or `retire`)")
+    merge: float | None = Field(
+        None, gt=0, lt=1,
+        description="merge two live components whose rank-1 weights have cosine above this "
+        "(parallel duplicates of one mechanism): the heavier takes both, the other is "
+        "retired (None: never)",
+    )
     retire: float | None = Field(
         None, gt=0, lt=1,
         description="a component whose weight ‖V_c‖·‖U_c‖ is below this fraction of the "
@@ -270,9 +281,9 @@ class Revive(Strict):
 
     @model_validator(mode="after")
     def _reaim_needs_split(self) -> Revive:
-        if not self.reaim and self.split is None and self.retire is None:
-            raise ValueError(
-                "reaim: false leaves nothing to do without split or retire; set one of them")
+        if not self.reaim and self.split is None and self.retire is None and self.merge is None:
+            raise ValueError("reaim: false leaves nothing to do without split, retire or merge; "
+                             "set one of them")
         return self
 
 

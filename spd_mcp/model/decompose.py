@@ -395,6 +395,7 @@ class _Trainer:
             for s, f in cfg.tied:
                 dead[s] = dead[f] = dead[s] & dead[f]
             retired = self._retire(dead, source_of) if rv.retire is not None else None
+            merged = self._merge(dead, source_of) if rv.merge is not None else None
             torch.manual_seed(_revive_seed(cfg.seed, step))
             revived = {n: dead[n].nonzero().flatten() for n in cm.layer_names}
             split: dict[str, int] = {}
@@ -424,6 +425,8 @@ class _Trainer:
             row["split"] = split
         if retired is not None:
             row["retired"] = retired
+        if merged is not None:
+            row["merged"] = merged
         self.metrics.append(row)
         return revived
 
@@ -454,14 +457,61 @@ class _Trainer:
             out[n] = int(idx.numel())
             if not idx.numel():
                 continue
-            comp.V[:, idx] = 0.0
-            comp.U[idx, :] = 0.0
-            self._zero_adam(comp.V, 1, idx)
-            self._zero_adam(comp.U, 0, idx)
-            users = [n, *(f for f, s in source_of.items() if s == n)]
-            for layer in users:
-                dead[layer] |= gone
-                self._silence_ci_fn(layer, idx)
+            self._zero_out(n, gone, dead, source_of)
+        for f, s in source_of.items():
+            out[f] = out.get(s, 0)
+        return out
+
+    def _zero_out(self, n: str, gone: Tensor, dead: dict[str, Tensor],
+                  source_of: dict[str, str]) -> None:
+        """Zero components ``gone`` (bool, C) of layer n, silence their CI functions in every
+        layer that uses them, and mark them dead (in place)."""
+        comp, idx = self.cm.component(n), gone.nonzero().flatten()
+        comp.V[:, idx] = 0.0
+        comp.U[idx, :] = 0.0
+        self._zero_adam(comp.V, 1, idx)
+        self._zero_adam(comp.U, 0, idx)
+        for layer in [n, *(f for f, s in source_of.items() if s == n)]:
+            dead[layer] |= gone
+            self._silence_ci_fn(layer, idx)
+
+    def _merge(self, dead: dict[str, Tensor], source_of: dict[str, str]) -> dict[str, int]:
+        """Join live duplicates (``revive.merge``): for pairs of alive components whose rank-1
+        weights have cosine above the bar, most parallel first and each component in one pair
+        at most, the heavier's U row is scaled by 1 + ⟨W_b, W_a⟩ / ‖W_a‖² (so it carries the
+        lighter's piece projected on its own) and the lighter is zeroed, silenced and marked
+        dead. Returns layer → pairs merged."""
+        rv, cm = self.config.revive, self.cm
+        assert rv is not None and rv.merge is not None
+        out: dict[str, int] = {}
+        for n in cm.layer_names:
+            if n in source_of:
+                continue
+            comp = cm.component(n)
+            alive = (~dead[n]).nonzero().flatten()
+            V, U = comp.V[:, alive], comp.U[alive]
+            vn, un = V.norm(dim=0).clamp_min(1e-12), U.norm(dim=1).clamp_min(1e-12)
+            gram = (V.T @ V) * (U @ U.T)  # ⟨W_a, W_b⟩ for rank-1 W = v uᵀ
+            cos = gram / torch.outer(vn * un, vn * un)
+            cos.fill_diagonal_(-1.0)
+            pairs = (cos > rv.merge).nonzero()
+            pairs = pairs[pairs[:, 0] < pairs[:, 1]]
+            order = cos[pairs[:, 0], pairs[:, 1]].argsort(descending=True)
+            used: set[int] = set()
+            gone = torch.zeros_like(dead[n])
+            weight = vn * un
+            for i, j in pairs[order].tolist():
+                if i in used or j in used:
+                    continue
+                used |= {i, j}
+                a, b = (i, j) if weight[i] >= weight[j] else (j, i)
+                scale = 1.0 + float(gram[a, b] / gram[a, a].clamp_min(1e-24))
+                comp.U[alive[a]] *= scale
+                self._zero_adam(comp.U, 0, alive[a:a + 1])
+                gone[alive[b]] = True
+            out[n] = int(gone.sum())
+            if out[n]:
+                self._zero_out(n, gone, dead, source_of)
         for f, s in source_of.items():
             out[f] = out.get(s, 0)
         return out
